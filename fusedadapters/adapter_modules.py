@@ -1,0 +1,227 @@
+"""Adapter modules: ``LinearAdapter`` (the eager reference) and ``FusedLinearAdapter`` (fused kernels).
+
+Both compute the bottleneck adapter of ``fusedadapters.ops.reference``; ``FusedLinearAdapter`` has the
+same constructor, config fields and ``state_dict`` keys as ``LinearAdapter``, so a checkpoint or a
+config of one loads into the other (change ``_target_``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional, Tuple
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from . import ops
+from .access_mixins import AccessMixin
+from .adapter_mixin_strategies import AbstractAdapterStrategy, ResidualAddAdapterStrategyConfig
+from .ops.reference import ACTIVATIONS, NORM_POSITIONS
+from .targets import class_path, instantiate, register_loadable_base
+
+__all__ = [
+    "AdapterModuleUtil",
+    "FusedLinearAdapter",
+    "FusedLinearAdapterConfig",
+    "LinearAdapter",
+    "LinearAdapterConfig",
+]
+
+_ACTIVATION_MODULES = {
+    "identity": nn.Identity,
+    "hardtanh": nn.Hardtanh,
+    "relu": nn.ReLU,
+    "selu": nn.SELU,
+    "swish": nn.SiLU,
+    "silu": nn.SiLU,
+    "gelu": nn.GELU,
+}
+assert tuple(_ACTIVATION_MODULES) == ACTIVATIONS
+
+
+@register_loadable_base
+class AdapterModuleUtil(AccessMixin):
+    """Base class of adapter modules: a strategy (``adapter_strategy``) and unfreezing."""
+
+    def setup_adapter_strategy(self, adapter_strategy: Any) -> None:
+        """Set ``self.adapter_strategy``: None gives ``get_default_strategy_config()``; a config
+        (dataclass, dict or DictConfig with ``_target_``) is instantiated; a strategy is kept."""
+        if adapter_strategy is None:
+            adapter_strategy = self.get_default_strategy_config()
+        if dataclasses.is_dataclass(adapter_strategy) and not isinstance(adapter_strategy, type):
+            adapter_strategy = OmegaConf.structured(adapter_strategy)
+            OmegaConf.set_struct(adapter_strategy, False)
+        if isinstance(adapter_strategy, dict) or OmegaConf.is_config(adapter_strategy):
+            self.adapter_strategy = instantiate(adapter_strategy)
+        elif isinstance(adapter_strategy, AbstractAdapterStrategy):
+            self.adapter_strategy = adapter_strategy
+        else:
+            raise AttributeError(f"`adapter_strategy` provided is invalid : {adapter_strategy}")
+
+    def get_default_strategy_config(self) -> Any:
+        """The strategy used when none is given: residual add."""
+        return ResidualAddAdapterStrategyConfig()
+
+    def adapter_unfreeze(self) -> None:
+        """Make every parameter of the adapter trainable (override to keep some frozen)."""
+        for param in self.parameters():
+            param.requires_grad_(True)
+
+
+class LinearAdapter(nn.Module, AdapterModuleUtil):
+    """Bottleneck adapter: LayerNorm, ``in_features → dim`` projection, activation, ``dim → in_features``
+    projection, optional dropout. Its last layer starts at zero, so a new adapter is the identity
+    under the residual strategy.
+
+    ``norm_position='pre'``: ``module = [LayerNorm, Linear(D→H), act, Linear(H→D)]``.
+    ``norm_position='post'``: ``module = [Linear(D→H), act, Linear(H→D), LayerNorm]``.
+    Input ``(..., in_features)``, output the same shape (the adapter output; the strategy merges it).
+
+    Args:
+        in_features: D, the input and output size.
+        dim: H, the bottleneck size.
+        activation: one of identity, hardtanh, relu, selu, swish, silu, gelu.
+        norm_position: 'pre' or 'post'.
+        dropout: dropout probability on the adapter output (0 disables it).
+        adapter_strategy: a strategy or its config; None gives residual add.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        dim: int,
+        activation: str = "swish",
+        norm_position: str = "pre",
+        dropout: float = 0.0,
+        adapter_strategy: Optional[Any] = None,
+    ):
+        super().__init__()
+        if activation not in _ACTIVATION_MODULES:
+            raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+        if norm_position not in NORM_POSITIONS:
+            raise ValueError(f"norm_position must be one of {NORM_POSITIONS}, got {norm_position!r}")
+        if not 0.0 <= dropout <= 1.0:
+            raise ValueError(f"dropout must be in [0, 1], got {dropout}")
+        self.in_features = in_features
+        self.dim = dim
+        self.activation = activation
+        self.norm_position = norm_position
+
+        act = _ACTIVATION_MODULES[activation]()
+        if hasattr(act, "inplace"):
+            act.inplace = True
+        if norm_position == "pre":
+            self.module = nn.Sequential(
+                nn.LayerNorm(in_features),
+                nn.Linear(in_features, dim, bias=False),
+                act,
+                nn.Linear(dim, in_features, bias=False),
+            )
+        else:
+            self.module = nn.Sequential(
+                nn.Linear(in_features, dim, bias=False),
+                act,
+                nn.Linear(dim, in_features, bias=False),
+                nn.LayerNorm(in_features),
+            )
+        self.dropout = nn.Dropout(dropout) if dropout > 0.0 else None
+        self.setup_adapter_strategy(adapter_strategy)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Zero the last layer (the up-projection for 'pre'; the LayerNorm's weight and bias for 'post')."""
+        with torch.no_grad():
+            last = self.module[-1]
+            last.weight.zero_()
+            if getattr(last, "bias", None) is not None:
+                last.bias.zero_()
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.shape[-1:] != (self.in_features,):
+            raise ValueError(
+                f"{type(self).__name__} has in_features={self.in_features} but got an input of shape "
+                f"{tuple(x.shape)}: its last dimension must be {self.in_features}"
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        x = self.module(x)
+        if self.dropout is not None:
+            x = self.dropout(x)
+        return x
+
+
+@dataclass
+class LinearAdapterConfig:
+    in_features: int
+    dim: int
+    activation: str = "swish"
+    norm_position: str = "pre"
+    dropout: float = 0.0
+    adapter_strategy: Optional[Any] = field(default_factory=ResidualAddAdapterStrategyConfig)
+    _target_: str = class_path(LinearAdapter)
+
+
+class FusedLinearAdapter(LinearAdapter):
+    """``LinearAdapter`` computed by the fused op (``fusedadapters.ops.linear_adapter``).
+
+    Same constructor, config fields and ``state_dict`` keys as ``LinearAdapter``. ``forward`` returns the
+    adapter output alone (for any strategy); the residual strategy calls ``fused_residual_forward``,
+    which adds the input, stochastic depth and the L2 loss terms inside the same kernel.
+
+    The backend is chosen per call (Triton for CUDA tensors when it imports, else the reference);
+    set the attribute ``backend`` (or ``$FUSEDADAPTERS_BACKEND``) to force one. Weights are cast to
+    the input's dtype (to the autocast dtype under ``torch.autocast``), so fp32 adapter weights run
+    on a bf16 model.
+    """
+
+    backend: Optional[str] = None
+
+    def _weights(self) -> Tuple[nn.LayerNorm, torch.Tensor, torch.Tensor]:
+        if self.norm_position == "pre":
+            return self.module[0], self.module[1].weight, self.module[3].weight
+        return self.module[3], self.module[0].weight, self.module[2].weight
+
+    def _run(
+        self, x: torch.Tensor, *, residual: bool, scale: Optional[torch.Tensor], return_row_sq: bool
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        self._check_input(x)
+        if torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        norm, down, up = self._weights()
+        dropout_p = self.dropout.p if self.dropout is not None and self.training else 0.0
+        result = ops.linear_adapter(
+            x,
+            norm.weight.to(x.dtype),
+            norm.bias.to(x.dtype),
+            down.to(x.dtype),
+            up.to(x.dtype),
+            activation=self.activation,
+            norm_position=self.norm_position,
+            eps=norm.eps,
+            dropout_p=dropout_p,
+            scale=scale,
+            residual=residual,
+            return_row_sq=return_row_sq,
+            backend=self.backend,
+        )
+        return result if return_row_sq else (result, None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run(x, residual=False, scale=None, return_row_sq=False)[0]
+
+    def fused_residual_forward(
+        self, x: torch.Tensor, *, scale: Optional[torch.Tensor] = None, return_row_sq: bool = False
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(x + s · adapter(x), Σ_d (s · adapter(x))² per row or None)`` in one fused pass.
+
+        ``scale`` is the stochastic-depth factor ``s`` (a one-element tensor) or None for 1.
+        """
+        return self._run(x, residual=True, scale=scale, return_row_sq=return_row_sq)
+
+
+@dataclass
+class FusedLinearAdapterConfig(LinearAdapterConfig):
+    _target_: str = class_path(FusedLinearAdapter)

@@ -1,0 +1,52 @@
+"""Which backend runs an op: the ``backend`` argument, else ``$FUSEDADAPTERS_BACKEND``, else automatic.
+
+Automatic: CUDA tensors run on Triton when it imports, anything else on the reference. A backend
+that cannot run the given tensors is an error that says why, never a silent fallback.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from typing import Optional
+
+import torch
+
+__all__ = ["BACKENDS", "ENV_VAR", "resolve_backend", "triton_available", "triton_interpreter_enabled"]
+
+BACKENDS = ("reference", "triton")
+ENV_VAR = "FUSEDADAPTERS_BACKEND"
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """Whether ``import triton`` can succeed (looked up once, without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreter_enabled() -> bool:
+    """Whether ``TRITON_INTERPRET=1`` is set, which makes Triton run kernels on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_backend(requested: Optional[str], device: torch.device) -> str:
+    """The backend name for tensors on ``device``; ``requested`` wins over the environment."""
+    source = "the backend argument"
+    name = requested
+    if name is None:
+        name, source = os.environ.get(ENV_VAR) or "auto", f"${ENV_VAR}"
+    name = name.strip().lower()
+    if name == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "reference"
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r} from {source}; expected 'auto' or one of {BACKENDS}")
+    if name == "triton":
+        if not triton_available():
+            raise RuntimeError(f"{source} asks for the triton backend, but triton is not installed")
+        if device.type != "cuda" and not (device.type == "cpu" and triton_interpreter_enabled()):
+            raise RuntimeError(
+                f"{source} asks for the triton backend on {device.type} tensors: Triton runs CUDA "
+                "tensors, or CPU tensors when TRITON_INTERPRET=1 is set before triton is imported"
+            )
+    return name
