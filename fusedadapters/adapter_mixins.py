@@ -448,10 +448,11 @@ class AdapterModuleMixin(ABC):
         own_cfg = self.__dict__.get("adapter_cfg")
         unfrozen = set()
         for module in self.modules():
-            if not (isinstance(module, AdapterModuleMixin) and module.is_adapter_available()):
+            layer = module._modules.get("adapter_layer") if isinstance(module, AdapterModuleMixin) else None
+            if not layer:
                 continue
             cfg = own_cfg if own_cfg is not None else module.__dict__.get("adapter_cfg", {})
-            for name, adapter in module.adapter_layer.items():
+            for name, adapter in layer.items():
                 if name not in cfg or not cfg[name].get("enabled", True):
                     continue
                 adapter.train()

@@ -65,6 +65,12 @@ def _deduplicate(tensors: Mapping[str, torch.Tensor]) -> Tuple[Dict[str, torch.T
     return unique, aliases
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_checkpoint(path: PathLike, kind: str, tensors: Mapping[str, torch.Tensor], config_text: str) -> None:
     """Write ``tensors`` and ``config_text`` (YAML) to ``path`` as a checkpoint of ``kind``."""
     path = Path(path).expanduser()
@@ -81,6 +87,7 @@ def write_checkpoint(path: PathLike, kind: str, tensors: Mapping[str, torch.Tens
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         save_file(unique, str(tmp), metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
