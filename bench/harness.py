@@ -422,7 +422,12 @@ def plot_panels(
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
+    handles, labels = [], []
+    for ax in axes.flat:  # one legend for the figure, every series that appears in any panel
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            if label not in labels:
+                handles.append(handle)
+                labels.append(label)
     if handles:
         fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 6), fontsize=8)
     fig.suptitle(title, fontsize=10, y=1.0 + 0.02 / nrows)

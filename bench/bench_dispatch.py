@@ -1,0 +1,111 @@
+"""Python dispatch cost of the adapter mixins: 24 adapter-enabled layers against the same plain layers.
+
+Each layer is ``Linear(D, D)`` followed by one enabled ``LinearAdapter`` under the residual strategy.
+The mixin stack runs it through ``is_adapter_available`` / ``forward_enabled_adapters`` and the
+strategy; the plain stack hard-wires ``x + adapter(x)`` on the very same modules. Small tensors, so
+the time is Python dispatch, which is what this measures. Target (DESIGN.md section 5): mixin time
+/ plain time <= 1.15.
+
+    python -m pytest bench/bench_dispatch.py --benchmark-only
+
+writes the ratio of medians to ``bench/results/dispatch-<machine>.json`` and prints it.
+"""
+
+import json
+import platform
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fusedadapters.adapter_mixins import AdapterModuleMixin
+from fusedadapters.adapter_modules import LinearAdapter, LinearAdapterConfig
+
+LAYERS, D, H, BATCH = 24, 64, 8, 8
+TARGET = 1.15
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+class AdapterLayer(torch.nn.Module, AdapterModuleMixin):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(D, D)
+
+    def forward(self, x):
+        x = self.fc(x)
+        if self.is_adapter_available():
+            x = self.forward_enabled_adapters(x)
+        return x
+
+
+class PlainLayer(torch.nn.Module):
+    def __init__(self, fc: torch.nn.Linear, adapter: LinearAdapter):
+        super().__init__()
+        self.fc = fc
+        self.adapter = adapter
+
+    def forward(self, x):
+        x = self.fc(x)
+        return x + self.adapter(x)
+
+
+def build_stacks():
+    torch.manual_seed(0)
+    mixin = torch.nn.Sequential(*[AdapterLayer() for _ in range(LAYERS)])
+    for layer in mixin:
+        layer.add_adapter("adapter", cfg=LinearAdapterConfig(in_features=D, dim=H))
+    plain = torch.nn.Sequential(*[PlainLayer(layer.fc, layer.adapter_layer["adapter"]) for layer in mixin])
+    return mixin.eval(), plain.eval()
+
+
+@pytest.fixture(scope="module")
+def stacks(request):
+    mixin, plain = build_stacks()
+    x = torch.randn(BATCH, D)
+    with torch.no_grad():
+        torch.testing.assert_close(mixin(x), plain(x))
+    medians = {}
+    yield mixin, plain, x, medians
+    if len(medians) == 2:
+        ratio = medians["mixin"] / medians["plain"]
+        record = {
+            "benchmark": "dispatch",
+            "machine": platform.machine(),
+            "processor": platform.processor(),
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "layers": LAYERS, "D": D, "H": H, "batch": BATCH,
+            "median_s": medians,
+            "ratio": ratio,
+            "target": TARGET,
+            "target_met": ratio <= TARGET,
+        }
+        RESULTS.mkdir(exist_ok=True)
+        path = RESULTS / f"dispatch-{platform.machine()}-cpu.json"
+        path.write_text(json.dumps(record, indent=2) + "\n")
+        reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+        line = (f"dispatch: mixin/plain = {ratio:.3f}x over {LAYERS} layers "
+                f"(target <= {TARGET}x: {'met' if ratio <= TARGET else 'MISSED'}); wrote {path}")
+        if reporter is not None:
+            reporter.write_line(line)
+        else:
+            print(line)
+
+
+def _run(benchmark, stacks, which):
+    mixin, plain, x, medians = stacks
+    model = mixin if which == "mixin" else plain
+    benchmark.group = "dispatch"
+    with torch.no_grad():
+        benchmark.pedantic(model, args=(x,), rounds=300, iterations=10, warmup_rounds=20)
+    medians[which] = benchmark.stats.stats.median
+
+
+def test_plain_layers(benchmark, stacks):
+    _run(benchmark, stacks, "plain")
+
+
+def test_adapter_mixin_layers(benchmark, stacks):
+    _run(benchmark, stacks, "mixin")
