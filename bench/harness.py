@@ -119,23 +119,30 @@ def do_bench(
     max_reps: int = 1000,
     flush_l2: bool = True,
     grad_to_none: Sequence[torch.Tensor] = (),
+    setup: Optional[Callable[[], Any]] = None,
 ) -> Timing:
     """Time ``fn()``: warm up for about ``warmup_ms``, then time ``min_reps``..``max_reps`` repeats
     filling about ``rep_ms``, and return their statistics (median is the figure to report).
 
     Measured per repeat: one call of ``fn``, nothing else. Outside the timed region, before each
     repeat: the ``.grad`` of every tensor in ``grad_to_none`` is set to None (so that backward
-    writes fresh gradients instead of accumulating) and, on CUDA with ``flush_l2``, the L2 cache is
-    flushed. CUDA: one event pair per repeat, one synchronize at the end. CPU: ``perf_counter``
-    around each call (``flush_l2`` is ignored).
+    writes fresh gradients instead of accumulating); with ``setup``, ``state = setup()`` runs and
+    the timed call is ``fn(state)`` (e.g. setup runs a forward, fn its backward); then, on CUDA with
+    ``flush_l2``, the L2 cache is flushed. CUDA: one event pair per repeat, one synchronize at the
+    end. CPU: ``perf_counter`` around each call (``flush_l2`` is ignored).
     """
-    fn()  # first call outside everything: compilation, autotuning, allocator growth
+    if setup is None:
+        timed, untimed = fn, fn
+    else:
+        timed, untimed = fn, (lambda: fn(setup()))
+    untimed()  # first call outside everything: compilation, autotuning, allocator growth
     synchronize(device)
-    est = _estimate_ms(fn, device)
+    est = _estimate_ms(untimed, device)  # includes setup: only sizes the loops
     n_warmup = int(min(max(1, warmup_ms / est), 1000))
     n_rep = int(min(max(min_reps, rep_ms / est), max_reps))
     for _ in range(n_warmup):
-        fn()
+        _set_grads_to_none(grad_to_none)
+        untimed()
     synchronize(device)
 
     if device.type == "cuda":
@@ -144,11 +151,13 @@ def do_bench(
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
         for i in range(n_rep):
             _set_grads_to_none(grad_to_none)
+            args = () if setup is None else (setup(),)
             if flush is not None:
                 flush()
             starts[i].record()
-            fn()
+            timed(*args)
             ends[i].record()
+            del args
         torch.cuda.synchronize(device)
         times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
         del flush
@@ -156,9 +165,11 @@ def do_bench(
         times = []
         for _ in range(n_rep):
             _set_grads_to_none(grad_to_none)
+            args = () if setup is None else (setup(),)
             t0 = time.perf_counter()
-            fn()
+            timed(*args)
             times.append((time.perf_counter() - t0) * 1e3)
+            del args
     _set_grads_to_none(grad_to_none)
     return Timing(
         median_ms=statistics.median(times),

@@ -170,9 +170,11 @@ def run(
     seed: int = 0,
     adapter: str = "linear",
     out_dir: Optional[Path] = None,
-    stream=sys.stdout,
+    stream=None,
 ) -> dict:
-    """Run the job; returns what it measured (losses, sizes, counts, match) and prints a report."""
+    """Run the job; returns what it measured (losses, sizes, counts, match) and prints a report
+    (to ``stream``, default stdout)."""
+    stream = sys.stdout if stream is None else stream
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed + 1)
     adapter_cfg_cls = {"linear": LinearAdapterConfig, "fused": FusedLinearAdapterConfig}[adapter]
