@@ -1,0 +1,808 @@
+"""Fused Triton kernels of the bottleneck adapter, forward and backward.
+
+Notation as in ``fusedadapters.ops.reference``: ``x`` is N×D, ``Wd`` is H×D, ``Wu`` is D×H, ``γ, β``
+the LayerNorm weight and bias (D), ``act`` the activation, ``m = keep / (1 - p)`` the dropout
+multiplier (drawn from the integer hash of ``(seed, row, col)``, regenerated in backward, never
+stored) and ``s`` the stochastic-depth scale. Every kernel loads in the input dtype, upcasts to
+float32 at once, accumulates in float32 and casts at the store.
+
+Forward, pre norm (``_pre_norm_fwd_kernel``; one program per block of BM rows)::
+
+    pass 1 over D:  A = (x - c)(Wd∘γ)ᵀ,  S1 = Σ_d (x - c),  S2 = Σ_d (x - c)²,  g = Wd γ,  b = Wd β
+                    (c: the row's mean over the first chunk, against cancellation in S2)
+                    μ = c + S1/D,  r = 1/sqrt(S2/D - (S1/D)² + eps)
+                    h = LN(x) Wdᵀ = r (A - (μ - c) g) + b,  a = act(h)
+    pass 2 over D:  y = a Wuᵀ,  z = s m y,  out = [x +] z,  row_sq = Σ_d z²
+
+Forward, post norm (``_post_norm_fwd_kernel``)::
+
+    pass 1 over D:  h = x Wdᵀ,  a = act(h)
+    pass 2 over D:  u = a Wuᵀ (recomputed, H is small),  μ, r of u (shifted like above)
+    pass 3 over D:  û = (u - μ) r,  y = û γ + β,  z = s m y,  out = [x +] z,  row_sq = Σ_d z²
+
+Both save h (N×H), μ and r (N) in float32; pre norm also saves (g, b) (2×H).
+
+Backward, given dout and the row_sq gradient q (absent unless row_sq was returned)::
+
+    dz = dout + 2 q z,  dy = s m dz      (the residual sends dout to dx unchanged)
+
+Pre norm: ``da = dy Wu``, ``dh = da ⊙ act'(h)``. The LayerNorm's two row reductions collapse to
+H-sized products, ``c1 = Σ_d dx̂ = dh·g`` and ``c2 = Σ_d dx̂ ⊙ x̂ = dh·(h - b)`` with ``dx̂ = (dh Wd)⊙γ``:
+
+    rows pass:     dh, c1, c2                                             (row-parallel)
+    columns pass:  dx  = [dout +] r (dx̂ - (c1 + x̂ c2)/D)                  (column-parallel:
+                   dWd = dhᵀ (x̂ γ + β),  dWu = dyᵀ a,                      programs own D slices
+                   dγ = Σ_n (dh Wd) ⊙ x̂,  dβ = Σ_n dh Wd                  and loop over rows)
+
+Post norm: ``dû = dy γ``, ``c1 = Σ_d dû``, ``c2 = Σ_d dû ⊙ û``, ``du = r (dû - (c1 + û c2)/D)``;
+``da = du Wu = r (dû Wu - (c1 (Σ_d Wu) + c2 (û Wu))/D)`` needs one pass over D:
+
+    rows pass:     c1, c2, da, dh = da ⊙ act'(h)
+    columns pass:  dx = [dout +] dh Wd,  dWd = dhᵀ x,  dWu = duᵀ a,  dγ = Σ_n dy ⊙ û,  dβ = Σ_n dy
+
+The columns pass splits the rows into S groups when the D slices alone cannot fill the device;
+each group writes float32 partial weight gradients, summed afterwards in a fixed order. No atomics:
+the gradients are bitwise deterministic for a given shape and device.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backend import triton_interpreter_enabled
+from ..reference import HASH_MUL_1, HASH_MUL_2, ROW_STRIDE, SELU_ALPHA, SELU_SCALE
+
+__all__ = ["MAX_HIDDEN", "SUPPORTED_DTYPES", "linear_adapter_backward", "linear_adapter_forward"]
+
+MAX_HIDDEN = 1024
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+_HASH_MUL_1 = tl.constexpr(HASH_MUL_1)
+_HASH_MUL_2 = tl.constexpr(HASH_MUL_2)
+_ROW_STRIDE = tl.constexpr(ROW_STRIDE)
+_SELU_ALPHA = tl.constexpr(SELU_ALPHA)
+_SELU_SCALE = tl.constexpr(SELU_SCALE)
+_INV_SQRT2 = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+_TWO_POW_M24 = tl.constexpr(1.0 / (1 << 24))
+
+
+# ----------------------------------------------------------------------------------------------
+# Device helpers
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _act(h, ACT: tl.constexpr):
+    """act(h) elementwise in float32."""
+    if ACT == "identity":
+        return h
+    elif ACT == "hardtanh":
+        return tl.minimum(tl.maximum(h, -1.0), 1.0)
+    elif ACT == "relu":
+        return tl.maximum(h, 0.0)
+    elif ACT == "selu":
+        return _SELU_SCALE * tl.where(h > 0, h, _SELU_ALPHA * (tl.exp(h) - 1.0))
+    elif ACT == "gelu":
+        return 0.5 * h * (1.0 + tl.math.erf(h * _INV_SQRT2))
+    else:  # swish / silu
+        return h / (1.0 + tl.exp(-h))
+
+
+@triton.jit
+def _act_grad(h, ACT: tl.constexpr):
+    """act'(h) elementwise in float32, 0 at relu's 0 and hardtanh's ±1 like PyTorch."""
+    if ACT == "identity":
+        return tl.full(h.shape, 1.0, tl.float32)
+    elif ACT == "hardtanh":
+        return tl.where((h > -1.0) & (h < 1.0), 1.0, 0.0)
+    elif ACT == "relu":
+        return tl.where(h > 0, 1.0, 0.0)
+    elif ACT == "selu":
+        return tl.where(h > 0, _SELU_SCALE, _SELU_SCALE * _SELU_ALPHA * tl.exp(h))
+    elif ACT == "gelu":
+        cdf = 0.5 * (1.0 + tl.math.erf(h * _INV_SQRT2))
+        return cdf + h * _INV_SQRT_2PI * tl.exp(-0.5 * h * h)
+    else:  # swish / silu
+        sig = 1.0 / (1.0 + tl.exp(-h))
+        return sig * (1.0 + h * (1.0 - sig))
+
+
+@triton.jit
+def _mix32(v):
+    """The "lowbias32" integer mixer on uint32 (all products wrap modulo 2**32)."""
+    v = v ^ (v >> 16)
+    v = v * _HASH_MUL_1
+    v = v ^ (v >> 15)
+    v = v * _HASH_MUL_2
+    return v ^ (v >> 16)
+
+
+@triton.jit
+def _row_hash(SEED, rows):
+    """Per-row half of the dropout hash: mix32(seed + row · 0x9E3779B9), as uint32."""
+    seed = tl.load(SEED).to(tl.uint32)
+    return _mix32(seed + rows.to(tl.uint32) * _ROW_STRIDE)
+
+
+@triton.jit
+def _drop_scale(v, row_hash, cols, scale, dropout_p, keep_scale,
+                HAS_DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr):
+    """s · m ⊙ v for a BM×BD tile: the mask keeps (n, d) where (mix32(row_hash[n] ^ d) >> 8) / 2²⁴ >= p."""
+    if HAS_DROPOUT:
+        bits = _mix32(row_hash[:, None] ^ cols.to(tl.uint32)[None, :])
+        uniform = (bits >> 8).to(tl.float32) * _TWO_POW_M24
+        v = tl.where(uniform >= dropout_p, v * keep_scale, 0.0)
+    if HAS_SCALE:
+        v = v * scale
+    return v
+
+
+@triton.jit
+def _dy(dout, y, grad_sq, row_hash, cols, scale, dropout_p, keep_scale,
+        HAS_DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_ROW_SQ_GRAD: tl.constexpr):
+    """dy = s m (dout + 2 q z) with z = s m y (y is only read with HAS_ROW_SQ_GRAD)."""
+    dz = dout
+    if HAS_ROW_SQ_GRAD:
+        z = _drop_scale(y, row_hash, cols, scale, dropout_p, keep_scale, HAS_DROPOUT, HAS_SCALE)
+        dz = dz + 2.0 * grad_sq[:, None] * z
+    return _drop_scale(dz, row_hash, cols, scale, dropout_p, keep_scale, HAS_DROPOUT, HAS_SCALE)
+
+
+@triton.jit
+def _dot(a, b, DOT_F32: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """a @ b with float32 accumulation: IEEE float32 operands, or DOT_DTYPE (fp16/bf16) operands."""
+    if DOT_F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE))
+
+
+@triton.jit
+def _load_scale(SCALE, HAS_SCALE: tl.constexpr):
+    if HAS_SCALE:
+        return tl.load(SCALE).to(tl.float32)
+    else:
+        return 1.0
+
+
+@triton.jit
+def _load_rows(PTR, rows, row_ok, HAS: tl.constexpr, stride):
+    """A float32 per-row vector (0 where masked or absent)."""
+    if HAS:
+        return tl.load(PTR + rows.to(tl.int64) * stride, mask=row_ok, other=0.0).to(tl.float32)
+    else:
+        return tl.zeros(rows.shape, tl.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _pre_norm_fwd_kernel(
+    X, OUT, ROW_SQ, HID, MEAN, RSTD, PROJ, LN_W, LN_B, WD, WU, SEED, SCALE,
+    N, D, H, stride_xn, stride_xd, eps, dropout_p, keep_scale,
+    ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr, RESIDUAL: tl.constexpr,
+    STORE_ROW_SQ: tl.constexpr, DOT_F32: tl.constexpr,
+    BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BM + tl.arange(0, BM)
+    row_ok = rows < N
+    hcols = tl.arange(0, BH)
+    h_ok = hcols < H
+    x_rows = X + rows.to(tl.int64)[:, None] * stride_xn
+    out_rows = OUT + rows.to(tl.int64)[:, None] * D
+    dot_dtype = X.dtype.element_ty
+
+    # Shift: each row's mean over the first chunk.
+    cols = tl.arange(0, BD)
+    first = row_ok[:, None] & (cols < D)[None, :]
+    shift = tl.sum(tl.load(x_rows + cols[None, :] * stride_xd, mask=first, other=0.0).to(tl.float32), 1)
+    shift = shift / tl.sum((cols < D).to(tl.float32), 0)
+
+    # Pass 1: A = (x - c)(Wd∘γ)ᵀ, shifted moments, g = Wd γ, b = Wd β.
+    acc = tl.zeros((BM, BH), tl.float32)
+    s1 = tl.zeros((BM,), tl.float32)
+    s2 = tl.zeros((BM,), tl.float32)
+    g = tl.zeros((BH,), tl.float32)
+    b = tl.zeros((BH,), tl.float32)
+    for d0 in range(0, D, BD):
+        cols = d0 + tl.arange(0, BD)
+        d_ok = cols < D
+        mask = row_ok[:, None] & d_ok[None, :]
+        x = tl.load(x_rows + cols[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
+        xc = tl.where(mask, x - shift[:, None], 0.0)
+        s1 += tl.sum(xc, 1)
+        s2 += tl.sum(xc * xc, 1)
+        gamma = tl.load(LN_W + cols, mask=d_ok, other=0.0).to(tl.float32)
+        beta = tl.load(LN_B + cols, mask=d_ok, other=0.0).to(tl.float32)
+        wd_t = tl.load(WD + hcols[None, :] * D + cols[:, None],  # (BD, BH) = Wd[:, cols]ᵀ
+                       mask=d_ok[:, None] & h_ok[None, :], other=0.0).to(tl.float32)
+        wg_t = wd_t * gamma[:, None]
+        g += tl.sum(wg_t, 0)
+        b += tl.sum(wd_t * beta[:, None], 0)
+        acc += _dot(xc, wg_t, DOT_F32, dot_dtype)
+    mean_c = s1 / D
+    var = tl.maximum(s2 / D - mean_c * mean_c, 0.0)
+    rstd = 1.0 / tl.sqrt(var + eps)
+    h = rstd[:, None] * (acc - mean_c[:, None] * g[None, :]) + b[None, :]
+    hid_mask = row_ok[:, None] & h_ok[None, :]
+    tl.store(HID + rows.to(tl.int64)[:, None] * H + hcols[None, :], h, mask=hid_mask)
+    tl.store(MEAN + rows, shift + mean_c, mask=row_ok)
+    tl.store(RSTD + rows, rstd, mask=row_ok)
+    tl.store(PROJ + hcols, g, mask=h_ok & (pid == 0))
+    tl.store(PROJ + H + hcols, b, mask=h_ok & (pid == 0))
+    a = _act(h, ACT)
+
+    # Pass 2: out = [x +] s m (a Wuᵀ).
+    scale = _load_scale(SCALE, HAS_SCALE)
+    row_hash = _row_hash(SEED, rows) if HAS_DROPOUT else rows
+    sq = tl.zeros((BM,), tl.float32)
+    for d0 in range(0, D, BD):
+        cols = d0 + tl.arange(0, BD)
+        d_ok = cols < D
+        mask = row_ok[:, None] & d_ok[None, :]
+        wu_t = tl.load(WU + cols[None, :] * H + hcols[:, None],  # (BH, BD) = Wu[cols, :]ᵀ
+                       mask=h_ok[:, None] & d_ok[None, :], other=0.0)
+        z = _drop_scale(_dot(a, wu_t, DOT_F32, dot_dtype), row_hash, cols, scale, dropout_p,
+                        keep_scale, HAS_DROPOUT, HAS_SCALE)
+        if STORE_ROW_SQ:
+            sq += tl.sum(z * z, 1)
+        if RESIDUAL:
+            z += tl.load(x_rows + cols[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_rows + cols[None, :], z, mask=mask)
+    if STORE_ROW_SQ:
+        tl.store(ROW_SQ + rows, sq, mask=row_ok)
+
+
+@triton.jit
+def _post_norm_fwd_kernel(
+    X, OUT, ROW_SQ, HID, MEAN, RSTD, LN_W, LN_B, WD, WU, SEED, SCALE,
+    N, D, H, stride_xn, stride_xd, eps, dropout_p, keep_scale,
+    ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr, RESIDUAL: tl.constexpr,
+    STORE_ROW_SQ: tl.constexpr, DOT_F32: tl.constexpr,
+    BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BM + tl.arange(0, BM)
+    row_ok = rows < N
+    hcols = tl.arange(0, BH)
+    h_ok = hcols < H
+    x_rows = X + rows.to(tl.int64)[:, None] * stride_xn
+    out_rows = OUT + rows.to(tl.int64)[:, None] * D
+    dot_dtype = X.dtype.element_ty
+
+    # Pass 1: h = x Wdᵀ.
+    h = tl.zeros((BM, BH), tl.float32)
+    for d0 in range(0, D, BD):
+        cols = d0 + tl.arange(0, BD)
+        d_ok = cols < D
+        x = tl.load(x_rows + cols[None, :] * stride_xd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        wd_t = tl.load(WD + hcols[None, :] * D + cols[:, None],  # (BD, BH) = Wd[:, cols]ᵀ
+                       mask=d_ok[:, None] & h_ok[None, :], other=0.0)
+        h += _dot(x, wd_t, DOT_F32, dot_dtype)
+    tl.store(HID + rows.to(tl.int64)[:, None] * H + hcols[None, :], h, mask=row_ok[:, None] & h_ok[None, :])
+    a = _act(h, ACT)
+
+    # Pass 2: statistics of u = a Wuᵀ, shifted by each row's mean over the first chunk.
+    cols = tl.arange(0, BD)
+    wu_t = tl.load(WU + cols[None, :] * H + hcols[:, None], mask=h_ok[:, None] & (cols < D)[None, :], other=0.0)
+    shift = tl.sum(_dot(a, wu_t, DOT_F32, dot_dtype), 1) / tl.sum((cols < D).to(tl.float32), 0)
+    s1 = tl.zeros((BM,), tl.float32)
+    s2 = tl.zeros((BM,), tl.float32)
+    for d0 in range(0, D, BD):
+        cols = d0 + tl.arange(0, BD)
+        d_ok = cols < D
+        wu_t = tl.load(WU + cols[None, :] * H + hcols[:, None], mask=h_ok[:, None] & d_ok[None, :], other=0.0)
+        uc = tl.where(d_ok[None, :], _dot(a, wu_t, DOT_F32, dot_dtype) - shift[:, None], 0.0)
+        s1 += tl.sum(uc, 1)
+        s2 += tl.sum(uc * uc, 1)
+    mean_c = s1 / D
+    mean = shift + mean_c
+    rstd = 1.0 / tl.sqrt(tl.maximum(s2 / D - mean_c * mean_c, 0.0) + eps)
+    tl.store(MEAN + rows, mean, mask=row_ok)
+    tl.store(RSTD + rows, rstd, mask=row_ok)
+
+    # Pass 3: out = [x +] s m LN(u).
+    scale = _load_scale(SCALE, HAS_SCALE)
+    row_hash = _row_hash(SEED, rows) if HAS_DROPOUT else rows
+    sq = tl.zeros((BM,), tl.float32)
+    for d0 in range(0, D, BD):
+        cols = d0 + tl.arange(0, BD)
+        d_ok = cols < D
+        mask = row_ok[:, None] & d_ok[None, :]
+        wu_t = tl.load(WU + cols[None, :] * H + hcols[:, None], mask=h_ok[:, None] & d_ok[None, :], other=0.0)
+        gamma = tl.load(LN_W + cols, mask=d_ok, other=0.0).to(tl.float32)
+        beta = tl.load(LN_B + cols, mask=d_ok, other=0.0).to(tl.float32)
+        u = _dot(a, wu_t, DOT_F32, dot_dtype)
+        y = (u - mean[:, None]) * rstd[:, None] * gamma[None, :] + beta[None, :]
+        z = _drop_scale(y, row_hash, cols, scale, dropout_p, keep_scale, HAS_DROPOUT, HAS_SCALE)
+        if STORE_ROW_SQ:
+            sq += tl.sum(tl.where(mask, z * z, 0.0), 1)
+        if RESIDUAL:
+            z += tl.load(x_rows + cols[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_rows + cols[None, :], z, mask=mask)
+    if STORE_ROW_SQ:
+        tl.store(ROW_SQ + rows, sq, mask=row_ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward kernels: a row-parallel pass (dh and per-row scalars), then a column-parallel pass.
+# Rows past N load as zeros (h, dh, dout, statistics), which makes their contributions vanish.
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _pre_norm_bwd_rows_kernel(
+    DOUT, GRAD_SQ, HID, PROJ, WU, SEED, SCALE, DH, C1, C2,
+    N, D, H, stride_gn, stride_gd, stride_q, dropout_p, keep_scale,
+    ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_ROW_SQ_GRAD: tl.constexpr, DOT_F32: tl.constexpr,
+    BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BM + tl.arange(0, BM)
+    row_ok = rows < N
+    hcols = tl.arange(0, BH)
+    h_ok = hcols < H
+    hid_mask = row_ok[:, None] & h_ok[None, :]
+    hid_offs = rows.to(tl.int64)[:, None] * H + hcols[None, :]
+    g_rows = DOUT + rows.to(tl.int64)[:, None] * stride_gn
+    dot_dtype = WU.dtype.element_ty
+
+    h = tl.load(HID + hid_offs, mask=hid_mask, other=0.0)
+    a = _act(h, ACT)
+    grad_sq = _load_rows(GRAD_SQ, rows, row_ok, HAS_ROW_SQ_GRAD, stride_q)
+    scale = _load_scale(SCALE, HAS_SCALE)
+    row_hash = _row_hash(SEED, rows) if HAS_DROPOUT else rows
+
+    da = tl.zeros((BM, BH), tl.float32)
+    for d0 in range(0, D, BD):
+        cols = d0 + tl.arange(0, BD)
+        d_ok = cols < D
+        dout = tl.load(g_rows + cols[None, :] * stride_gd, mask=row_ok[:, None] & d_ok[None, :],
+                       other=0.0).to(tl.float32)
+        wu = tl.load(WU + cols[:, None] * H + hcols[None, :], mask=d_ok[:, None] & h_ok[None, :], other=0.0)
+        y = _dot(a, tl.trans(wu), DOT_F32, dot_dtype) if HAS_ROW_SQ_GRAD else dout
+        dy = _dy(dout, y, grad_sq, row_hash, cols, scale, dropout_p, keep_scale,
+                 HAS_DROPOUT, HAS_SCALE, HAS_ROW_SQ_GRAD)
+        da += _dot(dy, wu, DOT_F32, dot_dtype)
+    dh = da * _act_grad(h, ACT)
+    g = tl.load(PROJ + hcols, mask=h_ok, other=0.0)
+    b = tl.load(PROJ + H + hcols, mask=h_ok, other=0.0)
+    tl.store(DH + hid_offs, dh, mask=hid_mask)
+    tl.store(C1 + rows, tl.sum(dh * g[None, :], 1), mask=row_ok)
+    tl.store(C2 + rows, tl.sum(dh * (h - b[None, :]), 1), mask=row_ok)
+
+
+@triton.jit
+def _pre_norm_bwd_cols_kernel(
+    X, DOUT, GRAD_SQ, HID, DH, MEAN, RSTD, C1, C2, LN_W, LN_B, WD, WU, SEED, SCALE,
+    DX, DWD, DWU, DLN_W, DLN_B,
+    N, D, H, stride_xn, stride_xd, stride_gn, stride_gd, stride_q, rows_per_split, dropout_p, keep_scale,
+    ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_ROW_SQ_GRAD: tl.constexpr, RESIDUAL: tl.constexpr, DOT_F32: tl.constexpr,
+    NEED_DX: tl.constexpr, NEED_DLN: tl.constexpr, NEED_DWD: tl.constexpr, NEED_DWU: tl.constexpr,
+    BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    split = tl.program_id(1)
+    cols = pid_d * BD + tl.arange(0, BD)
+    d_ok = cols < D
+    hcols = tl.arange(0, BH)
+    h_ok = hcols < H
+    dot_dtype = X.dtype.element_ty
+
+    gamma = tl.load(LN_W + cols, mask=d_ok, other=0.0).to(tl.float32)
+    beta = tl.load(LN_B + cols, mask=d_ok, other=0.0).to(tl.float32)
+    wd = tl.load(WD + hcols[:, None] * D + cols[None, :], mask=h_ok[:, None] & d_ok[None, :], other=0.0)
+    wu = tl.load(WU + cols[:, None] * H + hcols[None, :], mask=d_ok[:, None] & h_ok[None, :], other=0.0)
+    scale = _load_scale(SCALE, HAS_SCALE)
+
+    dwd = tl.zeros((BH, BD), tl.float32)
+    dwu = tl.zeros((BD, BH), tl.float32)
+    dgamma = tl.zeros((BD,), tl.float32)
+    dbeta = tl.zeros((BD,), tl.float32)
+    row_begin = split * rows_per_split
+    row_end = tl.minimum(row_begin + rows_per_split, N)
+    for r0 in range(row_begin, row_end, BM):
+        rows = r0 + tl.arange(0, BM)
+        row_ok = rows < row_end
+        mask = row_ok[:, None] & d_ok[None, :]
+        hid_offs = rows.to(tl.int64)[:, None] * H + hcols[None, :]
+        hid_mask = row_ok[:, None] & h_ok[None, :]
+        dout = tl.load(DOUT + rows.to(tl.int64)[:, None] * stride_gn + cols[None, :] * stride_gd,
+                       mask=mask, other=0.0).to(tl.float32)
+        if NEED_DWU:
+            a = _act(tl.load(HID + hid_offs, mask=hid_mask, other=0.0), ACT)
+            y = _dot(a, tl.trans(wu), DOT_F32, dot_dtype) if HAS_ROW_SQ_GRAD else dout
+            grad_sq = _load_rows(GRAD_SQ, rows, row_ok, HAS_ROW_SQ_GRAD, stride_q)
+            row_hash = _row_hash(SEED, rows) if HAS_DROPOUT else rows
+            dy = _dy(dout, y, grad_sq, row_hash, cols, scale, dropout_p, keep_scale,
+                     HAS_DROPOUT, HAS_SCALE, HAS_ROW_SQ_GRAD)
+            dwu += _dot(tl.trans(dy), a, DOT_F32, dot_dtype)
+        if NEED_DX or NEED_DLN or NEED_DWD:
+            dh = tl.load(DH + hid_offs, mask=hid_mask, other=0.0)
+            x = tl.load(X + rows.to(tl.int64)[:, None] * stride_xn + cols[None, :] * stride_xd,
+                        mask=mask, other=0.0).to(tl.float32)
+            mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
+            rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+            xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+            if NEED_DX or NEED_DLN:
+                dxhat = _dot(dh, wd, DOT_F32, dot_dtype)  # dh Wd, before ⊙ γ
+                if NEED_DX:
+                    c1 = tl.load(C1 + rows, mask=row_ok, other=0.0)
+                    c2 = tl.load(C2 + rows, mask=row_ok, other=0.0)
+                    dx = rstd[:, None] * (dxhat * gamma[None, :] - (c1[:, None] + xhat * c2[:, None]) / D)
+                    if RESIDUAL:
+                        dx += dout
+                    tl.store(DX + rows.to(tl.int64)[:, None] * D + cols[None, :], dx, mask=mask)
+                if NEED_DLN:
+                    dgamma += tl.sum(dxhat * xhat, 0)
+                    dbeta += tl.sum(dxhat, 0)
+            if NEED_DWD:
+                dwd += _dot(tl.trans(dh), xhat * gamma[None, :] + beta[None, :], DOT_F32, dot_dtype)
+    _store_weight_partials(DWD, DWU, DLN_W, DLN_B, dwd, dwu, dgamma, dbeta, split, cols, d_ok, hcols, h_ok,
+                           D, H, NEED_DLN, NEED_DWD, NEED_DWU)
+
+
+@triton.jit
+def _post_norm_bwd_rows_kernel(
+    DOUT, GRAD_SQ, HID, MEAN, RSTD, LN_W, LN_B, WU, SEED, SCALE, DH, C1, C2,
+    N, D, H, stride_gn, stride_gd, stride_q, dropout_p, keep_scale,
+    ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_ROW_SQ_GRAD: tl.constexpr, DOT_F32: tl.constexpr,
+    BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BM + tl.arange(0, BM)
+    row_ok = rows < N
+    hcols = tl.arange(0, BH)
+    h_ok = hcols < H
+    hid_mask = row_ok[:, None] & h_ok[None, :]
+    hid_offs = rows.to(tl.int64)[:, None] * H + hcols[None, :]
+    g_rows = DOUT + rows.to(tl.int64)[:, None] * stride_gn
+    dot_dtype = WU.dtype.element_ty
+
+    h = tl.load(HID + hid_offs, mask=hid_mask, other=0.0)
+    a = _act(h, ACT)
+    mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
+    rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+    grad_sq = _load_rows(GRAD_SQ, rows, row_ok, HAS_ROW_SQ_GRAD, stride_q)
+    scale = _load_scale(SCALE, HAS_SCALE)
+    row_hash = _row_hash(SEED, rows) if HAS_DROPOUT else rows
+
+    c1 = tl.zeros((BM,), tl.float32)
+    c2 = tl.zeros((BM,), tl.float32)
+    duhat_wu = tl.zeros((BM, BH), tl.float32)  # dû Wu
+    uhat_wu = tl.zeros((BM, BH), tl.float32)  # û Wu
+    wu_sum = tl.zeros((BH,), tl.float32)  # Σ_d Wu
+    for d0 in range(0, D, BD):
+        cols = d0 + tl.arange(0, BD)
+        d_ok = cols < D
+        mask = row_ok[:, None] & d_ok[None, :]
+        dout = tl.load(g_rows + cols[None, :] * stride_gd, mask=mask, other=0.0).to(tl.float32)
+        gamma = tl.load(LN_W + cols, mask=d_ok, other=0.0).to(tl.float32)
+        beta = tl.load(LN_B + cols, mask=d_ok, other=0.0).to(tl.float32)
+        wu = tl.load(WU + cols[:, None] * H + hcols[None, :], mask=d_ok[:, None] & h_ok[None, :], other=0.0)
+        u = _dot(a, tl.trans(wu), DOT_F32, dot_dtype)
+        uhat = tl.where(mask, (u - mean[:, None]) * rstd[:, None], 0.0)
+        y = uhat * gamma[None, :] + beta[None, :]
+        dy = _dy(dout, y, grad_sq, row_hash, cols, scale, dropout_p, keep_scale,
+                 HAS_DROPOUT, HAS_SCALE, HAS_ROW_SQ_GRAD)
+        duhat = dy * gamma[None, :]
+        c1 += tl.sum(duhat, 1)
+        c2 += tl.sum(duhat * uhat, 1)
+        duhat_wu += _dot(duhat, wu, DOT_F32, dot_dtype)
+        uhat_wu += _dot(uhat, wu, DOT_F32, dot_dtype)
+        wu_sum += tl.sum(wu.to(tl.float32), 0)
+    da = rstd[:, None] * (duhat_wu - (c1[:, None] * wu_sum[None, :] + c2[:, None] * uhat_wu) / D)
+    tl.store(DH + hid_offs, da * _act_grad(h, ACT), mask=hid_mask)
+    tl.store(C1 + rows, c1, mask=row_ok)
+    tl.store(C2 + rows, c2, mask=row_ok)
+
+
+@triton.jit
+def _post_norm_bwd_cols_kernel(
+    X, DOUT, GRAD_SQ, HID, DH, MEAN, RSTD, C1, C2, LN_W, LN_B, WD, WU, SEED, SCALE,
+    DX, DWD, DWU, DLN_W, DLN_B,
+    N, D, H, stride_xn, stride_xd, stride_gn, stride_gd, stride_q, rows_per_split, dropout_p, keep_scale,
+    ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_ROW_SQ_GRAD: tl.constexpr, RESIDUAL: tl.constexpr, DOT_F32: tl.constexpr,
+    NEED_DX: tl.constexpr, NEED_DLN: tl.constexpr, NEED_DWD: tl.constexpr, NEED_DWU: tl.constexpr,
+    BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    split = tl.program_id(1)
+    cols = pid_d * BD + tl.arange(0, BD)
+    d_ok = cols < D
+    hcols = tl.arange(0, BH)
+    h_ok = hcols < H
+    dot_dtype = X.dtype.element_ty
+
+    gamma = tl.load(LN_W + cols, mask=d_ok, other=0.0).to(tl.float32)
+    beta = tl.load(LN_B + cols, mask=d_ok, other=0.0).to(tl.float32)
+    wd = tl.load(WD + hcols[:, None] * D + cols[None, :], mask=h_ok[:, None] & d_ok[None, :], other=0.0)
+    wu = tl.load(WU + cols[:, None] * H + hcols[None, :], mask=d_ok[:, None] & h_ok[None, :], other=0.0)
+    scale = _load_scale(SCALE, HAS_SCALE)
+
+    dwd = tl.zeros((BH, BD), tl.float32)
+    dwu = tl.zeros((BD, BH), tl.float32)
+    dgamma = tl.zeros((BD,), tl.float32)
+    dbeta = tl.zeros((BD,), tl.float32)
+    row_begin = split * rows_per_split
+    row_end = tl.minimum(row_begin + rows_per_split, N)
+    for r0 in range(row_begin, row_end, BM):
+        rows = r0 + tl.arange(0, BM)
+        row_ok = rows < row_end
+        mask = row_ok[:, None] & d_ok[None, :]
+        hid_offs = rows.to(tl.int64)[:, None] * H + hcols[None, :]
+        hid_mask = row_ok[:, None] & h_ok[None, :]
+        dout = tl.load(DOUT + rows.to(tl.int64)[:, None] * stride_gn + cols[None, :] * stride_gd,
+                       mask=mask, other=0.0).to(tl.float32)
+        if NEED_DLN or NEED_DWU:
+            a = _act(tl.load(HID + hid_offs, mask=hid_mask, other=0.0), ACT)
+            mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
+            rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+            u = _dot(a, tl.trans(wu), DOT_F32, dot_dtype)
+            uhat = tl.where(mask, (u - mean[:, None]) * rstd[:, None], 0.0)
+            grad_sq = _load_rows(GRAD_SQ, rows, row_ok, HAS_ROW_SQ_GRAD, stride_q)
+            row_hash = _row_hash(SEED, rows) if HAS_DROPOUT else rows
+            dy = _dy(dout, uhat * gamma[None, :] + beta[None, :], grad_sq, row_hash, cols, scale,
+                     dropout_p, keep_scale, HAS_DROPOUT, HAS_SCALE, HAS_ROW_SQ_GRAD)
+            if NEED_DLN:
+                dgamma += tl.sum(dy * uhat, 0)
+                dbeta += tl.sum(dy, 0)
+            if NEED_DWU:
+                c1 = tl.load(C1 + rows, mask=row_ok, other=0.0)
+                c2 = tl.load(C2 + rows, mask=row_ok, other=0.0)
+                du = rstd[:, None] * (dy * gamma[None, :] - (c1[:, None] + uhat * c2[:, None]) / D)
+                dwu += _dot(tl.trans(du), a, DOT_F32, dot_dtype)
+        if NEED_DX or NEED_DWD:
+            dh = tl.load(DH + hid_offs, mask=hid_mask, other=0.0)
+            if NEED_DX:
+                dx = _dot(dh, wd, DOT_F32, dot_dtype)
+                if RESIDUAL:
+                    dx += dout
+                tl.store(DX + rows.to(tl.int64)[:, None] * D + cols[None, :], dx, mask=mask)
+            if NEED_DWD:
+                x = tl.load(X + rows.to(tl.int64)[:, None] * stride_xn + cols[None, :] * stride_xd,
+                            mask=mask, other=0.0)
+                dwd += _dot(tl.trans(dh), x, DOT_F32, dot_dtype)
+    _store_weight_partials(DWD, DWU, DLN_W, DLN_B, dwd, dwu, dgamma, dbeta, split, cols, d_ok, hcols, h_ok,
+                           D, H, NEED_DLN, NEED_DWD, NEED_DWU)
+
+
+@triton.jit
+def _store_weight_partials(DWD, DWU, DLN_W, DLN_B, dwd, dwu, dgamma, dbeta, split, cols, d_ok, hcols, h_ok,
+                           D, H, NEED_DLN: tl.constexpr, NEED_DWD: tl.constexpr, NEED_DWU: tl.constexpr):
+    """Store one row split's float32 partial gradients: DWD (S, H, D), DWU (S, D, H), DLN_* (S, D)."""
+    split = split.to(tl.int64)
+    if NEED_DWD:
+        tl.store(DWD + split * H * D + hcols[:, None] * D + cols[None, :], dwd,
+                 mask=h_ok[:, None] & d_ok[None, :])
+    if NEED_DWU:
+        tl.store(DWU + split * D * H + cols[:, None] * H + hcols[None, :], dwu,
+                 mask=d_ok[:, None] & h_ok[None, :])
+    if NEED_DLN:
+        tl.store(DLN_W + split * D + cols, dgamma, mask=d_ok)
+        tl.store(DLN_B + split * D + cols, dbeta, mask=d_ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+
+class _Config(NamedTuple):
+    """Block sizes: BH = H padded to a power of two >= 16; row blocks shrink as H grows."""
+
+    BH: int
+    BM: int  # rows per program (forward, rows pass) or per loop step (columns pass)
+    BD: int  # columns per chunk (forward, rows pass) or per program (columns pass)
+    num_warps: int
+
+
+def _row_config(H: int, D: int) -> _Config:
+    bh = max(16, triton.next_power_of_2(H))
+    bm = 64 if bh <= 64 else 32 if bh <= 128 else 16
+    bd = 64 if bh <= 128 else 32 if bh <= 256 else 16
+    return _Config(bh, bm, min(bd, max(16, triton.next_power_of_2(D))), 4 if bh <= 128 else 8)
+
+
+def _col_config(H: int, D: int) -> _Config:
+    bh = max(16, triton.next_power_of_2(H))
+    bm = 32 if bh <= 128 else 16
+    bd = 64 if bh <= 32 else 32 if bh <= 128 else 16
+    return _Config(bh, bm, min(bd, max(16, triton.next_power_of_2(D))), 4 if bh <= 128 else 8)
+
+
+def _dot_f32(dtype: torch.dtype) -> bool:
+    """Whether tl.dot gets float32 operands: float32 inputs, and bfloat16 under the interpreter
+    (whose bfloat16 tl.dot is wrong); elsewhere fp16/bf16 tiles feed tl.dot directly."""
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and triton_interpreter_enabled())
+
+
+def _dropout_args(dropout_p: float) -> Tuple[bool, float, float]:
+    """(HAS_DROPOUT, p, 1 / (1 - p)) with everything dropped, multiplier 0, when p >= 1."""
+    if dropout_p <= 0.0:
+        return False, 0.0, 1.0
+    return True, dropout_p, (0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p))
+
+
+def _row_splits(n_rows: int, n_col_programs: int, bm: int, device: torch.device) -> Tuple[int, int]:
+    """(S, rows_per_split) for the columns pass: enough programs to fill the device, whole row blocks
+    per split. S depends only on the shape and the device, so the reduction order is fixed."""
+    if device.type == "cuda":
+        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = 4  # interpreter: a few splits, so that tests cover the split reduction
+    row_blocks = max(1, triton.cdiv(n_rows, bm))
+    splits = max(1, min(row_blocks, target // n_col_programs))
+    rows_per_split = triton.cdiv(row_blocks, splits) * bm
+    return max(1, triton.cdiv(n_rows, rows_per_split)), rows_per_split
+
+
+def _seed_or(seed: Optional[torch.Tensor], fallback: torch.Tensor) -> torch.Tensor:
+    return seed if seed is not None else fallback
+
+
+def linear_adapter_forward(
+    x: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    down_weight: torch.Tensor,
+    up_weight: torch.Tensor,
+    dropout_seed: Optional[torch.Tensor],
+    scale: Optional[torch.Tensor],
+    activation: str,
+    norm_position: str,
+    eps: float,
+    dropout_p: float,
+    residual: bool,
+    compute_row_sq: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel. Inputs are validated by the caller; weights are contiguous.
+
+    Returns ``(out, row_sq, hidden, mean, rstd, proj)``: ``out`` like ``x`` (contiguous), ``row_sq``
+    float32 ``x.shape[:-1]`` (or ``(0,)`` without ``compute_row_sq``), and what backward needs:
+    ``hidden`` float32 (N, H) (pre-activation h), ``mean`` and ``rstd`` float32 (N,) (of x for pre
+    norm, of u for post norm), ``proj`` float32 (2, H) = (Wd γ, Wd β) for pre norm, (0,) for post.
+    """
+    d = x.shape[-1]
+    h_size = down_weight.shape[0]
+    x2 = x.reshape(-1, d)
+    n = x2.shape[0]
+    f32 = dict(device=x.device, dtype=torch.float32)
+    out = x.new_empty(x.shape)
+    row_sq = torch.empty(x.shape[:-1] if compute_row_sq else (0,), **f32)
+    hidden = torch.empty((n, h_size), **f32)
+    mean = torch.empty((n,), **f32)
+    rstd = torch.empty((n,), **f32)
+    proj = torch.empty((2, h_size) if norm_position == "pre" else (0,), **f32)
+    if n == 0:
+        return out, row_sq, hidden, mean, rstd, proj
+
+    has_dropout, p, keep_scale = _dropout_args(dropout_p)
+    cfg = _row_config(h_size, d)
+    common = (
+        _seed_or(dropout_seed, mean), _seed_or(scale, mean),
+        n, d, h_size, x2.stride(0), x2.stride(1), eps, p, keep_scale,
+    )
+    meta = dict(
+        ACT=activation, HAS_DROPOUT=has_dropout, HAS_SCALE=scale is not None, RESIDUAL=residual,
+        STORE_ROW_SQ=compute_row_sq, DOT_F32=_dot_f32(x.dtype),
+        BM=cfg.BM, BD=cfg.BD, BH=cfg.BH, num_warps=cfg.num_warps,
+    )
+    grid = (triton.cdiv(n, cfg.BM),)
+    if norm_position == "pre":
+        _pre_norm_fwd_kernel[grid](
+            x2, out, row_sq, hidden, mean, rstd, proj, ln_weight, ln_bias, down_weight, up_weight,
+            *common, **meta,
+        )
+    else:
+        _post_norm_fwd_kernel[grid](
+            x2, out, row_sq, hidden, mean, rstd, ln_weight, ln_bias, down_weight, up_weight,
+            *common, **meta,
+        )
+    return out, row_sq, hidden, mean, rstd, proj
+
+
+def linear_adapter_backward(
+    grad_out: torch.Tensor,
+    grad_row_sq: Optional[torch.Tensor],
+    x: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    down_weight: torch.Tensor,
+    up_weight: torch.Tensor,
+    dropout_seed: Optional[torch.Tensor],
+    scale: Optional[torch.Tensor],
+    hidden: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    proj: torch.Tensor,
+    activation: str,
+    norm_position: str,
+    dropout_p: float,
+    residual: bool,
+    need_dx: bool,
+    need_dln: bool,
+    need_dwd: bool,
+    need_dwu: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the backward kernels; returns ``(dx, d_ln_weight, d_ln_bias, d_down, d_up)``.
+
+    Gradients not asked for come back as empty ``(0,)`` tensors (and cost nothing); the others have
+    the shape and dtype of their inputs. ``grad_row_sq`` is None when row_sq has no gradient.
+    """
+    d = x.shape[-1]
+    h_size = down_weight.shape[0]
+    x2 = x.reshape(-1, d)
+    g2 = grad_out.reshape(-1, d)
+    n = x2.shape[0]
+    q = grad_row_sq.reshape(-1) if grad_row_sq is not None else None
+    f32 = dict(device=x.device, dtype=torch.float32)
+    pre = norm_position == "pre"
+
+    has_dropout, p, keep_scale = _dropout_args(dropout_p)
+    flags = dict(
+        ACT=activation, HAS_DROPOUT=has_dropout, HAS_SCALE=scale is not None,
+        HAS_ROW_SQ_GRAD=q is not None, DOT_F32=_dot_f32(x.dtype),
+    )
+    seed, scale_arg = _seed_or(dropout_seed, mean), _seed_or(scale, mean)
+    q_arg, q_stride = (q, q.stride(0)) if q is not None else (mean, 0)
+
+    dh = torch.empty((n, h_size), **f32)
+    c1 = torch.empty((n,), **f32)
+    c2 = torch.empty((n,), **f32)
+    need_rows = need_dx or need_dwd or (need_dln if pre else need_dwu)
+    if need_rows and n > 0:
+        cfg = _row_config(h_size, d)
+        grid = (triton.cdiv(n, cfg.BM),)
+        tail = (n, d, h_size, g2.stride(0), g2.stride(1), q_stride, p, keep_scale)
+        meta = dict(flags, BM=cfg.BM, BD=cfg.BD, BH=cfg.BH, num_warps=cfg.num_warps)
+        if pre:
+            _pre_norm_bwd_rows_kernel[grid](
+                g2, q_arg, hidden, proj, up_weight, seed, scale_arg, dh, c1, c2, *tail, **meta)
+        else:
+            _post_norm_bwd_rows_kernel[grid](
+                g2, q_arg, hidden, mean, rstd, ln_weight, ln_bias, up_weight, seed, scale_arg, dh, c1, c2,
+                *tail, **meta)
+
+    cfg = _col_config(h_size, d)
+    n_col = triton.cdiv(d, cfg.BD)
+    splits, rows_per_split = _row_splits(n, n_col, cfg.BM, x.device)
+    dx = x.new_empty(x.shape if need_dx else (0,))
+    dwd = torch.empty((splits, h_size, d) if need_dwd else (0,), **f32)
+    dwu = torch.empty((splits, d, h_size) if need_dwu else (0,), **f32)
+    dlnw = torch.empty((splits, d) if need_dln else (0,), **f32)
+    dlnb = torch.empty((splits, d) if need_dln else (0,), **f32)
+    if need_dx or need_dln or need_dwd or need_dwu:
+        kernel = _pre_norm_bwd_cols_kernel if pre else _post_norm_bwd_cols_kernel
+        kernel[(n_col, splits)](
+            x2, g2, q_arg, hidden, dh, mean, rstd, c1, c2, ln_weight, ln_bias, down_weight, up_weight,
+            seed, scale_arg, dx, dwd, dwu, dlnw, dlnb,
+            n, d, h_size, x2.stride(0), x2.stride(1), g2.stride(0), g2.stride(1), q_stride,
+            rows_per_split, p, keep_scale,
+            **flags, RESIDUAL=residual, NEED_DX=need_dx, NEED_DLN=need_dln, NEED_DWD=need_dwd,
+            NEED_DWU=need_dwu, BM=cfg.BM, BD=cfg.BD, BH=cfg.BH, num_warps=cfg.num_warps,
+        )
+
+    def reduce(partial: torch.Tensor, like: torch.Tensor, needed: bool) -> torch.Tensor:
+        return partial.sum(0).to(like.dtype) if needed else like.new_empty((0,))
+
+    return (
+        dx,
+        reduce(dlnw, ln_weight, need_dln),
+        reduce(dlnb, ln_bias, need_dln),
+        reduce(dwd, down_weight, need_dwd),
+        reduce(dwu, up_weight, need_dwu),
+    )
