@@ -132,12 +132,12 @@ class Inputs:
 def make_inputs(shape: Shape, device: torch.device, seed: int) -> Inputs:
     """Random non-zero values in every tensor, scaled so that the adapter branch is as large as x
     (so that an error in the branch shows in ``out`` and is not hidden by the residual)."""
-    gen = torch.Generator(device="cpu").manual_seed(seed + 7919 * shape.n + 31 * shape.d + shape.h)
+    gen = torch.Generator(device=device).manual_seed(seed + 7919 * shape.n + 31 * shape.d + shape.h)
     dtype = DTYPES[shape.dtype]
 
     def randn(*size: int, scale: float = 1.0, shift: float = 0.0) -> torch.Tensor:
-        t = torch.randn(*size, generator=gen, dtype=torch.float32) * scale + shift
-        return t.to(device=device, dtype=dtype)
+        t = torch.randn(*size, generator=gen, dtype=torch.float32, device=device)
+        return t.mul_(scale).add_(shift).to(dtype)
 
     n, d, h = shape.n, shape.d, shape.h
     x = randn(n, d)
@@ -693,9 +693,9 @@ def render_report(data: Dict[str, Any], plot_note: str) -> str:
         out.append("")
         out.append(harness.markdown_table(
             ["N", "backend", "ms", "GB/s", "% BW", "×eager", "×c-max", "rel err", "status"],
-            [(r["n"], r["backend"], f(r["ms"], ".4g"), f(r["gbps"], ".1f"),
-              f(100 * r["frac_copy_bw"], ".1f") if r["frac_copy_bw"] is not None else "–",
-              f(r["speedup_vs_eager"], ".2f"), f(r["speedup_vs_compile_max_autotune"], ".2f"),
+            [(r["n"], r["backend"], f(r["ms"], ".4g"), f(r["gbps"], ".4g"),
+              f(100 * r["frac_copy_bw"], ".3g") if r["frac_copy_bw"] is not None else "–",
+              f(r["speedup_vs_eager"], ".3g"), f(r["speedup_vs_compile_max_autotune"], ".3g"),
               f(r["max_rel_err"], ".2g"), r["status"] if r["status"] == "ok" else f"{r['status']} ({r['stage']})")
              for r in grp]))
         out.append("")
@@ -712,7 +712,7 @@ def write_plots(data: Dict[str, Any], out_dir: Path) -> str:
     Returns the markdown note for the report (file names, or why plotting was skipped)."""
     ok, reason = harness.matplotlib_available()
     if not ok:
-        return f"Plots skipped: {reason}. Install matplotlib and re-render with `--merge {out_dir}`."
+        return f"Plots skipped: {reason}. Install matplotlib and re-render with `--merge {out_dir} --out {out_dir}`."
     copy = data["runs"][-1]["copy_bandwidth"]
     hline = (copy["gbps"], "copy bandwidth") if copy and copy.get("gbps") else None
     notes = []
@@ -752,8 +752,14 @@ def write_outputs(data: Dict[str, Any], out_dir: Path, plot: bool) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def _int(text: str) -> int:
+    """``65536`` or ``2**16``."""
+    base, _, exp = text.strip().partition("**")
+    return int(base) ** int(exp) if exp else int(base)
+
+
 def _ints(text: str) -> List[int]:
-    return [int(eval(v, {"__builtins__": {}})) for v in text.split(",") if v.strip()]  # allows 2**16
+    return [_int(v) for v in text.split(",") if v.strip()]
 
 
 def _names(text: str) -> List[str]:
@@ -792,6 +798,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-backend", default="triton", help="backend the DESIGN.md targets are evaluated on")
     p.add_argument("--target-min-elems", type=_ints, default=[2**26], help="targets apply where N*D >= this")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cpu-threads", type=int, default=1, help="torch threads on CPU (default 1: steadier on CI)")
     p.add_argument("--no-plot", action="store_true", help="skip the plots (they need matplotlib)")
     p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="DIR",
                    help="do not run: merge the results.json of these directories (later wins) into --out")
@@ -859,8 +866,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     cfg = OpConfig(activation=args.activation, norm_position=args.norm_position, residual=not args.no_residual,
                    dropout_p=args.dropout_p, eps=args.eps)
-    if gpu:
+    if gpu and device.index is not None:
         torch.cuda.set_device(device)
+    if not gpu:
+        torch.set_num_threads(args.cpu_threads)  # fewer threads: less noise on a shared CI machine
     _configure_dynamo()
 
     env = harness.environment_record(argv, device, script=str(Path(__file__)))
@@ -884,6 +893,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "op": dataclasses.asdict(cfg),
             "timing": dataclasses.asdict(tc),
             "float32_matmul_precision": torch.get_float32_matmul_precision(),
+            "torch_threads": torch.get_num_threads(),
             "tolerances": {dt: (args.tol or TOLERANCES[dt]) for dt in {s.dtype for s in shapes}},
             "target_backend": args.target_backend,
             "target_min_elems": args.target_min_elems[0],

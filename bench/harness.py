@@ -439,10 +439,11 @@ def plot_panels(
             if label not in labels:
                 handles.append(handle)
                 labels.append(label)
-    if handles:
-        fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 6), fontsize=8)
-    fig.suptitle(title, fontsize=10, y=1.0 + 0.02 / nrows)
-    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    if handles:  # below the panels, so that it never covers a title or a curve
+        fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0),
+                   ncol=min(len(labels), 6), fontsize=8)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return True, ""

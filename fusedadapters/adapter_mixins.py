@@ -764,6 +764,11 @@ class AdapterModelPTMixin(AdapterModuleMixin):
             if adapter_name in existing:
                 raise ValueError(f"cannot load adapter `{requested}` from {source}: the model already has an adapter of that name")
             key = f"{module_name}:{adapter_name}" if module_name else adapter_name
+            saved_as = [k for k in states if k.rsplit(":", 1)[-1] == adapter_name]
+            if key not in states and saved_as:
+                raise AdapterNotFoundError(
+                    f"{source} has no adapter `{requested}`: it holds `{adapter_name}` as {saved_as}"
+                )
             plan.append((key, adapter_name, file_cfg[adapter_name]))
 
         for key, adapter_name, adapter_cfg in plan:

@@ -226,9 +226,12 @@ class TestAddAdapter:
         assert OmegaConf.to_yaml(model.cfg) == cfg_before
         assert holders(model, "adapter_1") == []
 
-    def test_update_adapter_cfg_shares_config(self, base):
+    def test_update_adapter_cfg_shares_config(self, base, x):
         model = copy.deepcopy(base)
         model.add_adapter("adapter_0", adapter_cfg())
+        randomize_adapters(model, "adapter_0", seed=8)
+        with torch.no_grad():
+            assert (model(x) - base(x)).abs().max() > 1e-2
         adapter_modules = [m for m in model.modules() if isinstance(m, AdapterModuleMixin)]
         assert len(adapter_modules) == 1 + 2 + ENC_LAYERS + DEC_LAYERS  # model, 2 stacks, blocks
         for m in adapter_modules:
@@ -242,6 +245,8 @@ class TestAddAdapter:
         # the decoder blocks now read the shared config: adapter_0 is disabled there
         assert model.decoder.layers[0].get_enabled_adapters() == []
         assert model.decoder.get_enabled_adapters() == []
+        with torch.no_grad():
+            assert torch.equal(model(x), base(x))  # the forward sees the new config too
 
 
 # ---------------------------------------------------------------------------------------------
@@ -457,7 +462,7 @@ class TestSaveLoadAdapters:
         model.save_adapters(str(path), name=None)
 
         new = copy.deepcopy(base)
-        new.load_adapters(str(path), name=None)
+        new.load_adapters(str(path), name=None, map_location="cpu")
         new.eval()
         with torch.no_grad():
             y, y_new = model(x), new(x)

@@ -14,6 +14,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -105,17 +106,21 @@ def test_reference_backends_timed_after_passing_the_check(cpu_run):
 
 
 def test_triton_column(cpu_run):
-    """Timed and checked once the Triton backend exists; until then its absence is an error row."""
-    _, results, _, _ = cpu_run
+    """Triton points are either all checked and timed, or every failure is an error row that the
+    report lists (whether the kernels are right is the parity tests' job; this checks the bench)."""
+    _, results, report, _ = cpu_run
     rows = _rows(results, "triton")
     if all(r["status"] == "ok" for r in rows):
         for row in rows:
             _assert_timed(row)
             assert math.isfinite(row["speedup_vs_eager"])
-    else:
-        for row in rows:
-            assert row["status"] == "error" and row["stage"] == "check", row
-            assert row["error"].startswith("NotImplementedError"), row["error"]
+        return
+    errors_section = report.split("## Errors", 1)[1].split("## Results", 1)[0]
+    for row in rows:
+        assert row["status"] == "error" and row["stage"] in ("check", "time"), row
+        assert row["error"] and row["ms"] is None
+        assert row["error"].replace("|", "\\|") in errors_section
+    warnings.warn(f"the triton column of the benchmark did not run: {rows[0]['error']}")
 
 
 def test_failures_are_recorded_not_swallowed(cpu_run):
@@ -151,3 +156,22 @@ def test_byte_model():
     assert script.floor_bytes("forward", n, d, h, e, e) == 2 * n * d * e + w
     assert script.floor_bytes("backward", n, d, h, e, e) == 3 * n * d * e + 2 * w
     assert script.floor_bytes("full", n, d, h, e, e) == 5 * n * d * e + 3 * w
+
+
+def test_targets_are_marked_met_or_missed():
+    """Synthetic rows: the DESIGN.md §5 targets are evaluated at N·D ≥ 2**26 on the triton rows only."""
+    script = _load_script()
+    runs = [{"copy_bandwidth": {"gbps": 1000.0}}]
+    rows = []
+    for n, triton_ms in ((16, 0.001), (2**14, 1.0)):  # N·D = 2**16 (out of scope) and 2**26
+        for backend, ms in (("eager", 4.0), ("compile-max-autotune", 1.2), ("triton", triton_ms)):
+            rows.append(dict(run=0, mode="forward", dtype="bf16", n=n, d=4096, h=64, backend=backend, status="ok",
+                             stage=None, error=None, ms=ms, bytes=900_000_000, max_rel_err=0.0))
+    script.derive(rows, runs)
+    results = {r["target"]: r for r in script.evaluate_targets(rows, "triton", 2**26)}
+    assert set(results) == {"fwd-bandwidth", "fwd-vs-eager", "fwd-vs-compile"}  # no backward rows
+    assert all(r["n"] == 2**14 for r in results.values())
+    assert results["fwd-bandwidth"]["value"] == pytest.approx(0.9) and results["fwd-bandwidth"]["status"] == "met"
+    assert results["fwd-vs-eager"]["value"] == pytest.approx(4.0) and results["fwd-vs-eager"]["status"] == "met"
+    assert results["fwd-vs-compile"]["value"] == pytest.approx(1.2)
+    assert results["fwd-vs-compile"]["status"] == "missed"

@@ -20,7 +20,7 @@ Forward, post norm (``_post_norm_fwd_kernel``)::
     pass 2 over D:  u = a Wuᵀ (recomputed, H is small),  μ, r of u (shifted like above)
     pass 3 over D:  û = (u - μ) r,  y = û γ + β,  z = s m y,  out = [x +] z,  row_sq = Σ_d z²
 
-Both save h (N×H), μ and r (N) in float32; pre norm also saves (g, b) (2×H).
+Both save h (N×H), (c, μ - c) (2×N) and r (N) in float32; pre norm also saves (g, b) (2×H).
 
 Backward, given dout and the row_sq gradient q (absent unless row_sq was returned)::
 
@@ -55,11 +55,15 @@ import triton.language as tl
 
 from ..backend import triton_interpreter_enabled
 from ..reference import HASH_MUL_1, HASH_MUL_2, ROW_STRIDE, SELU_ALPHA, SELU_SCALE
+from . import fix_interpreter_scalar_index
 
 __all__ = ["MAX_HIDDEN", "SUPPORTED_DTYPES", "linear_adapter_backward", "linear_adapter_forward"]
 
 MAX_HIDDEN = 1024
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+if triton_interpreter_enabled():
+    fix_interpreter_scalar_index()
 
 _HASH_MUL_1 = tl.constexpr(HASH_MUL_1)
 _HASH_MUL_2 = tl.constexpr(HASH_MUL_2)
@@ -171,6 +175,30 @@ def _load_scale(SCALE, HAS_SCALE: tl.constexpr):
 
 
 @triton.jit
+def _store_stats(MEAN, RSTD, rows, row_ok, N, shift, mean_c, rstd):
+    """Row statistics: MEAN (2, N) holds the shift c and μ - c, so that x - μ = (x - c) - (μ - c)
+    keeps its precision when |μ| is large next to the spread; RSTD (N,) holds r."""
+    tl.store(MEAN + rows, shift, mask=row_ok)
+    tl.store(MEAN + N + rows, mean_c, mask=row_ok)
+    tl.store(RSTD + rows, rstd, mask=row_ok)
+
+
+@triton.jit
+def _load_stats(MEAN, RSTD, rows, row_ok, N):
+    """(c, μ - c, r) per row, zeros where masked (see ``_store_stats``)."""
+    shift = tl.load(MEAN + rows, mask=row_ok, other=0.0)
+    mean_c = tl.load(MEAN + N + rows, mask=row_ok, other=0.0)
+    rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+    return shift, mean_c, rstd
+
+
+@triton.jit
+def _normalize(v, shift, mean_c, rstd, mask):
+    """((v - c) - (μ - c)) r on a BM×BD tile, 0 outside mask."""
+    return tl.where(mask, ((v - shift[:, None]) - mean_c[:, None]) * rstd[:, None], 0.0)
+
+
+@triton.jit
 def _load_rows(PTR, rows, row_ok, HAS: tl.constexpr, stride):
     """A float32 per-row vector (0 where masked or absent)."""
     if HAS:
@@ -235,8 +263,7 @@ def _pre_norm_fwd_kernel(
     h = rstd[:, None] * (acc - mean_c[:, None] * g[None, :]) + b[None, :]
     hid_mask = row_ok[:, None] & h_ok[None, :]
     tl.store(HID + rows.to(tl.int64)[:, None] * H + hcols[None, :], h, mask=hid_mask)
-    tl.store(MEAN + rows, shift + mean_c, mask=row_ok)
-    tl.store(RSTD + rows, rstd, mask=row_ok)
+    _store_stats(MEAN, RSTD, rows, row_ok, N, shift, mean_c, rstd)
     tl.store(PROJ + hcols, g, mask=h_ok & (pid == 0))
     tl.store(PROJ + H + hcols, b, mask=h_ok & (pid == 0))
     a = _act(h, ACT)
@@ -305,10 +332,8 @@ def _post_norm_fwd_kernel(
         s1 += tl.sum(uc, 1)
         s2 += tl.sum(uc * uc, 1)
     mean_c = s1 / D
-    mean = shift + mean_c
     rstd = 1.0 / tl.sqrt(tl.maximum(s2 / D - mean_c * mean_c, 0.0) + eps)
-    tl.store(MEAN + rows, mean, mask=row_ok)
-    tl.store(RSTD + rows, rstd, mask=row_ok)
+    _store_stats(MEAN, RSTD, rows, row_ok, N, shift, mean_c, rstd)
 
     # Pass 3: out = [x +] s m LN(u).
     scale = _load_scale(SCALE, HAS_SCALE)
@@ -322,7 +347,7 @@ def _post_norm_fwd_kernel(
         gamma = tl.load(LN_W + cols, mask=d_ok, other=0.0).to(tl.float32)
         beta = tl.load(LN_B + cols, mask=d_ok, other=0.0).to(tl.float32)
         u = _dot(a, wu_t, DOT_F32, dot_dtype)
-        y = (u - mean[:, None]) * rstd[:, None] * gamma[None, :] + beta[None, :]
+        y = _normalize(u, shift, mean_c, rstd, mask) * gamma[None, :] + beta[None, :]
         z = _drop_scale(y, row_hash, cols, scale, dropout_p, keep_scale, HAS_DROPOUT, HAS_SCALE)
         if STORE_ROW_SQ:
             sq += tl.sum(tl.where(mask, z * z, 0.0), 1)
@@ -432,9 +457,8 @@ def _pre_norm_bwd_cols_kernel(
             dh = tl.load(DH + hid_offs, mask=hid_mask, other=0.0)
             x = tl.load(X + rows.to(tl.int64)[:, None] * stride_xn + cols[None, :] * stride_xd,
                         mask=mask, other=0.0).to(tl.float32)
-            mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
-            rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
-            xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+            shift, mean_c, rstd = _load_stats(MEAN, RSTD, rows, row_ok, N)
+            xhat = _normalize(x, shift, mean_c, rstd, mask)
             if NEED_DX or NEED_DLN:
                 dxhat = _dot(dh, wd, DOT_F32, dot_dtype)  # dh Wd, before ⊙ γ
                 if NEED_DX:
@@ -473,8 +497,7 @@ def _post_norm_bwd_rows_kernel(
 
     h = tl.load(HID + hid_offs, mask=hid_mask, other=0.0)
     a = _act(h, ACT)
-    mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
-    rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+    shift, mean_c, rstd = _load_stats(MEAN, RSTD, rows, row_ok, N)
     grad_sq = _load_rows(GRAD_SQ, rows, row_ok, HAS_ROW_SQ_GRAD, stride_q)
     scale = _load_scale(SCALE, HAS_SCALE)
     row_hash = _row_hash(SEED, rows) if HAS_DROPOUT else rows
@@ -493,7 +516,7 @@ def _post_norm_bwd_rows_kernel(
         beta = tl.load(LN_B + cols, mask=d_ok, other=0.0).to(tl.float32)
         wu = tl.load(WU + cols[:, None] * H + hcols[None, :], mask=d_ok[:, None] & h_ok[None, :], other=0.0)
         u = _dot(a, tl.trans(wu), DOT_F32, dot_dtype)
-        uhat = tl.where(mask, (u - mean[:, None]) * rstd[:, None], 0.0)
+        uhat = _normalize(u, shift, mean_c, rstd, mask)
         y = uhat * gamma[None, :] + beta[None, :]
         dy = _dy(dout, y, grad_sq, row_hash, cols, scale, dropout_p, keep_scale,
                  HAS_DROPOUT, HAS_SCALE, HAS_ROW_SQ_GRAD)
@@ -549,10 +572,8 @@ def _post_norm_bwd_cols_kernel(
                        mask=mask, other=0.0).to(tl.float32)
         if NEED_DLN or NEED_DWU:
             a = _act(tl.load(HID + hid_offs, mask=hid_mask, other=0.0), ACT)
-            mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
-            rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
-            u = _dot(a, tl.trans(wu), DOT_F32, dot_dtype)
-            uhat = tl.where(mask, (u - mean[:, None]) * rstd[:, None], 0.0)
+            shift, mean_c, rstd = _load_stats(MEAN, RSTD, rows, row_ok, N)
+            uhat = _normalize(_dot(a, tl.trans(wu), DOT_F32, dot_dtype), shift, mean_c, rstd, mask)
             grad_sq = _load_rows(GRAD_SQ, rows, row_ok, HAS_ROW_SQ_GRAD, stride_q)
             row_hash = _row_hash(SEED, rows) if HAS_DROPOUT else rows
             dy = _dy(dout, uhat * gamma[None, :] + beta[None, :], grad_sq, row_hash, cols, scale,
@@ -673,8 +694,8 @@ def linear_adapter_forward(
 
     Returns ``(out, row_sq, hidden, mean, rstd, proj)``: ``out`` like ``x`` (contiguous), ``row_sq``
     float32 ``x.shape[:-1]`` (or ``(0,)`` without ``compute_row_sq``), and what backward needs:
-    ``hidden`` float32 (N, H) (pre-activation h), ``mean`` and ``rstd`` float32 (N,) (of x for pre
-    norm, of u for post norm), ``proj`` float32 (2, H) = (Wd γ, Wd β) for pre norm, (0,) for post.
+    ``hidden`` float32 (N, H) (pre-activation h), ``mean`` float32 (2, N) (a shift c and μ - c) and
+    ``rstd`` float32 (N,) (of x for pre norm, of u for post norm), ``proj`` float32 (2, H) = (Wd γ, Wd β) for pre norm, (0,) for post.
     """
     d = x.shape[-1]
     h_size = down_weight.shape[0]
@@ -684,7 +705,7 @@ def linear_adapter_forward(
     out = x.new_empty(x.shape)
     row_sq = torch.empty(x.shape[:-1] if compute_row_sq else (0,), **f32)
     hidden = torch.empty((n, h_size), **f32)
-    mean = torch.empty((n,), **f32)
+    mean = torch.empty((2, n), **f32)
     rstd = torch.empty((n,), **f32)
     proj = torch.empty((2, h_size) if norm_position == "pre" else (0,), **f32)
     if n == 0:
