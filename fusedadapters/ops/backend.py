@@ -22,7 +22,10 @@ ENV_VAR = "FUSEDADAPTERS_BACKEND"
 @functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
     """Whether ``import triton`` can succeed (looked up once, without importing it)."""
-    return importlib.util.find_spec("triton") is not None
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # ValueError: a module in sys.modules without a spec (a blocked import)
+        return False
 
 
 def triton_interpreter_enabled() -> bool:
