@@ -6,7 +6,6 @@ that cannot run the given tensors is an error that says why, never a silent fall
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 from typing import Optional
@@ -19,9 +18,8 @@ BACKENDS = ("reference", "triton")
 ENV_VAR = "FUSEDADAPTERS_BACKEND"
 
 
-@functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
-    """Whether ``import triton`` can succeed (looked up once, without importing it)."""
+    """Whether ``import triton`` can succeed (looked up without importing it)."""
     try:
         return importlib.util.find_spec("triton") is not None
     except (ImportError, ValueError):  # ValueError: a module in sys.modules without a spec (a blocked import)

@@ -57,10 +57,7 @@ from ..backend import triton_interpreter_enabled
 from ..reference import HASH_MUL_1, HASH_MUL_2, ROW_STRIDE, SELU_ALPHA, SELU_SCALE
 from . import fix_interpreter_scalar_index
 
-__all__ = ["MAX_HIDDEN", "SUPPORTED_DTYPES", "linear_adapter_backward", "linear_adapter_forward"]
-
-MAX_HIDDEN = 1024
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+__all__ = ["linear_adapter_backward", "linear_adapter_forward"]
 
 if triton_interpreter_enabled():
     fix_interpreter_scalar_index()
@@ -623,26 +620,31 @@ def _store_weight_partials(DWD, DWU, DLN_W, DLN_B, dwd, dwu, dgamma, dbeta, spli
 
 
 class _Config(NamedTuple):
-    """Block sizes: BH = H padded to a power of two >= 16; row blocks shrink as H grows."""
+    """Block sizes: BH = H padded to a power of two >= 16; row blocks shrink as H grows, and so does
+    software pipelining (at H = 1024 three stages of BM×BH tiles would overflow shared memory)."""
 
     BH: int
     BM: int  # rows per program (forward, rows pass) or per loop step (columns pass)
     BD: int  # columns per chunk (forward, rows pass) or per program (columns pass)
     num_warps: int
+    num_stages: int
+
+
+def _config(bh: int, bm: int, bd: int, d: int) -> _Config:
+    bd = min(bd, max(16, triton.next_power_of_2(d)))
+    return _Config(bh, bm, bd, 4 if bh <= 128 else 8, 3 if bh <= 256 else 1)
 
 
 def _row_config(H: int, D: int) -> _Config:
     bh = max(16, triton.next_power_of_2(H))
     bm = 64 if bh <= 64 else 32 if bh <= 128 else 16
-    bd = 64 if bh <= 128 else 32 if bh <= 256 else 16
-    return _Config(bh, bm, min(bd, max(16, triton.next_power_of_2(D))), 4 if bh <= 128 else 8)
+    return _config(bh, bm, 64 if bh <= 128 else 32 if bh <= 256 else 16, D)
 
 
 def _col_config(H: int, D: int) -> _Config:
     bh = max(16, triton.next_power_of_2(H))
     bm = 32 if bh <= 128 else 16
-    bd = 64 if bh <= 32 else 32 if bh <= 128 else 16
-    return _Config(bh, bm, min(bd, max(16, triton.next_power_of_2(D))), 4 if bh <= 128 else 8)
+    return _config(bh, bm, 64 if bh <= 32 else 32 if bh <= 128 else 16, D)
 
 
 def _dot_f32(dtype: torch.dtype) -> bool:
@@ -671,7 +673,13 @@ def _row_splits(n_rows: int, n_col_programs: int, bm: int, device: torch.device)
     return max(1, triton.cdiv(n_rows, rows_per_split)), rows_per_split
 
 
+def _contiguous(*tensors: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """The weights as the kernels index them (x and dout keep their strides instead)."""
+    return tuple(t.contiguous() for t in tensors)
+
+
 def _seed_or(seed: Optional[torch.Tensor], fallback: torch.Tensor) -> torch.Tensor:
+    """A pointer argument for an optional tensor; the kernels never read it when it is absent."""
     return seed if seed is not None else fallback
 
 
@@ -690,17 +698,19 @@ def linear_adapter_forward(
     residual: bool,
     compute_row_sq: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the forward kernel. Inputs are validated by the caller; weights are contiguous.
+    """Launch the forward kernel on inputs validated by ``ops.linear_adapter``.
 
     Returns ``(out, row_sq, hidden, mean, rstd, proj)``: ``out`` like ``x`` (contiguous), ``row_sq``
     float32 ``x.shape[:-1]`` (or ``(0,)`` without ``compute_row_sq``), and what backward needs:
     ``hidden`` float32 (N, H) (pre-activation h), ``mean`` float32 (2, N) (a shift c and μ - c) and
-    ``rstd`` float32 (N,) (of x for pre norm, of u for post norm), ``proj`` float32 (2, H) = (Wd γ, Wd β) for pre norm, (0,) for post.
+    ``rstd`` float32 (N,) (of x for pre norm, of u for post norm), ``proj`` float32 (2, H) =
+    (Wd γ, Wd β) for pre norm, (0,) for post.
     """
     d = x.shape[-1]
     h_size = down_weight.shape[0]
     x2 = x.reshape(-1, d)
     n = x2.shape[0]
+    ln_weight, ln_bias, down_weight, up_weight = _contiguous(ln_weight, ln_bias, down_weight, up_weight)
     f32 = dict(device=x.device, dtype=torch.float32)
     out = x.new_empty(x.shape)
     row_sq = torch.empty(x.shape[:-1] if compute_row_sq else (0,), **f32)
@@ -720,7 +730,7 @@ def linear_adapter_forward(
     meta = dict(
         ACT=activation, HAS_DROPOUT=has_dropout, HAS_SCALE=scale is not None, RESIDUAL=residual,
         STORE_ROW_SQ=compute_row_sq, DOT_F32=_dot_f32(x.dtype),
-        BM=cfg.BM, BD=cfg.BD, BH=cfg.BH, num_warps=cfg.num_warps,
+        BM=cfg.BM, BD=cfg.BD, BH=cfg.BH, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     grid = (triton.cdiv(n, cfg.BM),)
     if norm_position == "pre":
@@ -770,6 +780,7 @@ def linear_adapter_backward(
     g2 = grad_out.reshape(-1, d)
     n = x2.shape[0]
     q = grad_row_sq.reshape(-1) if grad_row_sq is not None else None
+    ln_weight, ln_bias, down_weight, up_weight = _contiguous(ln_weight, ln_bias, down_weight, up_weight)
     f32 = dict(device=x.device, dtype=torch.float32)
     pre = norm_position == "pre"
 
@@ -789,7 +800,7 @@ def linear_adapter_backward(
         cfg = _row_config(h_size, d)
         grid = (triton.cdiv(n, cfg.BM),)
         tail = (n, d, h_size, g2.stride(0), g2.stride(1), q_stride, p, keep_scale)
-        meta = dict(flags, BM=cfg.BM, BD=cfg.BD, BH=cfg.BH, num_warps=cfg.num_warps)
+        meta = dict(flags, BM=cfg.BM, BD=cfg.BD, BH=cfg.BH, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if pre:
             _pre_norm_bwd_rows_kernel[grid](
                 g2, q_arg, hidden, proj, up_weight, seed, scale_arg, dh, c1, c2, *tail, **meta)
@@ -814,7 +825,7 @@ def linear_adapter_backward(
             n, d, h_size, x2.stride(0), x2.stride(1), g2.stride(0), g2.stride(1), q_stride,
             rows_per_split, p, keep_scale,
             **flags, RESIDUAL=residual, NEED_DX=need_dx, NEED_DLN=need_dln, NEED_DWD=need_dwd,
-            NEED_DWU=need_dwu, BM=cfg.BM, BD=cfg.BD, BH=cfg.BH, num_warps=cfg.num_warps,
+            NEED_DWU=need_dwu, BM=cfg.BM, BD=cfg.BD, BH=cfg.BH, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
     def reduce(partial: torch.Tensor, like: torch.Tensor, needed: bool) -> torch.Tensor:
