@@ -261,8 +261,9 @@ def _pre_norm_fwd_kernel(
     hid_mask = row_ok[:, None] & h_ok[None, :]
     tl.store(HID + rows.to(tl.int64)[:, None] * H + hcols[None, :], h, mask=hid_mask)
     _store_stats(MEAN, RSTD, rows, row_ok, N, shift, mean_c, rstd)
-    tl.store(PROJ + hcols, g, mask=h_ok & (pid == 0))
-    tl.store(PROJ + H + hcols, b, mask=h_ok & (pid == 0))
+    if pid == 0:
+        tl.store(PROJ + hcols, g, mask=h_ok)
+        tl.store(PROJ + H + hcols, b, mask=h_ok)
     a = _act(h, ACT)
 
     # Pass 2: out = [x +] s m (a Wuᵀ).
