@@ -18,11 +18,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-import fusedadapters
 from fusedadapters import (
     AdapterModelPTMixin,
     AdapterModuleMixin,
-    AdapterNotFoundError,
     LinearAdapter,
     LinearAdapterConfig,
     ModelPT,
@@ -30,8 +28,9 @@ from fusedadapters import (
     NeuralModule,
 )
 from fusedadapters import adapter_mixins
-from fusedadapters.demo import MLP, DemoModel, ResidualMLP, ResidualMLPAdapter, model_config
+from fusedadapters.demo import DemoModel, ResidualMLP, ResidualMLPAdapter, model_config
 from fusedadapters.targets import class_path
+from helpers import adapter_parameters, randomize_
 
 D = 16  # model width
 H = 4  # adapter bottleneck
@@ -49,18 +48,7 @@ def adapter_cfg(in_features: int = D, dim: int = H, norm_position: str = "pre") 
 
 def randomize_adapters(model: nn.Module, name: str, seed: int) -> None:
     """Give every instance of adapter ``name`` random non-zero weights."""
-    gen = torch.Generator().manual_seed(seed)
-    found = 0
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, AdapterModuleMixin) and hasattr(module, "adapter_layer"):
-                adapter = module.get_adapter_module(name)
-                if adapter is None:
-                    continue
-                found += 1
-                for p in adapter.parameters():
-                    p.copy_(torch.randn(p.shape, generator=gen) * 0.5 + 0.1)
-    assert found > 0, f"no instance of adapter {name}"
+    assert randomize_(adapter_parameters(model, name), seed=seed, std=0.5, mean=0.1) > 0, f"no adapter {name}"
 
 
 def holders(model: nn.Module, name: str) -> List[str]:

@@ -9,6 +9,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from fusedadapters import adapter_mixin_strategies as strategies
 from fusedadapters import adapter_mixins, adapter_modules
 from fusedadapters.adapter_mixins import AdapterModuleMixin
+from helpers import randomize_
 
 D = 12
 
@@ -28,13 +29,6 @@ class Block(torch.nn.Module, AdapterModuleMixin):
 
 def linear_cfg(dim=4, **kwargs):
     return adapter_modules.LinearAdapterConfig(in_features=D, dim=dim, **kwargs)
-
-
-def randomize(module, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
 @pytest.mark.parametrize(
@@ -120,7 +114,7 @@ def test_forward_chains_enabled_adapters_through_strategies():
     block.add_adapter("b", cfg=linear_cfg(activation="gelu"))
     block.add_adapter("c", cfg=linear_cfg())
     for i, name in enumerate("abc"):
-        randomize(block.adapter_layer[name], seed=i)
+        randomize_(block.adapter_layer[name].parameters(), seed=i)
     block.set_enabled_adapters("b", enabled=False)
     block.eval()
     x = torch.randn(5, D)

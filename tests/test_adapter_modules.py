@@ -15,15 +15,13 @@ from fusedadapters.adapter_modules import (
 )
 from fusedadapters.ops.reference import ACTIVATIONS
 from fusedadapters.utils import instantiate
+from helpers import randomize_
 
 D, H = 19, 5
 
 
 def randomize(module, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.5 + (0.5 if p.ndim == 1 else 0.0))
+    randomize_(module.parameters(), seed=seed, std=0.5, mean=0.25)
     return module
 
 

@@ -9,9 +9,7 @@ the enabled lists and the output on a fixed input.
 """
 
 import copy
-import json
 import os
-import pickle
 import struct
 import subprocess  # noqa: F401  (imported on purpose: subprocess.Popen must be refused although importable)
 import sys
@@ -38,6 +36,7 @@ from fusedadapters import (
 from fusedadapters.demo import DemoModel, model_config
 from fusedadapters.serialization import read_checkpoint, write_checkpoint
 from fusedadapters.targets import class_path
+from helpers import adapter_parameters, randomize_
 
 D = 16
 H = 4
@@ -54,11 +53,7 @@ def adapter_cfg(in_features: int = D, dim: int = H) -> dict:
 
 def randomize(model: nn.Module, seed: int = 0) -> None:
     """Random non-zero values in every adapter parameter (a fresh adapter is the identity)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".adapter_layer." in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5 + 0.1)
+    assert randomize_(adapter_parameters(model), seed=seed, std=0.5, mean=0.1) > 0
 
 
 PROBE = torch.randn(3, D, generator=torch.Generator().manual_seed(7))

@@ -17,6 +17,7 @@ from fusedadapters import adapter_mixin_strategies as strategies
 from fusedadapters.adapter_mixins import AdapterModuleMixin
 from fusedadapters.adapter_modules import FusedLinearAdapter, FusedLinearAdapterConfig, LinearAdapter
 from fusedadapters.ops.backend import triton_available, triton_interpreter_enabled
+from helpers import randomize_
 
 D, H = 24, 6
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -39,13 +40,6 @@ class Block(torch.nn.Module, AdapterModuleMixin):
         return x
 
 
-def randomize(module, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g).to(p.device) * 0.3)
-
-
 def model_with_adapters(backend, seed=0, strategy=None, n_blocks=2):
     torch.manual_seed(seed)
     model = torch.nn.Sequential(*[Block() for _ in range(n_blocks)]).to(DEVICE)
@@ -56,7 +50,7 @@ def model_with_adapters(backend, seed=0, strategy=None, n_blocks=2):
         for name in ("a", "b"):
             adapter = block.adapter_layer[name]
             adapter.backend = backend
-            randomize(adapter, seed=10 * i + (name == "b"))
+            randomize_(adapter.parameters(), seed=10 * i + (name == "b"))
     return model
 
 
@@ -96,7 +90,7 @@ def test_inside_mixins_matches_eager_adapters_forward_and_backward(backend):
 def test_return_result_strategy_and_nemo_style_strategy_call(backend):
     adapter = FusedLinearAdapter(D, H, adapter_strategy=strategies.ReturnResultAdapterStrategyConfig()).to(DEVICE)
     adapter.backend = backend
-    randomize(adapter, 3)
+    randomize_(adapter.parameters(), seed=3)
     eager = LinearAdapter(D, H).to(DEVICE)
     eager.load_state_dict(adapter.state_dict())
     x = torch.randn(4, D, device=DEVICE)
@@ -144,7 +138,7 @@ def test_torch_compile_fullgraph(backend):
 def test_cuda_graph_capture_and_replay(backend):
     adapter = FusedLinearAdapter(D, H, dropout=0.25).to("cuda")
     adapter.backend = backend
-    randomize(adapter, 4)
+    randomize_(adapter.parameters(), seed=4)
     adapter.train()
     static_x = torch.randn(8, D, device="cuda", requires_grad=True)
     stream = torch.cuda.Stream()

@@ -8,6 +8,7 @@ from fusedadapters import AccessMixin
 from fusedadapters import adapter_mixin_strategies as strategies
 from fusedadapters.adapter_mixins import AdapterModuleMixin
 from fusedadapters.adapter_modules import FusedLinearAdapter, LinearAdapter
+from helpers import randomize_
 
 D, H = 10, 3
 
@@ -19,10 +20,7 @@ class Host(torch.nn.Module, AdapterModuleMixin):
 
 def random_adapter(cls=LinearAdapter, seed=0, **kwargs):
     adapter = cls(D, H, **kwargs)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in adapter.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.4)
+    randomize_(adapter.parameters(), seed=seed, std=0.4)
     return adapter
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fusedadapters import ModelPT, adapter_modules
+from helpers import adapter_parameters, randomize_
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "adapter_tutorial.py"
 DIM = 512  # the tutorial's size
@@ -31,15 +32,6 @@ def tutorial(tmp_path_factory):
     module.workdir = workdir
     yield module
     sys.modules.pop("adapter_tutorial", None)
-
-
-def _randomize_adapters(model, name, generator):
-    with torch.no_grad():
-        for module in model.modules():
-            layer = module._modules.get("adapter_layer")
-            if layer is not None and name in layer:
-                for p in layer[name].parameters():
-                    p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
 
 
 def test_example_imports_only_fusedadapters():
@@ -88,7 +80,7 @@ def test_module_steps(tutorial):
     # A fresh adapter is the identity under residual add; with random weights it is not.
     x = torch.randn(8, DIM)
     assert torch.equal(mlp.forward_enabled_adapters(x), x)
-    _randomize_adapters(mlp, "adapter_1", torch.Generator().manual_seed(0))
+    assert randomize_(adapter_parameters(mlp, "adapter_1"), seed=0, std=0.2) == 4
     adapter = mlp.adapter_layer["adapter_1"]
     expected = x + adapter(x)
     torch.testing.assert_close(mlp.forward_enabled_adapters(x), expected)
@@ -146,7 +138,7 @@ def test_model_steps(tutorial, tmp_path):
     assert trainable and all(".adapter_layer.adapter_1." in n for n in trainable)
 
     # Training touches only the enabled adapter's parameters.
-    _randomize_adapters(model, "adapter_1", torch.Generator().manual_seed(1))
+    assert randomize_(adapter_parameters(model, "adapter_1"), seed=1, std=0.2) == 8
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     model.train()

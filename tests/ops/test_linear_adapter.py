@@ -531,14 +531,14 @@ def _compile_all_for_sm90(dtype: str) -> None:
         (kernels._pre_norm_bwd_rows_kernel, row_cfg, dict(HAS_ROW_SQ_GRAD=True)),
         (kernels._post_norm_bwd_rows_kernel, row_cfg, dict(HAS_ROW_SQ_GRAD=True)),
     ] + [
-        (kernel, col_cfg, dict(HAS_ROW_SQ_GRAD=True, RESIDUAL=True, NEED_DX=True, NEED_DLN=True,
-                               NEED_DWD=True, NEED_DWU=True))
-        for kernel in (kernels._pre_norm_bwd_cols_kernel, kernels._post_norm_bwd_cols_kernel)
+        (kernels._bwd_cols_kernel, col_cfg, dict(HAS_ROW_SQ_GRAD=True, RESIDUAL=True, NEED_DX=True, NEED_DLN=True,
+                                                 NEED_DWD=True, NEED_DWU=True, PRE_NORM=pre_norm))
+        for pre_norm in (True, False)
     ]
     for kernel, cfg, extra in variants:
         constexprs = dict(features, **extra, BM=cfg.BM, BD=cfg.BD, BH=cfg.BH)
         compiled = _compile_for_sm90(kernel, dtype, constexprs, cfg)
-        assert compiled.asm["cubin"] and compiled.metadata.shared <= H100_SHARED_MEMORY, kernel.fn.__name__
+        assert compiled.asm["cubin"] and compiled.metadata.shared <= H100_SHARED_MEMORY, (kernel.fn.__name__, extra)
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])

@@ -406,15 +406,17 @@ def _pre_norm_bwd_rows_kernel(
 
 
 @triton.jit
-def _pre_norm_bwd_cols_kernel(
+def _bwd_cols_kernel(
     X, DOUT, GRAD_SQ, HID, DH, MEAN, RSTD, C1, C2, LN_W, LN_B, WD, WU, SEED, SCALE,
     DX, DWD, DWU, DLN_W, DLN_B,
     N, D, H, stride_xn, stride_xd, stride_gn, stride_gd, stride_q, rows_per_split, dropout_p, keep_scale,
     ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_ROW_SQ_GRAD: tl.constexpr, RESIDUAL: tl.constexpr, DOT_F32: tl.constexpr,
     NEED_DX: tl.constexpr, NEED_DLN: tl.constexpr, NEED_DWD: tl.constexpr, NEED_DWU: tl.constexpr,
-    BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
+    PRE_NORM: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
 ):
+    """Columns pass of the backward, both norm positions: this program's D slice of dx and of every
+    weight gradient, over its split of the rows (see the module docstring)."""
     pid_d = tl.program_id(0)
     split = tl.program_id(1)
     cols = pid_d * BD + tl.arange(0, BD)
@@ -443,34 +445,63 @@ def _pre_norm_bwd_cols_kernel(
         hid_mask = row_ok[:, None] & h_ok[None, :]
         dout = tl.load(DOUT + rows.to(tl.int64)[:, None] * stride_gn + cols[None, :] * stride_gd,
                        mask=mask, other=0.0).to(tl.float32)
-        if NEED_DWU:
-            a = _act(tl.load(HID + hid_offs, mask=hid_mask, other=0.0), ACT)
-            y = _dot(a, tl.trans(wu), DOT_F32, dot_dtype) if HAS_ROW_SQ_GRAD else dout
-            grad_sq = _load_rows(GRAD_SQ, rows, row_ok, HAS_ROW_SQ_GRAD, stride_q)
-            row_hash = _row_hash(SEED, rows) if HAS_DROPOUT else rows
-            dy = _dy(dout, y, grad_sq, row_hash, cols, scale, dropout_p, keep_scale,
-                     HAS_DROPOUT, HAS_SCALE, HAS_ROW_SQ_GRAD)
-            dwu += _dot(tl.trans(dy), a, DOT_F32, dot_dtype)
-        if NEED_DX or NEED_DLN or NEED_DWD:
-            dh = tl.load(DH + hid_offs, mask=hid_mask, other=0.0)
-            x = tl.load(X + rows.to(tl.int64)[:, None] * stride_xn + cols[None, :] * stride_xd,
-                        mask=mask, other=0.0).to(tl.float32)
-            shift, mean_c, rstd = _load_stats(MEAN, RSTD, rows, row_ok, N)
-            xhat = _normalize(x, shift, mean_c, rstd, mask)
-            if NEED_DX or NEED_DLN:
-                dxhat = _dot(dh, wd, DOT_F32, dot_dtype)  # dh Wd, before ⊙ γ
-                if NEED_DX:
+        if PRE_NORM:
+            if NEED_DWU:
+                a = _act(tl.load(HID + hid_offs, mask=hid_mask, other=0.0), ACT)
+                y = _dot(a, tl.trans(wu), DOT_F32, dot_dtype) if HAS_ROW_SQ_GRAD else dout
+                grad_sq = _load_rows(GRAD_SQ, rows, row_ok, HAS_ROW_SQ_GRAD, stride_q)
+                row_hash = _row_hash(SEED, rows) if HAS_DROPOUT else rows
+                dy = _dy(dout, y, grad_sq, row_hash, cols, scale, dropout_p, keep_scale,
+                         HAS_DROPOUT, HAS_SCALE, HAS_ROW_SQ_GRAD)
+                dwu += _dot(tl.trans(dy), a, DOT_F32, dot_dtype)
+            if NEED_DX or NEED_DLN or NEED_DWD:
+                dh = tl.load(DH + hid_offs, mask=hid_mask, other=0.0)
+                x = tl.load(X + rows.to(tl.int64)[:, None] * stride_xn + cols[None, :] * stride_xd,
+                            mask=mask, other=0.0).to(tl.float32)
+                shift, mean_c, rstd = _load_stats(MEAN, RSTD, rows, row_ok, N)
+                xhat = _normalize(x, shift, mean_c, rstd, mask)
+                if NEED_DX or NEED_DLN:
+                    dxhat = _dot(dh, wd, DOT_F32, dot_dtype)  # dh Wd, before ⊙ γ
+                    if NEED_DX:
+                        c1 = tl.load(C1 + rows, mask=row_ok, other=0.0)
+                        c2 = tl.load(C2 + rows, mask=row_ok, other=0.0)
+                        dx = rstd[:, None] * (dxhat * gamma[None, :] - (c1[:, None] + xhat * c2[:, None]) / D)
+                        if RESIDUAL:
+                            dx += dout
+                        tl.store(DX + rows.to(tl.int64)[:, None] * D + cols[None, :], dx, mask=mask)
+                    if NEED_DLN:
+                        dgamma += tl.sum(dxhat * xhat, 0)
+                        dbeta += tl.sum(dxhat, 0)
+                if NEED_DWD:
+                    dwd += _dot(tl.trans(dh), xhat * gamma[None, :] + beta[None, :], DOT_F32, dot_dtype)
+        else:
+            if NEED_DLN or NEED_DWU:
+                a = _act(tl.load(HID + hid_offs, mask=hid_mask, other=0.0), ACT)
+                shift, mean_c, rstd = _load_stats(MEAN, RSTD, rows, row_ok, N)
+                uhat = _normalize(_dot(a, tl.trans(wu), DOT_F32, dot_dtype), shift, mean_c, rstd, mask)
+                grad_sq = _load_rows(GRAD_SQ, rows, row_ok, HAS_ROW_SQ_GRAD, stride_q)
+                row_hash = _row_hash(SEED, rows) if HAS_DROPOUT else rows
+                dy = _dy(dout, uhat * gamma[None, :] + beta[None, :], grad_sq, row_hash, cols, scale,
+                         dropout_p, keep_scale, HAS_DROPOUT, HAS_SCALE, HAS_ROW_SQ_GRAD)
+                if NEED_DLN:
+                    dgamma += tl.sum(dy * uhat, 0)
+                    dbeta += tl.sum(dy, 0)
+                if NEED_DWU:
                     c1 = tl.load(C1 + rows, mask=row_ok, other=0.0)
                     c2 = tl.load(C2 + rows, mask=row_ok, other=0.0)
-                    dx = rstd[:, None] * (dxhat * gamma[None, :] - (c1[:, None] + xhat * c2[:, None]) / D)
+                    du = rstd[:, None] * (dy * gamma[None, :] - (c1[:, None] + uhat * c2[:, None]) / D)
+                    dwu += _dot(tl.trans(du), a, DOT_F32, dot_dtype)
+            if NEED_DX or NEED_DWD:
+                dh = tl.load(DH + hid_offs, mask=hid_mask, other=0.0)
+                if NEED_DX:
+                    dx = _dot(dh, wd, DOT_F32, dot_dtype)
                     if RESIDUAL:
                         dx += dout
                     tl.store(DX + rows.to(tl.int64)[:, None] * D + cols[None, :], dx, mask=mask)
-                if NEED_DLN:
-                    dgamma += tl.sum(dxhat * xhat, 0)
-                    dbeta += tl.sum(dxhat, 0)
-            if NEED_DWD:
-                dwd += _dot(tl.trans(dh), xhat * gamma[None, :] + beta[None, :], DOT_F32, dot_dtype)
+                if NEED_DWD:
+                    x = tl.load(X + rows.to(tl.int64)[:, None] * stride_xn + cols[None, :] * stride_xd,
+                                mask=mask, other=0.0)
+                    dwd += _dot(tl.trans(dh), x, DOT_F32, dot_dtype)
     _store_weight_partials(DWD, DWU, DLN_W, DLN_B, dwd, dwu, dgamma, dbeta, split, cols, d_ok, hcols, h_ok,
                            D, H, NEED_DLN, NEED_DWD, NEED_DWU)
 
@@ -528,75 +559,6 @@ def _post_norm_bwd_rows_kernel(
     tl.store(DH + hid_offs, da * _act_grad(h, ACT), mask=hid_mask)
     tl.store(C1 + rows, c1, mask=row_ok)
     tl.store(C2 + rows, c2, mask=row_ok)
-
-
-@triton.jit
-def _post_norm_bwd_cols_kernel(
-    X, DOUT, GRAD_SQ, HID, DH, MEAN, RSTD, C1, C2, LN_W, LN_B, WD, WU, SEED, SCALE,
-    DX, DWD, DWU, DLN_W, DLN_B,
-    N, D, H, stride_xn, stride_xd, stride_gn, stride_gd, stride_q, rows_per_split, dropout_p, keep_scale,
-    ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr,
-    HAS_ROW_SQ_GRAD: tl.constexpr, RESIDUAL: tl.constexpr, DOT_F32: tl.constexpr,
-    NEED_DX: tl.constexpr, NEED_DLN: tl.constexpr, NEED_DWD: tl.constexpr, NEED_DWU: tl.constexpr,
-    BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
-):
-    pid_d = tl.program_id(0)
-    split = tl.program_id(1)
-    cols = pid_d * BD + tl.arange(0, BD)
-    d_ok = cols < D
-    hcols = tl.arange(0, BH)
-    h_ok = hcols < H
-    dot_dtype = X.dtype.element_ty
-
-    gamma = tl.load(LN_W + cols, mask=d_ok, other=0.0).to(tl.float32)
-    beta = tl.load(LN_B + cols, mask=d_ok, other=0.0).to(tl.float32)
-    wd = tl.load(WD + hcols[:, None] * D + cols[None, :], mask=h_ok[:, None] & d_ok[None, :], other=0.0)
-    wu = tl.load(WU + cols[:, None] * H + hcols[None, :], mask=d_ok[:, None] & h_ok[None, :], other=0.0)
-    scale = _load_scale(SCALE, HAS_SCALE)
-
-    dwd = tl.zeros((BH, BD), tl.float32)
-    dwu = tl.zeros((BD, BH), tl.float32)
-    dgamma = tl.zeros((BD,), tl.float32)
-    dbeta = tl.zeros((BD,), tl.float32)
-    row_begin = split * rows_per_split
-    row_end = tl.minimum(row_begin + rows_per_split, N)
-    for r0 in range(row_begin, row_end, BM):
-        rows = r0 + tl.arange(0, BM)
-        row_ok = rows < row_end
-        mask = row_ok[:, None] & d_ok[None, :]
-        hid_offs = rows.to(tl.int64)[:, None] * H + hcols[None, :]
-        hid_mask = row_ok[:, None] & h_ok[None, :]
-        dout = tl.load(DOUT + rows.to(tl.int64)[:, None] * stride_gn + cols[None, :] * stride_gd,
-                       mask=mask, other=0.0).to(tl.float32)
-        if NEED_DLN or NEED_DWU:
-            a = _act(tl.load(HID + hid_offs, mask=hid_mask, other=0.0), ACT)
-            shift, mean_c, rstd = _load_stats(MEAN, RSTD, rows, row_ok, N)
-            uhat = _normalize(_dot(a, tl.trans(wu), DOT_F32, dot_dtype), shift, mean_c, rstd, mask)
-            grad_sq = _load_rows(GRAD_SQ, rows, row_ok, HAS_ROW_SQ_GRAD, stride_q)
-            row_hash = _row_hash(SEED, rows) if HAS_DROPOUT else rows
-            dy = _dy(dout, uhat * gamma[None, :] + beta[None, :], grad_sq, row_hash, cols, scale,
-                     dropout_p, keep_scale, HAS_DROPOUT, HAS_SCALE, HAS_ROW_SQ_GRAD)
-            if NEED_DLN:
-                dgamma += tl.sum(dy * uhat, 0)
-                dbeta += tl.sum(dy, 0)
-            if NEED_DWU:
-                c1 = tl.load(C1 + rows, mask=row_ok, other=0.0)
-                c2 = tl.load(C2 + rows, mask=row_ok, other=0.0)
-                du = rstd[:, None] * (dy * gamma[None, :] - (c1[:, None] + uhat * c2[:, None]) / D)
-                dwu += _dot(tl.trans(du), a, DOT_F32, dot_dtype)
-        if NEED_DX or NEED_DWD:
-            dh = tl.load(DH + hid_offs, mask=hid_mask, other=0.0)
-            if NEED_DX:
-                dx = _dot(dh, wd, DOT_F32, dot_dtype)
-                if RESIDUAL:
-                    dx += dout
-                tl.store(DX + rows.to(tl.int64)[:, None] * D + cols[None, :], dx, mask=mask)
-            if NEED_DWD:
-                x = tl.load(X + rows.to(tl.int64)[:, None] * stride_xn + cols[None, :] * stride_xd,
-                            mask=mask, other=0.0)
-                dwd += _dot(tl.trans(dh), x, DOT_F32, dot_dtype)
-    _store_weight_partials(DWD, DWU, DLN_W, DLN_B, dwd, dwu, dgamma, dbeta, split, cols, d_ok, hcols, h_ok,
-                           D, H, NEED_DLN, NEED_DWD, NEED_DWU)
 
 
 @triton.jit
@@ -819,14 +781,14 @@ def linear_adapter_backward(
     dlnw = torch.empty((splits, d) if need_dln else (0,), **f32)
     dlnb = torch.empty((splits, d) if need_dln else (0,), **f32)
     if need_dx or need_dln or need_dwd or need_dwu:
-        kernel = _pre_norm_bwd_cols_kernel if pre else _post_norm_bwd_cols_kernel
-        kernel[(n_col, splits)](
+        _bwd_cols_kernel[(n_col, splits)](
             x2, g2, q_arg, hidden, dh, mean, rstd, c1, c2, ln_weight, ln_bias, down_weight, up_weight,
             seed, scale_arg, dx, dwd, dwu, dlnw, dlnb,
             n, d, h_size, x2.stride(0), x2.stride(1), g2.stride(0), g2.stride(1), q_stride,
             rows_per_split, p, keep_scale,
             **flags, RESIDUAL=residual, NEED_DX=need_dx, NEED_DLN=need_dln, NEED_DWD=need_dwd,
-            NEED_DWU=need_dwu, BM=cfg.BM, BD=cfg.BD, BH=cfg.BH, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            NEED_DWU=need_dwu, PRE_NORM=pre,
+            BM=cfg.BM, BD=cfg.BD, BH=cfg.BH, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
     def reduce(partial: torch.Tensor, like: torch.Tensor, needed: bool) -> torch.Tensor:
