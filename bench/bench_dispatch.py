@@ -1,8 +1,9 @@
 """Python dispatch cost of the adapter mixins: 24 adapter-enabled layers against the same plain layers.
 
-Each layer is ``Linear(D, D)`` followed by one enabled ``LinearAdapter`` under the residual strategy.
-The mixin stack runs it through ``is_adapter_available`` / ``forward_enabled_adapters`` and the
-strategy; the plain stack hard-wires ``x + adapter(x)`` on the very same modules. Small tensors, so
+Each layer is the tutorial's block (``fusedadapters.demo.MLP``: ``LayerNorm(Linear(x))``) with one
+enabled ``LinearAdapter`` under the residual strategy. The mixin stack runs it through
+``is_adapter_available`` / ``forward_enabled_adapters`` and the strategy; the plain stack hard-wires
+``x + adapter(x)`` on the very same modules. Small tensors, so
 the time is Python dispatch, which is what this measures. Target (DESIGN.md section 5): mixin time
 / plain time <= 1.15.
 
@@ -23,43 +24,32 @@ from pathlib import Path
 import pytest
 import torch
 
-from fusedadapters.adapter_mixins import AdapterModuleMixin
 from fusedadapters.adapter_modules import LinearAdapter, LinearAdapterConfig
+from fusedadapters.demo import MLP
 
 LAYERS, D, H, BATCH = 24, 64, 8, 8
 TARGET = 1.15
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-class AdapterLayer(torch.nn.Module, AdapterModuleMixin):
-    def __init__(self):
-        super().__init__()
-        self.fc = torch.nn.Linear(D, D)
-
-    def forward(self, x):
-        x = self.fc(x)
-        if self.is_adapter_available():
-            x = self.forward_enabled_adapters(x)
-        return x
-
-
 class PlainLayer(torch.nn.Module):
-    def __init__(self, fc: torch.nn.Linear, adapter: LinearAdapter):
+    def __init__(self, block: MLP, adapter: LinearAdapter):
         super().__init__()
-        self.fc = fc
+        self.fc = block.fc
+        self.ln = block.ln
         self.adapter = adapter
 
     def forward(self, x):
-        x = self.fc(x)
+        x = self.ln(self.fc(x))
         return x + self.adapter(x)
 
 
 def build_stacks():
     torch.manual_seed(0)
-    mixin = torch.nn.Sequential(*[AdapterLayer() for _ in range(LAYERS)])
+    mixin = torch.nn.Sequential(*[MLP(D) for _ in range(LAYERS)])
     for layer in mixin:
         layer.add_adapter("adapter", cfg=LinearAdapterConfig(in_features=D, dim=H))
-    plain = torch.nn.Sequential(*[PlainLayer(layer.fc, layer.adapter_layer["adapter"]) for layer in mixin])
+    plain = torch.nn.Sequential(*[PlainLayer(layer, layer.adapter_layer["adapter"]) for layer in mixin])
     return mixin.eval(), plain.eval()
 
 

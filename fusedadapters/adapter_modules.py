@@ -18,7 +18,7 @@ from torch import nn
 from . import ops
 from .access_mixins import AccessMixin
 from .adapter_mixin_strategies import AbstractAdapterStrategy, ResidualAddAdapterStrategyConfig
-from .ops.reference import ACTIVATIONS, NORM_POSITIONS
+from .ops.reference import ACTIVATIONS, check_options
 from .targets import class_path, instantiate, register_loadable_base
 
 __all__ = [
@@ -98,10 +98,7 @@ class LinearAdapter(nn.Module, AdapterModuleUtil):
         adapter_strategy: Optional[Any] = None,
     ):
         super().__init__()
-        if activation not in _ACTIVATION_MODULES:
-            raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
-        if norm_position not in NORM_POSITIONS:
-            raise ValueError(f"norm_position must be one of {NORM_POSITIONS}, got {norm_position!r}")
+        check_options(activation, norm_position)
         if not 0.0 <= dropout <= 1.0:
             raise ValueError(f"dropout must be in [0, 1], got {dropout}")
         self.in_features = in_features

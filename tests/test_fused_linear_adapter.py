@@ -4,8 +4,6 @@ Parametrized over the backends that can run here: the reference everywhere, Trit
 the CPU under ``TRITON_INTERPRET=1`` (set by conftest.py when there is no CUDA).
 """
 
-import os
-import socket
 
 import pytest
 import torch
@@ -14,7 +12,7 @@ import torch.multiprocessing as mp
 
 from fusedadapters import AccessMixin
 from fusedadapters import adapter_mixin_strategies as strategies
-from fusedadapters.adapter_mixins import AdapterModuleMixin
+from fusedadapters.demo import MLP
 from fusedadapters.adapter_modules import FusedLinearAdapter, FusedLinearAdapterConfig, LinearAdapter
 from fusedadapters.ops.backend import triton_available, triton_interpreter_enabled
 from helpers import randomize_
@@ -28,21 +26,9 @@ needs_triton = pytest.mark.skipif(
 BACKENDS = ["reference", pytest.param("triton", marks=needs_triton)]
 
 
-class Block(torch.nn.Module, AdapterModuleMixin):
-    def __init__(self):
-        super().__init__()
-        self.fc = torch.nn.Linear(D, D)
-
-    def forward(self, x):
-        x = self.fc(x)
-        if self.is_adapter_available():
-            x = self.forward_enabled_adapters(x)
-        return x
-
-
 def model_with_adapters(backend, seed=0, strategy=None, n_blocks=2):
     torch.manual_seed(seed)
-    model = torch.nn.Sequential(*[Block() for _ in range(n_blocks)]).to(DEVICE)
+    model = torch.nn.Sequential(*[MLP(D) for _ in range(n_blocks)]).to(DEVICE)
     for i, block in enumerate(model):
         block.add_adapter("a", cfg=FusedLinearAdapterConfig(in_features=D, dim=H, adapter_strategy=strategy))
         block.add_adapter("b", cfg=FusedLinearAdapterConfig(in_features=D, dim=H, activation="gelu",
@@ -81,7 +67,7 @@ def test_inside_mixins_matches_eager_adapters_forward_and_backward(backend):
     out.square().sum().backward()
     ref.square().sum().backward()
     g, r = grads(model), grads(twin)
-    assert g.keys() == r.keys() and len(g) == 2 * (2 + 2 * 4)
+    assert g.keys() == r.keys() and len(g) == 2 * (4 + 2 * 4)  # per block: fc, ln (2 each) + two adapters of 4
     for name in g:
         torch.testing.assert_close(g[name], r[name], rtol=1e-4, atol=1e-4, msg=name)
 
@@ -97,7 +83,7 @@ def test_return_result_strategy_and_nemo_style_strategy_call(backend):
     # NeMo's mixins call adapter_strategy(input, adapter, module=...).
     torch.testing.assert_close(adapter.adapter_strategy(x, adapter, module=None), eager(x), rtol=1e-4, atol=1e-4)
     residual = strategies.ResidualAddAdapterStrategy()
-    torch.testing.assert_close(residual(x, adapter, module=Block()), x + eager(x), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(residual(x, adapter, module=MLP(D)), x + eager(x), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -169,15 +155,9 @@ def test_cuda_graph_capture_and_replay(backend):
         torch.testing.assert_close(dropped[kept], (eval_out - new_x)[kept] / 0.75, rtol=1e-3, atol=1e-3)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank, world, port, backend, x, path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _ddp_worker(rank, world, store, backend, x, path):
+    # A file store: no TCP port to pick and race for.
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         model = model_with_adapters(backend).cpu()
         for block in model:
@@ -188,6 +168,7 @@ def _ddp_worker(rank, world, port, backend, x, path):
         ddp(shard).square().mean().backward()
         if rank == 0:
             torch.save(grads(model), path)
+        dist.barrier()  # no rank tears the group down while the other still talks to it
     finally:
         dist.destroy_process_group()
 
@@ -197,7 +178,7 @@ def _ddp_worker(rank, world, port, backend, x, path):
 def test_ddp_two_processes_gloo_matches_one_process(backend, tmp_path):
     x = torch.randn(8, D)
     path = tmp_path / "ddp_grads.pt"
-    mp.spawn(_ddp_worker, args=(2, _free_port(), backend, x, str(path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "store"), backend, x, str(path)), nprocs=2, join=True)
     ddp_grads = torch.load(path)
     model = model_with_adapters(backend)
     model(x).square().mean().backward()

@@ -102,10 +102,7 @@ def _check_triton_inputs(
     activation: str, norm_position: str, dropout_p: float, dropout_seed: Optional[Tensor],
     scale: Optional[Tensor],
 ) -> None:
-    if activation not in reference.ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; expected one of {reference.ACTIVATIONS}")
-    if norm_position not in reference.NORM_POSITIONS:
-        raise ValueError(f"norm_position must be one of {reference.NORM_POSITIONS}, got {norm_position!r}")
+    reference.check_options(activation, norm_position)
     if x.dtype not in _TRITON_DTYPES:
         raise TypeError(f"the triton backend takes x in {_TRITON_DTYPES}, got {x.dtype}; use backend='reference'")
     params = {"ln_weight": ln_weight, "ln_bias": ln_bias, "down_weight": down_weight, "up_weight": up_weight}

@@ -30,6 +30,7 @@ __all__ = [
     "NORM_POSITIONS",
     "activation_fn",
     "activation_grad",
+    "check_options",
     "dropout_uniform",
     "draw_dropout_seed",
     "linear_adapter",
@@ -84,6 +85,14 @@ def activation_grad(name: str, h: torch.Tensor) -> torch.Tensor:
         pdf = torch.exp(-0.5 * h * h) / math.sqrt(2 * math.pi)
         return cdf + h * pdf
     raise ValueError(f"unknown activation {name!r}; expected one of {ACTIVATIONS}")
+
+
+def check_options(activation: str, norm_position: str) -> None:
+    """``ValueError`` unless ``activation`` is one of ``ACTIVATIONS`` and ``norm_position`` of ``NORM_POSITIONS``."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+    if norm_position not in NORM_POSITIONS:
+        raise ValueError(f"norm_position must be one of {NORM_POSITIONS}, got {norm_position!r}")
 
 
 def _mul_u32(x: torch.Tensor, c: int) -> torch.Tensor:
@@ -146,10 +155,7 @@ def linear_adapter(
     one-element tensor or None. ``out`` has the shape and dtype of ``x``; ``row_sq`` has shape
     ``x.shape[:-1]`` and dtype float32 (float64 for float64 inputs).
     """
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
-    if norm_position not in NORM_POSITIONS:
-        raise ValueError(f"norm_position must be one of {NORM_POSITIONS}, got {norm_position!r}")
+    check_options(activation, norm_position)
     d = x.shape[-1]
     if norm_position == "pre":
         h = F.linear(F.layer_norm(x, (d,), ln_weight, ln_bias, eps), down_weight)
