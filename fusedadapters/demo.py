@@ -26,7 +26,7 @@ from .adapter_modules import FusedLinearAdapterConfig, LinearAdapterConfig
 from .model import ModelPT
 from .targets import class_path, instantiate
 
-__all__ = ["DemoModel", "main", "run"]
+__all__ = ["DemoModel", "MLP", "ResidualMLP", "ResidualMLPAdapter", "main", "model_config", "run"]
 
 
 class MLP(nn.Module, AdapterModuleMixin):
