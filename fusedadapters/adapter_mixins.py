@@ -33,10 +33,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .serialization import CheckpointFileError, read_checkpoint, write_checkpoint
 from .targets import (
+    check_buildable_targets,
     check_loadable_targets,
     class_path,
     import_class_by_path,
-    instantiate,
+    instantiate_checked,
     register_loadable_base,
     register_loadable_class,
 )
@@ -175,6 +176,7 @@ def _to_adapter_config(cfg: Any, name: str) -> DictConfig:
             f"config of adapter `{name}` has no `_target_` naming the adapter class: "
             f"{OmegaConf.to_yaml(cfg).strip() or '{}'}"
         )
+    check_buildable_targets(cfg, "adapter", f"config of adapter `{name}`")
     return cfg
 
 
@@ -323,7 +325,7 @@ class AdapterModuleMixin(ABC):
 
         enabled = bool(cfg.pop("enabled", True))
         try:
-            adapter = instantiate(cfg, **kwargs)
+            adapter = instantiate_checked(cfg, "adapter", source=f"config of adapter `{name}`", **kwargs)
         except Exception as exc:
             exc.add_note(f"while building adapter `{name}` from {OmegaConf.to_yaml(cfg).strip()}")
             raise

@@ -17,9 +17,10 @@ from torch import nn
 
 from . import ops
 from .access_mixins import AccessMixin
-from .adapter_mixin_strategies import AbstractAdapterStrategy, ResidualAddAdapterStrategyConfig
+from .adapter_mixin_strategies import ResidualAddAdapterStrategyConfig
+from .ops.backend import resolve_backend
 from .ops.reference import ACTIVATIONS, check_options
-from .targets import class_path, instantiate, register_loadable_base
+from .targets import class_path, instantiate_checked, is_adapter_strategy, register_loadable_base
 
 __all__ = [
     "AdapterModuleUtil",
@@ -54,8 +55,10 @@ class AdapterModuleUtil(AccessMixin):
             adapter_strategy = OmegaConf.structured(adapter_strategy)
             OmegaConf.set_struct(adapter_strategy, False)
         if isinstance(adapter_strategy, dict) or OmegaConf.is_config(adapter_strategy):
-            self.adapter_strategy = instantiate(adapter_strategy)
-        elif isinstance(adapter_strategy, AbstractAdapterStrategy):
+            self.adapter_strategy = instantiate_checked(
+                adapter_strategy, "strategy", source=f"adapter_strategy of {type(self).__name__}"
+            )
+        elif is_adapter_strategy(adapter_strategy):
             self.adapter_strategy = adapter_strategy
         else:
             raise AttributeError(f"`adapter_strategy` provided is invalid : {adapter_strategy}")
@@ -189,6 +192,9 @@ class FusedLinearAdapter(LinearAdapter):
             x = x.to(torch.get_autocast_dtype(x.device.type))
         norm, down, up = self._weights()
         dropout_p = self.dropout.p if self.dropout is not None and self.training else 0.0
+        backend = self.backend
+        if backend is not None:
+            backend = resolve_backend(backend, x.device, source=f"the attribute {type(self).__name__}.backend")
         result = ops.linear_adapter(
             x,
             norm.weight.to(x.dtype),
@@ -202,7 +208,7 @@ class FusedLinearAdapter(LinearAdapter):
             scale=scale,
             residual=residual,
             return_row_sq=return_row_sq,
-            backend=self.backend,
+            backend=backend,
         )
         return result if return_row_sq else (result, None)
 

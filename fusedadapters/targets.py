@@ -1,11 +1,19 @@
-"""Class paths and ``_target_`` configs: building objects from configs, and refusing unsafe ones from files.
+"""Class paths and ``_target_`` configs: building objects from configs, and refusing what may not be built.
 
 ``instantiate`` is Hydra's ``instantiate`` for the configs adapters use (``_target_``, ``_args_``,
-``_recursive_``, ``_convert_``); it imports what it names, as Hydra does, so it is for configs the
-program itself wrote. A config read from a file goes through ``check_loadable_targets`` first: each
-``_target_`` there must name a class that is already imported (reading a file never imports a
-module) and that is an adapter module, an adapter strategy, a module with adapter support, a
-``NeuralModule``/``ModelPT`` subclass, or a class registered with ``register_adapter``.
+``_recursive_``, ``_convert_``); it imports and calls whatever it names, as Hydra does. The package
+never hands it a config unchecked:
+
+* a config read from a file goes through ``check_loadable_targets``: each ``_target_`` must name a
+  class that is already imported (reading a file never imports a module) and that is an adapter
+  module, an adapter strategy, a module with adapter support, a ``NeuralModule``/``ModelPT``
+  subclass, or a class registered with ``register_adapter``;
+* a config the package builds in memory (``add_adapter``, a strategy config) goes through
+  ``instantiate_checked``: each ``_target_`` is imported and must be a class of the expected kind
+  (an adapter module is any ``torch.nn.Module`` subclass; a strategy is what ``is_adapter_strategy``
+  says) before anything is called.
+
+Either check raises ``UnsafeTargetError`` naming the ``_target_`` and where it sits.
 """
 
 from __future__ import annotations
@@ -16,14 +24,18 @@ import inspect
 import sys
 from typing import Any, Iterator, List, Set, Tuple
 
+import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 __all__ = [
     "UnsafeTargetError",
+    "check_buildable_targets",
     "check_loadable_targets",
     "class_path",
     "import_class_by_path",
     "instantiate",
+    "instantiate_checked",
+    "is_adapter_strategy",
     "register_loadable_base",
     "register_loadable_class",
     "resolve_loadable_target",
@@ -34,8 +46,16 @@ _LOADABLE_BASES: List[type] = []
 _LOADABLE_CLASSES: Set[type] = set()
 
 
+# Strategies by base class: this package's, and NeMo's (matched by path, so NeMo need not be imported).
+_STRATEGY_BASE_PATHS = (
+    "fusedadapters.adapter_mixin_strategies.AbstractAdapterStrategy",
+    "nemo.core.classes.mixins.adapter_mixin_strategies.AbstractAdapterStrategy",
+)
+
+
 class UnsafeTargetError(ValueError):
-    """A ``_target_`` read from a file names something that may not be built from a file."""
+    """A ``_target_`` names something the package will not build: from a file, anything but adapters,
+    strategies and models; in an in-memory config, anything but the kind of class expected there."""
 
 
 def class_path(cls: type) -> str:
@@ -213,3 +233,103 @@ def check_loadable_targets(cfg: Any, source: str) -> None:
         raise UnsafeTargetError(f"{source}: the config cannot be resolved: {exc}") from exc
     for where, target in _targets(container, ""):
         resolve_loadable_target(target, f"{source} (at {where})")
+
+
+# ---------------------------------------------------------------------------------------------
+# In-memory configs: the right kind of class, checked before anything is called
+# ---------------------------------------------------------------------------------------------
+
+
+def is_adapter_strategy(obj: Any) -> bool:
+    """Whether ``obj`` (a class or an instance) is an adapter strategy.
+
+    A strategy subclasses this package's or NeMo's ``AbstractAdapterStrategy``, or behaves as one: its
+    ``forward`` takes ``(input, adapter, *, module)``. This is the one definition the package uses, so
+    that NeMo's strategies work with this package's adapters and the other way round.
+    """
+    cls = obj if inspect.isclass(obj) else type(obj)
+    if any(class_path(base) in _STRATEGY_BASE_PATHS for base in cls.__mro__):
+        return True
+    forward = getattr(cls, "forward", None)
+    if not callable(forward):
+        return False
+    try:
+        params = list(inspect.signature(forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    keyword_only = {p.name for p in params if p.kind is p.KEYWORD_ONLY}
+    return len(positional) == 3 and "module" in keyword_only  # (self, input, adapter, *, module)
+
+
+def _is_module_class(cls: type) -> bool:
+    return issubclass(cls, torch.nn.Module)
+
+
+_KINDS = {
+    "adapter": (_is_module_class, "an adapter module class (a torch.nn.Module subclass)"),
+    "strategy": (is_adapter_strategy, "an adapter strategy class (see fusedadapters.targets.is_adapter_strategy)"),
+    "module": (_is_module_class, "a torch.nn.Module subclass"),
+    "part": (
+        lambda cls: _is_module_class(cls) or is_adapter_strategy(cls),
+        "a torch.nn.Module subclass or an adapter strategy class",
+    ),
+}
+
+
+def _resolve_buildable(target: Any, kind: str, where: str) -> type:
+    accept, expected = _KINDS[kind]
+    obj = import_class_by_path(target) if isinstance(target, str) else target
+    if not (inspect.isclass(obj) and accept(obj)):
+        what = f"a {type(obj).__name__}" if not inspect.isclass(obj) else f"the class {class_path(obj)}"
+        raise UnsafeTargetError(
+            f"{where}: refusing `_target_` {target!r}: it is {what}, not {expected}; nothing was built"
+        )
+    return obj
+
+
+def _keyed_targets(node: Any, where: str, key: Any) -> Iterator[Tuple[str, Any, Any]]:
+    """``(where, target, key holding the config)`` for every ``_target_`` in a plain container."""
+    if isinstance(node, dict):
+        if "_target_" in node:
+            yield (f"{where}._target_" if where else "_target_"), node["_target_"], key
+        for k, value in node.items():
+            if k != "_target_":
+                yield from _keyed_targets(value, f"{where}.{k}" if where else str(k), k)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _keyed_targets(value, f"{where}[{i}]", key)
+
+
+def check_buildable_targets(config: Any, kind: str, source: str) -> type:
+    """Check every ``_target_`` of an in-memory ``config`` before anything is built; return the top class.
+
+    The top ``_target_`` must be of ``kind`` ('adapter', 'strategy' or 'module'); a nested one under the
+    key ``adapter_strategy`` must be a strategy, any other nested one a module or a strategy. Targets
+    are imported (as ``instantiate`` would) but nothing is called. Raises ``UnsafeTargetError``.
+    """
+    node = _as_config(config)
+    try:
+        container = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+    except Exception as exc:  # omegaconf raises several unrelated types for bad interpolations
+        raise UnsafeTargetError(f"{source}: the config cannot be resolved: {exc}") from exc
+    if not isinstance(container, dict) or "_target_" not in container:
+        raise UnsafeTargetError(f"{source}: no `_target_` naming the class to build")
+    top = None
+    for where, target, key in _keyed_targets(container, "", None):
+        nested_kind = kind if where == "_target_" else "strategy" if key == "adapter_strategy" else "part"
+        cls = _resolve_buildable(target, nested_kind, f"{source} (at {where})")
+        top = cls if where == "_target_" else top
+    return top
+
+
+def instantiate_checked(config: Any, kind: str, *, source: str, **kwargs: Any) -> Any:
+    """``instantiate(config, **kwargs)`` after ``check_buildable_targets(config, kind, source)``.
+
+    For configs that may come from YAML files or command lines: a ``_target_`` of the wrong kind
+    (``os.system``, say) is refused before it is called.
+    """
+    if "_target_" in kwargs:
+        _resolve_buildable(kwargs["_target_"], kind, f"{source} (the _target_ argument)")
+    check_buildable_targets(config, kind, source)
+    return instantiate(config, **kwargs)

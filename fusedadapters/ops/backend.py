@@ -31,9 +31,11 @@ def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def resolve_backend(requested: Optional[str], device: torch.device) -> str:
-    """The backend name for tensors on ``device``; ``requested`` wins over the environment."""
-    source = "the backend argument"
+def resolve_backend(requested: Optional[str], device: torch.device, source: str = "the backend argument") -> str:
+    """The backend name for tensors on ``device``; ``requested`` wins over the environment.
+
+    ``source`` says where ``requested`` came from (an argument, an attribute), for the error messages.
+    """
     name = requested
     if name is None:
         name, source = os.environ.get(ENV_VAR) or "auto", f"${ENV_VAR}"
