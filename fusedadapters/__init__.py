@@ -34,6 +34,7 @@ from .adapter_modules import (
     LinearAdapterConfig,
 )
 from .model import ModelPT, ModelSummary, NeuralModule
+from .routing import route_adapters
 from .serialization import CheckpointFileError
 from .targets import UnsafeTargetError, instantiate, register_loadable_class
 
@@ -70,6 +71,7 @@ __all__ = [
     "ops",
     "register_adapter",
     "register_loadable_class",
+    "route_adapters",
     "update_module_class_with_adapter_class",
     "utils",
 ]

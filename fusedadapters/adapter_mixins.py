@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from .routing import ACTIVE_ROUTES, forward_routed
 from .serialization import CheckpointFileError, read_checkpoint, write_checkpoint
 from .targets import (
     check_buildable_targets,
@@ -483,7 +484,11 @@ class AdapterModuleMixin(ABC):
         return names
 
     def forward_enabled_adapters(self, input: Any) -> Any:
-        """Run every enabled adapter in order, each through its strategy, chaining the results."""
+        """Run every enabled adapter in order, each through its strategy, chaining the results
+        (inside ``fusedadapters.route_adapters``: each sample's own adapter instead)."""
+        routes = ACTIVE_ROUTES.get()
+        if routes is not None and id(self) in routes:
+            return forward_routed(self, input, routes[id(self)][1])
         layer = self._modules.get("adapter_layer")
         for adapter_name in self._enabled_adapter_names():
             adapter = layer[adapter_name]

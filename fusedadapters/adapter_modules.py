@@ -224,6 +224,16 @@ class FusedLinearAdapter(LinearAdapter):
         """
         return self._run(x, residual=True, scale=scale, return_row_sq=return_row_sq)
 
+    def fused_adapter_params(self, dtype: torch.dtype) -> ops.AdapterParams:
+        """This adapter's weights (cast to ``dtype``) and options, for the many-adapter ops that
+        ``fusedadapters.routing`` runs (mixed batches, fused chains); dropout only in training."""
+        norm, down, up = self._weights()
+        return ops.AdapterParams(
+            norm.weight.to(dtype), norm.bias.to(dtype), down.to(dtype), up.to(dtype),
+            activation=self.activation, norm_position=self.norm_position, eps=norm.eps,
+            dropout_p=self.dropout.p if self.dropout is not None and self.training else 0.0,
+        )
+
 
 @dataclass
 class FusedLinearAdapterConfig(LinearAdapterConfig):

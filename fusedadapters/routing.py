@@ -1,0 +1,203 @@
+"""Mixed batches: ``route_adapters(module, names)`` makes sample ``i`` use only adapter ``names[i]``.
+
+Inside the context, every adapter-capable module under ``module`` applies to sample ``i`` (index ``i`` of
+the leading dimension of its input) only the adapter ``names[i]``, whatever the enabled flags say, or no
+adapter for ``None``; a module that holds no adapter of that name passes the sample through as it would
+with no adapter enabled. Nothing in any module's ``forward`` changes. The routes live in a context
+variable, so threads and asyncio tasks do not see each other's routes, and contexts nest (for the modules
+under the inner ``module``, the inner one wins).
+
+How a module runs its routed samples:
+
+* fused: when every routed adapter of the module is a fused adapter under the stock residual strategy
+  (it has ``fused_adapter_params(dtype)`` returning ``ops.AdapterParams``, and the strategy can fuse it)
+  and they share activation, norm position, eps and backend, all of them run in one launch of
+  ``ops.routed_adapter`` over the whole batch, with their weights stacked once per weight version;
+* generic: otherwise each adapter runs through its strategy on its own samples, gathered with
+  ``index_select`` and scattered back with ``index_copy`` (both differentiable).
+
+Either way an adapter's gradients come only from its own samples, and a routed adapter's strategy runs
+as if the batch held only that adapter's samples: one stochastic-depth draw per adapter, and the
+residual strategy's ``l2_lambda`` loss is the mean over that adapter's samples.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from . import ops
+from .adapter_mixin_strategies import ResidualAddAdapterStrategy
+
+__all__ = ["ACTIVE_ROUTES", "Route", "forward_routed", "route_adapters"]
+
+
+class Route:
+    """One ``route_adapters`` context: the adapter name (or None) of every sample, and index caches."""
+
+    def __init__(self, names: Tuple[Optional[str], ...]):
+        self.names = names
+        self.adapter_names = tuple(dict.fromkeys(n for n in names if n is not None))
+        self._samples: Dict[Tuple[str, torch.device], torch.Tensor] = {}
+        self._slots: Dict[Tuple[Tuple[str, ...], torch.device], torch.Tensor] = {}
+
+    def samples(self, name: str, device: torch.device) -> torch.Tensor:
+        """The int64 indices of the samples routed to ``name``, on ``device``."""
+        key = (name, device)
+        if key not in self._samples:
+            self._samples[key] = torch.tensor([i for i, n in enumerate(self.names) if n == name], device=device)
+        return self._samples[key]
+
+    def slots(self, chosen: Tuple[str, ...], device: torch.device) -> torch.Tensor:
+        """Per sample, the position of its adapter in ``chosen``, or -1 (int64, on ``device``)."""
+        key = (chosen, device)
+        if key not in self._slots:
+            position = {name: k for k, name in enumerate(chosen)}
+            self._slots[key] = torch.tensor([position.get(n, -1) for n in self.names], dtype=torch.int64, device=device)
+        return self._slots[key]
+
+
+# id(module) -> (module, Route) for every adapter-capable module under an active route_adapters.
+ACTIVE_ROUTES: contextvars.ContextVar[Optional[Dict[int, Tuple[nn.Module, Route]]]] = contextvars.ContextVar(
+    "fusedadapters_active_routes", default=None
+)
+
+
+@contextlib.contextmanager
+def route_adapters(module: nn.Module, names: Sequence[Optional[str]]) -> Iterator[None]:
+    """Route sample ``i`` of every adapter-capable module under ``module`` to adapter ``names[i]``.
+
+    ``names`` holds an adapter name (``adapter`` or ``module:adapter``) or None per sample of the inputs'
+    leading dimension. Raises, before anything runs: ``TypeError`` for a name that is not a string or
+    None; ``ValueError`` naming every name that no module under ``module`` holds. In the context, an
+    input whose leading dimension differs from ``len(names)`` raises ``ValueError``.
+    """
+    from .adapter_mixins import AdapterModuleMixin
+
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"route_adapters takes an nn.Module, got {type(module).__name__}")
+    if isinstance(names, (str, bytes)) or not isinstance(names, Sequence):
+        raise TypeError(f"names must be a sequence with one adapter name or None per sample, got {names!r}")
+    resolved = []
+    for name in names:
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"adapter names are strings or None, got {type(name).__name__}: {name!r}")
+        resolved.append(None if name is None else name.rsplit(":", 1)[-1])
+    hosts = [m for m in module.modules() if isinstance(m, AdapterModuleMixin)]
+    held = {key for m in hosts for key in (m._modules.get("adapter_layer") or {})}
+    unknown = sorted({n for n, r in zip(names, resolved) if r is not None and r not in held})
+    if unknown:
+        raise ValueError(
+            f"route_adapters: no module under {type(module).__name__} holds an adapter named "
+            f"{', '.join(repr(n) for n in unknown)}; adapters held: {sorted(held)}"
+        )
+    route = Route(tuple(resolved))
+    routes = dict(ACTIVE_ROUTES.get() or {})
+    routes.update({id(m): (m, route) for m in hosts})
+    token = ACTIVE_ROUTES.set(routes)
+    try:
+        yield
+    finally:
+        ACTIVE_ROUTES.reset(token)
+
+
+def forward_routed(host: nn.Module, input: Any, route: Route) -> Any:
+    """``host.forward_enabled_adapters(input)`` under ``route``: sample ``i`` through adapter ``route.names[i]``."""
+    if not isinstance(input, torch.Tensor) or input.dim() == 0:
+        raise TypeError(
+            f"route_adapters needs a tensor input with the samples along dim 0 in {type(host).__name__}, "
+            f"got {type(input).__name__}"
+        )
+    if input.shape[0] != len(route.names):
+        raise ValueError(
+            f"route_adapters got {len(route.names)} names, but {type(host).__name__} received an input of "
+            f"leading dimension {input.shape[0]} (shape {tuple(input.shape)})"
+        )
+    layer = host._modules.get("adapter_layer") or {}
+    chosen = [(name, layer[name]) for name in route.adapter_names if name in layer]
+    if not chosen:
+        return input
+    for name, adapter in chosen:
+        if getattr(adapter, "adapter_strategy", None) is None:
+            raise AttributeError(f"Adapter module `{name}` does not set the value `adapter_strategy` !")
+    fused = _fused_plan(host, input, chosen)
+    if fused is not None:
+        return _forward_fused(host, input, route, chosen, *fused)
+    return _forward_generic(host, input, route, chosen)
+
+
+def _forward_generic(host: nn.Module, input: torch.Tensor, route: Route, chosen: List[Tuple[str, nn.Module]]) -> torch.Tensor:
+    indices, outputs = [], []
+    for name, adapter in chosen:
+        samples = route.samples(name, input.device)
+        outputs.append(
+            host.forward_single_enabled_adapter_(
+                input.index_select(0, samples), adapter, adapter_name=name, adapter_strategy=adapter.adapter_strategy
+            )
+        )
+        indices.append(samples)
+    dtype = outputs[0].dtype
+    return input.to(dtype).index_copy(0, torch.cat(indices), torch.cat([o.to(dtype) for o in outputs]))
+
+
+def _compute_dtype(input: torch.Tensor) -> torch.dtype:
+    device = input.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else input.dtype
+
+
+def _fused_plan(host: nn.Module, input: torch.Tensor, chosen: List[Tuple[str, nn.Module]]) -> Optional[Tuple[list, torch.dtype]]:
+    """``(params, dtype)`` when every chosen adapter can run in one ``ops.routed_adapter`` launch, else None."""
+    from .adapter_mixins import AdapterModuleMixin
+
+    if input.dim() < 2 or type(host).forward_single_enabled_adapter_ is not AdapterModuleMixin.forward_single_enabled_adapter_:
+        return None
+    for _, adapter in chosen:
+        strategy = adapter.adapter_strategy
+        if not (
+            hasattr(adapter, "fused_adapter_params")
+            and isinstance(strategy, ResidualAddAdapterStrategy)
+            and strategy._can_fuse(adapter)
+        ):
+            return None
+    dtype = _compute_dtype(input)
+    params = [adapter.fused_adapter_params(dtype) for _, adapter in chosen]
+    first = params[0]
+    backends = {getattr(adapter, "backend", None) for _, adapter in chosen}
+    same = all((p.activation, p.norm_position, p.eps) == (first.activation, first.norm_position, first.eps) for p in params)
+    if not same or len(backends) != 1 or input.shape[-1] != first.down_weight.shape[1]:
+        return None
+    return params, dtype
+
+
+def _forward_fused(
+    host: nn.Module, input: torch.Tensor, route: Route, chosen: List[Tuple[str, nn.Module]],
+    params: list, dtype: torch.dtype,
+) -> torch.Tensor:
+    x = input.to(dtype)
+    names = tuple(name for name, _ in chosen)
+    slots = route.slots(names, x.device)
+    index = slots.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1]).contiguous()
+    strategies = [adapter.adapter_strategy for _, adapter in chosen]
+    scales = None
+    if host.training and any(s.stochastic_depth != 0.0 for s in strategies):
+        one = torch.ones(1, dtype=torch.float32, device=x.device)
+        scales = torch.cat([s.stochastic_depth_scale(one) if s.stochastic_depth != 0.0 else one for s in strategies])
+    wants_loss = [s._wants_auxiliary_loss(adapter, host) for s, (_, adapter) in zip(strategies, chosen)]
+    result = ops.routed_adapter(
+        x, index, *ops.stack_adapter_params(params, dtype),
+        activation=params[0].activation, norm_position=params[0].norm_position, eps=params[0].eps,
+        dropout_p=[p.dropout_p for p in params], scale=scales, residual=True, return_row_sq=any(wants_loss),
+        backend=getattr(chosen[0][1], "backend", None),
+    )
+    if not any(wants_loss):
+        return result
+    out, row_sq = result
+    for strategy, wants, (name, adapter) in zip(strategies, wants_loss, chosen):
+        if wants:
+            samples = route.samples(name, x.device)
+            strategy._register_l2_loss(row_sq.index_select(0, samples), samples.numel(), adapter)
+    return out

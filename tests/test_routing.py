@@ -1,0 +1,234 @@
+"""``fusedadapters.route_adapters``: a routed batch equals running each sample alone with only its adapter.
+
+Two blocks of the tutorial's ``MLP``; block 0 holds adapters a, b and block 1 holds b, c (so a module
+without a sample's adapter must pass it through). Every adapter gets random non-zero weights; outputs
+and the gradients of the input and of every parameter are compared. The fused path (FusedLinearAdapter)
+runs on the reference backend here and on the triton backend (interpreter on CPU, CUDA when present).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+from fusedadapters import (
+    AccessMixin,
+    FusedLinearAdapterConfig,
+    LinearAdapterConfig,
+    ResidualAddAdapterStrategyConfig,
+    ops,
+    route_adapters,
+)
+from fusedadapters import routing
+from fusedadapters.demo import MLP
+from fusedadapters.ops import backend as backend_mod
+from helpers import adapter_parameters, randomize_
+
+D = 12
+HOLDINGS = ({"a": 5, "b": 8}, {"b": 3, "c": 7})  # per block: adapter name -> hidden size
+
+
+def make_model(config_cls=FusedLinearAdapterConfig, seed: int = 0, **adapter_kw) -> nn.Module:
+    torch.manual_seed(seed)
+    model = nn.Sequential(MLP(D), MLP(D))
+    for block, held in zip(model, HOLDINGS):
+        for name, h in held.items():
+            block.add_adapter(name, config_cls(in_features=D, dim=h, **adapter_kw))
+    randomize_(adapter_parameters(model), seed=seed + 1)
+    return model
+
+
+def enable_only(model: nn.Module, name) -> None:
+    for block in model:
+        block.set_enabled_adapters(enabled=False)
+        if name is not None and name in block.adapter_layer:
+            block.set_enabled_adapters(name, True)
+
+
+def loss_of(out: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    return (out.double() * weights).sum()
+
+
+def grads_of(model: nn.Module, x: torch.Tensor) -> dict:
+    named = {"x": x.grad, **{n: p.grad for n, p in model.named_parameters()}}
+    return {n: (torch.zeros(()) if g is None else g.detach().clone()) for n, g in named.items()}
+
+
+def run_alone(model, x, names, weights):
+    """Sample by sample, only its adapter enabled; gradients accumulate over the samples."""
+    model.zero_grad()
+    x = x.detach().clone().requires_grad_()
+    outs = []
+    for i, name in enumerate(names):
+        enable_only(model, name)
+        out = model(x[i : i + 1])
+        loss_of(out, weights[i : i + 1]).backward()
+        outs.append(out.detach())
+    return torch.cat(outs), grads_of(model, x)
+
+
+def run_routed(model, x, names, weights):
+    model.zero_grad()
+    x = x.detach().clone().requires_grad_()
+    with route_adapters(model, names):
+        out = model(x)
+    loss_of(out, weights).backward()
+    return out.detach(), grads_of(model, x)
+
+
+def assert_same(a, b, tol=1e-5):
+    out_a, grads_a = a
+    out_b, grads_b = b
+    torch.testing.assert_close(out_a, out_b, rtol=tol, atol=tol)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=tol, atol=tol, msg=name)
+
+
+BATCHES = {
+    "mixed": ["a", None, "c", "b", "a", "c", "b"],
+    "single_sample": ["b"],
+    "all_on_one": ["c"] * 4,
+    "none_for_all": [None] * 3,
+    "empty_segment": ["a", "a", None],  # b and c get no sample
+}
+
+
+@pytest.mark.parametrize("config_cls", [LinearAdapterConfig, FusedLinearAdapterConfig], ids=["generic", "fused"])
+@pytest.mark.parametrize("batch", list(BATCHES))
+@pytest.mark.parametrize("norm_position", ["pre", "post"])
+def test_routed_equals_each_sample_alone(config_cls, batch, norm_position):
+    names = BATCHES[batch]
+    model = make_model(config_cls, norm_position=norm_position, activation="gelu")
+    x = torch.randn(len(names), 3, D)
+    weights = torch.randn(len(names), 3, D, dtype=torch.float64)
+    routed = run_routed(model, x, names, weights)
+    alone = run_alone(model, x, names, weights)
+    assert_same(routed, alone)
+    for qualified, grad in routed[1].items():  # adapters no sample chose get no gradient
+        if ".adapter_layer." in qualified and qualified.split(".")[2] not in names:
+            assert float(grad.abs().sum()) == 0.0, qualified
+
+
+def test_fused_path_is_one_routed_launch_per_module(monkeypatch):
+    calls = []
+    real = routing.ops.routed_adapter
+    monkeypatch.setattr(routing.ops, "routed_adapter", lambda *a, **k: calls.append(a[2].shape) or real(*a, **k))
+    model = make_model()
+    with route_adapters(model, BATCHES["mixed"]):
+        model(torch.randn(7, D))
+    assert len(calls) == 2  # one per block, whatever the number of adapters
+
+
+def test_routing_ignores_enabled_flags_and_restores_them():
+    model = make_model()
+    for block in model:
+        block.set_enabled_adapters(enabled=False)
+    x = torch.randn(4, D)
+    with torch.no_grad():
+        plain = model(x)
+        with route_adapters(model, ["a", "a", "b", "c"]):
+            routed = model(x)
+        after = model(x)
+    assert not torch.allclose(routed, plain)
+    torch.testing.assert_close(after, plain, rtol=0, atol=0)
+    assert routing.ACTIVE_ROUTES.get() is None
+    assert [b.get_enabled_adapters() for b in model] == [[], []]
+
+
+def test_unknown_names_and_size_mismatch_raise_before_compute_and_change_nothing(monkeypatch):
+    model = make_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    calls = []
+    monkeypatch.setattr(MLP, "forward", lambda self, x: calls.append(1))
+    with pytest.raises(ValueError, match="'nope'.*'zzz'"):
+        with route_adapters(model, ["a", "nope", None, "zzz"]):
+            model(torch.randn(4, D))
+    assert calls == [] and routing.ACTIVE_ROUTES.get() is None
+    with pytest.raises(TypeError, match="strings or None"):
+        with route_adapters(model, ["a", 3]):
+            pass
+    monkeypatch.undo()
+    x = torch.randn(5, D, requires_grad=True)
+    with pytest.raises(ValueError, match=r"3 names.*leading dimension 5"):
+        with route_adapters(model, ["a", "b", "c"]):
+            model(x)
+    assert routing.ACTIVE_ROUTES.get() is None
+    assert x.grad is None and all(p.grad is None for p in model.parameters())
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
+def test_nested_routes_inner_wins_and_outer_comes_back():
+    model = make_model()
+    x = torch.randn(3, D)
+    with torch.no_grad():
+        with route_adapters(model, ["a", "a", "a"]):
+            with route_adapters(model[1], ["c", None, "b"]):
+                nested = model(x)
+            outer_again = model(x)
+        with route_adapters(model, ["a", "a", "a"]):
+            outer = model(x)
+        enable_only(model, "a")
+        h = model[0](x)
+        enable_only(model, None)
+        expected_tail = []
+        for i, name in enumerate(["c", None, "b"]):
+            enable_only(model[1:], name)
+            expected_tail.append(model[1](h[i : i + 1]))
+    torch.testing.assert_close(outer_again, outer, rtol=0, atol=0)
+    torch.testing.assert_close(nested, torch.cat(expected_tail), rtol=1e-5, atol=1e-5)
+
+
+def test_routes_do_not_leak_into_other_threads():
+    model = make_model()
+    x = torch.randn(2, D)
+    with torch.no_grad():
+        enable_only(model, None)
+        plain = model(x)
+        seen = {}
+        with route_adapters(model, ["a", "b"]):
+            worker = threading.Thread(target=lambda: seen.setdefault("out", model(x)))
+            worker.start()
+            worker.join()
+    torch.testing.assert_close(seen["out"], plain, rtol=0, atol=0)
+
+
+def registry_snapshot(model: nn.Module) -> dict:
+    """A copy of the tensors registered under ``model`` (the live registry is cleared here)."""
+    snapshot = {k: {name: list(ts) for name, ts in v.items()} for k, v in AccessMixin.get_module_registry(model).items()}
+    AccessMixin.reset_registry(model)
+    return snapshot
+
+
+@pytest.mark.parametrize("config_cls", [LinearAdapterConfig, FusedLinearAdapterConfig], ids=["generic", "fused"])
+def test_training_l2_loss_and_stochastic_depth_per_adapter(config_cls):
+    """In training, each adapter's L2 loss is the one of its own samples run as a batch with only that
+    adapter enabled; stochastic depth 1 (always dropped) on c drops only c's output."""
+    names = ["a", "b", "a", None, "c", "b"]
+    strategies = {n: ResidualAddAdapterStrategyConfig(l2_lambda=0.5, stochastic_depth=1.0 if n == "c" else 0.0) for n in "abc"}
+    model = make_model(config_cls)
+    for block in model:
+        for name, adapter in block.adapter_layer.items():
+            adapter.setup_adapter_strategy(strategies[name])
+    model.train()
+    x = torch.randn(len(names), 2, D)
+    with route_adapters(model, names):
+        out = model(x)
+    routed = registry_snapshot(model)
+    for name in "abc":
+        chosen = [k for k, n in enumerate(names) if n == name]
+        enable_only(model, name)
+        model(x[chosen])
+        alone = registry_snapshot(model)
+        for key, tensors in alone.items():
+            (expected,) = tensors["adapter_loss"]
+            (got,) = routed.pop(key)["adapter_loss"]
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, msg=key)
+            assert (float(got.detach()) == 0.0) == (name == "c"), key
+    assert routed == {}  # no other adapter registered a loss
+    alone_out, _ = run_alone(model, x, names, torch.ones(len(names), 2, D, dtype=torch.float64))
+    torch.testing.assert_close(out.detach(), alone_out, rtol=1e-5, atol=1e-5)
