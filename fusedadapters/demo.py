@@ -5,28 +5,35 @@ with adapter support in every block. The task is synthetic and solvable by an ad
 targets come from the same frozen model carrying a hidden, randomly initialised "teacher" adapter.
 The job trains a fresh adapter on the frozen model to match them, saves the base model and the
 adapter, restores both into a new model and checks that its outputs equal the trained model's.
+
+The two files go to ``--out DIR`` when given (created if needed; ``base_model.nemo`` and
+``adapter.safetensors`` there are overwritten); without it they go to a temporary directory that is
+deleted when the job ends, failed or not.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence, TextIO
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from tqdm import tqdm
 
 from .adapter_mixins import AdapterModelPTMixin, AdapterModuleMixin, get_registered_adapter, register_adapter
 from .adapter_modules import FusedLinearAdapterConfig, LinearAdapterConfig
 from .model import ModelPT
-from .targets import class_path, instantiate
+from .targets import class_path, instantiate_checked
 
-__all__ = ["DemoModel", "MLP", "ResidualMLP", "ResidualMLPAdapter", "main", "model_config", "run"]
+__all__ = ["DemoModel", "MLP", "ResidualMLP", "ResidualMLPAdapter", "build_parser", "main", "model_config", "run"]
 
 
 class MLP(nn.Module, AdapterModuleMixin):
@@ -89,8 +96,8 @@ class DemoModel(ModelPT, AdapterModelPTMixin):
 
     def __init__(self, cfg: DictConfig, trainer=None):
         super().__init__(cfg, trainer=trainer)
-        self.encoder = instantiate(self.cfg.encoder)
-        self.decoder = instantiate(self.cfg.decoder)
+        self.encoder = instantiate_checked(self.cfg.encoder, "module", source="cfg.encoder")
+        self.decoder = instantiate_checked(self.cfg.decoder, "module", source="cfg.decoder")
         self.projection = nn.Linear(self.decoder.dim, self.cfg.out_features)
         self.setup_adapters()
 
@@ -144,20 +151,76 @@ def model_config(dim: int) -> DictConfig:
     )
 
 
-def _progress(step: int, total: int, loss: float, start: float, out) -> None:
-    width = 30
-    done = int(width * step / total)
-    rate = step / max(time.perf_counter() - start, 1e-9)
-    out.write(f"\rtraining [{'#' * done}{'.' * (width - done)}] {step:4d}/{total}  loss {loss:.5f}  {rate:6.1f} it/s")
-    if step == total:
-        out.write("\n")
-    out.flush()
+class _Progress:
+    """Training progress: a tqdm bar on a terminal; on anything else (a pipe, a log file) one plain
+    line per tenth of the run, so that a log stays one line per report."""
+
+    def __init__(self, total: int, stream: TextIO):
+        self.total, self.stream = total, stream
+        self.every = max(1, total // 10)
+        interactive = hasattr(stream, "isatty") and stream.isatty()
+        self.bar = tqdm(total=total, desc="training", unit="step", file=stream, leave=True) if interactive else None
+
+    def update(self, step: int, loss: float) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(loss=f"{loss:.5f}", refresh=False)
+        elif step % self.every == 0 or step == self.total:
+            print(f"training step {step}/{self.total}  loss {loss:.5f}", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _randomize(module: nn.Module, generator: torch.Generator, std: float) -> None:
     with torch.no_grad():
         for p in module.parameters():
             p.copy_(torch.randn(p.shape, generator=generator) * std)
+
+
+ADAPTERS = {"linear": LinearAdapterConfig, "fused": FusedLinearAdapterConfig}
+MAX_SEED = 2**63 - 2  # the job seeds a second generator with seed + 1
+
+
+def check_out_dir(path: Path) -> Path:
+    """``path`` if it is, or can be created as, a writable directory; else ``ValueError`` saying why."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"'{path}' exists and is not a directory")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"'{existing}' is not a directory, so '{path}' cannot be created")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"'{existing}' is not writable")
+    return path
+
+
+def check_options(steps: int, dim: int, hidden: int, batch: int, lr: float, seed: int, adapter: str) -> None:
+    """``ValueError`` naming the first option that the job cannot run with."""
+    for name, value in (("steps", steps), ("dim", dim), ("hidden", hidden), ("batch", batch)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if not lr > 0:
+        raise ValueError(f"lr must be positive, got {lr!r}")
+    if not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be an integer in [0, {MAX_SEED}], got {seed!r}")
+    if adapter not in ADAPTERS:
+        raise ValueError(f"adapter must be one of {sorted(ADAPTERS)}, got {adapter!r}")
+
+
+@contextlib.contextmanager
+def _output_dir(out_dir: Optional[Path]) -> Iterator[Path]:
+    """``out_dir`` (created), or a temporary directory deleted on exit."""
+    if out_dir is not None:
+        out_dir = check_out_dir(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        yield out_dir
+    else:
+        with tempfile.TemporaryDirectory(prefix="fusedadapters-") as tmp:
+            yield Path(tmp)
 
 
 def run(
@@ -173,13 +236,21 @@ def run(
     stream=None,
 ) -> dict:
     """Run the job; returns what it measured (losses, sizes, counts, match) and prints a report
-    (to ``stream``, default stdout)."""
-    stream = sys.stdout if stream is None else stream
+    (to ``stream``, default stdout). The files go to ``out_dir``, or to a temporary directory that
+    is deleted before returning when ``out_dir`` is None. ``ValueError`` for an option it cannot run with."""
+    check_options(steps, dim, hidden, batch, lr, seed, adapter)
+    with _output_dir(out_dir) as directory:
+        return _run_in(directory, out_dir is not None, steps=steps, dim=dim, hidden=hidden, batch=batch, lr=lr,
+                       seed=seed, adapter=adapter, stream=sys.stdout if stream is None else stream)
+
+
+def _run_in(
+    out_dir: Path, keep: bool, *, steps: int, dim: int, hidden: int, batch: int, lr: float, seed: int,
+    adapter: str, stream: TextIO,
+) -> dict:
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed + 1)
-    adapter_cfg_cls = {"linear": LinearAdapterConfig, "fused": FusedLinearAdapterConfig}[adapter]
-    out_dir = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="fusedadapters-"))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    adapter_cfg_cls = ADAPTERS[adapter]
     base_path, adapter_path = out_dir / "base_model.nemo", out_dir / "adapter.safetensors"
 
     base = DemoModel(model_config(dim))
@@ -203,16 +274,19 @@ def run(
         y_eval = teacher(x_eval)
         initial = nn.functional.mse_loss(model(x_eval), y_eval).item()
     start = time.perf_counter()
-    for step in range(1, steps + 1):
-        x = torch.randn(batch, dim, generator=generator)
-        with torch.no_grad():
-            y = teacher(x)
-        loss = nn.functional.mse_loss(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step % 10 == 0 or step == steps:
-            _progress(step, steps, loss.item(), start, stream)
+    progress = _Progress(steps, stream)
+    try:
+        for step in range(1, steps + 1):
+            x = torch.randn(batch, dim, generator=generator)
+            with torch.no_grad():
+                y = teacher(x)
+            loss = nn.functional.mse_loss(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            progress.update(step, loss.item())
+    finally:
+        progress.close()
     train_seconds = time.perf_counter() - start
     model.eval()
     with torch.no_grad():
@@ -238,14 +312,15 @@ def run(
         "adapter_file_bytes": adapter_path.stat().st_size,
         "restored_max_abs_diff": max_diff,
         "restored_matches": max_diff == 0.0,
-        "out_dir": str(out_dir),
+        "out_dir": str(out_dir) if keep else None,
     }
+    where = "" if keep else " (in a temporary directory, deleted now; pass --out DIR to keep them)"
     print(
         f"model: {report['total_params']:,} parameters, {report['trainable_params']:,} trainable (adapter "
         f"'adapter_1', {adapter_cfg_cls.__name__}, dim={hidden}, in every decoder block)\n"
         f"trained {steps} steps in {train_seconds:.1f} s: eval loss {initial:.5f} -> {final:.5f}\n"
         f"saved base model {base_path} ({report['base_file_bytes']:,} bytes) and adapter {adapter_path} "
-        f"({report['adapter_file_bytes']:,} bytes)\n"
+        f"({report['adapter_file_bytes']:,} bytes){where}\n"
         f"restored into a fresh model: outputs {'match exactly' if report['restored_matches'] else 'DIFFER'} "
         f"(max abs diff {max_diff:.3g})",
         file=stream,
@@ -253,16 +328,48 @@ def run(
     return report
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def _int_at_least(low: int, high: Optional[int] = None):
+    """An argparse ``type``: an integer in ``[low, high]``; argparse reports a refusal as one line, exit 2."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low or (high is not None and value > high):
+            bound = f"at least {low}" if high is None else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"must be an integer {bound}, got {value}")
+        return value
+
+    return parse
+
+
+def _out_dir_option(text: str) -> Path:
+    try:
+        return check_out_dir(Path(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of the main job (``python -m fusedadapters``, or ``fusedadapters-demo``)."""
     parser = argparse.ArgumentParser(prog="python -m fusedadapters", description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
-    parser.add_argument("--dim", type=int, default=64, help="model width D (default 64)")
-    parser.add_argument("--hidden", type=int, default=16, help="adapter bottleneck H (default 16)")
-    parser.add_argument("--adapter", choices=("linear", "fused"), default="linear",
-                        help="LinearAdapter (eager) or FusedLinearAdapter (fused op)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None, help="where to write the files (default: a new temp dir)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--steps", type=_int_at_least(1), default=300, help="training steps (default 300)")
+    parser.add_argument("--dim", type=_int_at_least(1), default=64, help="model width D (default 64)")
+    parser.add_argument("--hidden", type=_int_at_least(1), default=16, help="adapter bottleneck H (default 16)")
+    parser.add_argument("--adapter", choices=tuple(ADAPTERS), default="linear",
+                        help="LinearAdapter (eager) or FusedLinearAdapter (fused op); default linear")
+    parser.add_argument("--seed", type=_int_at_least(0, MAX_SEED), default=0,
+                        help="seed of the weights, the teacher adapter and the data (default 0)")
+    parser.add_argument("--out", type=_out_dir_option, default=None, metavar="DIR",
+                        help="directory to keep base_model.nemo and adapter.safetensors in (created if needed, "
+                             "those two files overwritten); default: a temporary directory, deleted at the end")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the job from the command line; returns the exit status (2 for a wrong option, before any work)."""
+    args = build_parser().parse_args(argv)
     report = run(steps=args.steps, dim=args.dim, hidden=args.hidden, adapter=args.adapter, seed=args.seed,
                  out_dir=args.out)
     if not report["restored_matches"]:
