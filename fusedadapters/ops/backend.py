@@ -1,7 +1,10 @@
 """Which backend runs an op: the ``backend`` argument, else ``$FUSEDADAPTERS_BACKEND``, else automatic.
 
-Automatic: CUDA tensors run on Triton when it imports, anything else on the reference. A backend
-that cannot run the given tensors is an error that says why, never a silent fallback.
+Automatic: CUDA tensors run on Triton when it imports (the ``native`` backend has no CUDA kernels
+yet, so no measured crossover table picks it there); CPU tensors of float32, float16 or bfloat16 run
+on ``native`` when its library is already built (see ``fusedadapters.ops.native``: automatic choice
+never starts a build), anything else on the reference. A backend that cannot run the given tensors
+is an error that says why, never a silent fallback.
 """
 
 from __future__ import annotations
@@ -12,9 +15,12 @@ from typing import Optional
 
 import torch
 
+from . import native
+
 __all__ = ["BACKENDS", "ENV_VAR", "resolve_backend", "triton_available", "triton_interpreter_enabled"]
 
-BACKENDS = ("reference", "triton")
+BACKENDS = ("reference", "triton", "native")
+NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ENV_VAR = "FUSEDADAPTERS_BACKEND"
 
 
@@ -31,17 +37,26 @@ def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def resolve_backend(requested: Optional[str], device: torch.device, source: str = "the backend argument") -> str:
+def resolve_backend(
+    requested: Optional[str],
+    device: torch.device,
+    source: str = "the backend argument",
+    dtype: Optional[torch.dtype] = None,
+) -> str:
     """The backend name for tensors on ``device``; ``requested`` wins over the environment.
 
     ``source`` says where ``requested`` came from (an argument, an attribute), for the error messages.
+    ``dtype`` is the dtype of the op's input: automatic choice picks ``native`` only when it is given.
     """
     name = requested
     if name is None:
         name, source = os.environ.get(ENV_VAR) or "auto", f"${ENV_VAR}"
     name = name.strip().lower()
     if name == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "reference"
+        if device.type == "cuda":
+            return "triton" if triton_available() else "reference"
+        native_fits = device.type == "cpu" and dtype in NATIVE_DTYPES
+        return "native" if native_fits and native.is_built() else "reference"
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r} from {source}; expected 'auto' or one of {BACKENDS}")
     if name == "triton":
@@ -52,4 +67,12 @@ def resolve_backend(requested: Optional[str], device: torch.device, source: str 
                 f"{source} asks for the triton backend on {device.type} tensors: Triton runs CUDA "
                 "tensors, or CPU tensors when TRITON_INTERPRET=1 is set before triton is imported"
             )
+    if name == "native":
+        try:
+            native.ensure_loaded()
+        except native.NativeBuildError as error:
+            raise RuntimeError(f"{source} asks for the native backend, but {error}") from error
+        supported, why_not = native.supports_device(device)
+        if not supported:
+            raise RuntimeError(f"{source} asks for the native backend on {device.type} tensors, but {why_not}")
     return name

@@ -1,15 +1,16 @@
 """The fused bottleneck adapter op: one entry point, backends behind it.
 
-See ``fusedadapters.ops.reference`` for the math (it is the specification). The triton backend runs
-as two ``torch.library`` custom ops, so that ``torch.compile`` sees them as opaque nodes with known
-output shapes and CUDA graphs capture them:
+See ``fusedadapters.ops.reference`` for the math (it is the specification). The triton and native
+backends run as two ``torch.library`` custom ops, so that ``torch.compile`` sees them as opaque nodes
+with known output shapes and CUDA graphs capture them; their last argument ``backend`` ('triton' or
+'native') picks the kernels, and both backends share the one autograd formula below:
 
     fusedadapters::linear_adapter_fwd(x, ln_weight, ln_bias, down_weight, up_weight, dropout_seed?,
-        scale?, activation, norm_position, eps, dropout_p, residual, compute_row_sq)
+        scale?, activation, norm_position, eps, dropout_p, residual, compute_row_sq, backend)
         -> (out, row_sq, hidden, mean, rstd, proj)
     fusedadapters::linear_adapter_bwd(grad_out, grad_row_sq?, x, ln_weight, ln_bias, down_weight,
         up_weight, dropout_seed?, scale?, hidden, mean, rstd, proj, activation, norm_position,
-        dropout_p, residual, need_dx, need_dln, need_dwd, need_dwu)
+        dropout_p, residual, need_dx, need_dln, need_dwd, need_dwu, backend)
         -> (dx, d_ln_weight, d_ln_bias, d_down_weight, d_up_weight)
 
 ``linear_adapter_bwd`` is the autograd formula of ``linear_adapter_fwd``; gradients not asked for
@@ -56,22 +57,23 @@ def linear_adapter(
     ``dropout_seed`` a one-element int64 tensor (drawn from PyTorch's generator when dropout is on and
     none is given), ``scale`` a one-element tensor or None for 1 (it gets no gradient on the triton
     backend). ``out`` has the shape and dtype of ``x``; ``row_sq`` has shape ``x.shape[:-1]``, float32.
-    The triton backend takes float32, float16 and bfloat16 with every tensor in ``x``'s dtype, and
-    ``H <= 1024``.
+    The triton and native backends take float32, float16 and bfloat16 with every tensor in ``x``'s
+    dtype (and Triton ``H <= 1024``).
     """
     _check_shapes(x, ln_weight, ln_bias, down_weight, up_weight)
     if dropout_p > 0.0 and dropout_seed is None:
         dropout_seed = reference.draw_dropout_seed(x.device)
-    name = resolve_backend(backend, x.device)
-    if name == "triton":
-        _check_triton_inputs(
-            x, ln_weight, ln_bias, down_weight, up_weight, activation, norm_position, dropout_p, dropout_seed, scale
+    name = resolve_backend(backend, x.device, dtype=x.dtype)
+    if name in ("triton", "native"):
+        _check_kernel_inputs(
+            name, x, ln_weight, ln_bias, down_weight, up_weight, activation, norm_position, dropout_p,
+            dropout_seed, scale,
         )
         if scale is not None:
             scale = scale.detach().reshape(1).to(x.dtype)
         out, row_sq, *_ = torch.ops.fusedadapters.linear_adapter_fwd(
             x, ln_weight, ln_bias, down_weight, up_weight, dropout_seed, scale,
-            activation, norm_position, float(eps), float(dropout_p), bool(residual), bool(return_row_sq),
+            activation, norm_position, float(eps), float(dropout_p), bool(residual), bool(return_row_sq), name,
         )
     else:
         out, row_sq = reference.linear_adapter(
@@ -97,19 +99,19 @@ def _check_shapes(x: Tensor, ln_weight: Tensor, ln_bias: Tensor, down_weight: Te
         )
 
 
-def _check_triton_inputs(
-    x: Tensor, ln_weight: Tensor, ln_bias: Tensor, down_weight: Tensor, up_weight: Tensor,
+def _check_kernel_inputs(
+    backend: str, x: Tensor, ln_weight: Tensor, ln_bias: Tensor, down_weight: Tensor, up_weight: Tensor,
     activation: str, norm_position: str, dropout_p: float, dropout_seed: Optional[Tensor],
     scale: Optional[Tensor],
 ) -> None:
     reference.check_options(activation, norm_position)
     if x.dtype not in _TRITON_DTYPES:
-        raise TypeError(f"the triton backend takes x in {_TRITON_DTYPES}, got {x.dtype}; use backend='reference'")
+        raise TypeError(f"the {backend} backend takes x in {_TRITON_DTYPES}, got {x.dtype}; use backend='reference'")
     params = {"ln_weight": ln_weight, "ln_bias": ln_bias, "down_weight": down_weight, "up_weight": up_weight}
     for name, t in params.items():
         if t.dtype != x.dtype or t.device != x.device:
             raise TypeError(f"{name} is {t.dtype} on {t.device}, but x is {x.dtype} on {x.device}")
-    if down_weight.shape[0] > _TRITON_MAX_HIDDEN:
+    if backend == "triton" and down_weight.shape[0] > _TRITON_MAX_HIDDEN:
         raise ValueError(
             f"the triton backend takes hidden sizes up to {_TRITON_MAX_HIDDEN}, got down_weight "
             f"{tuple(down_weight.shape)}; use backend='reference'"
@@ -131,20 +133,29 @@ def _check_triton_inputs(
 
 
 # ----------------------------------------------------------------------------------------------
-# Custom ops of the triton backend
+# Custom ops of the triton and native backends
 # ----------------------------------------------------------------------------------------------
+
+
+def _kernels(backend: str):
+    """The module whose ``linear_adapter_forward/backward`` launch ``backend``'s kernels."""
+    if backend == "native":
+        from . import native
+
+        return native
+    from .triton import linear_adapter as triton_kernels
+
+    return triton_kernels
 
 
 @torch.library.custom_op("fusedadapters::linear_adapter_fwd", mutates_args=())
 def _linear_adapter_fwd(
     x: Tensor, ln_weight: Tensor, ln_bias: Tensor, down_weight: Tensor, up_weight: Tensor,
     dropout_seed: Optional[Tensor], scale: Optional[Tensor], activation: str, norm_position: str,
-    eps: float, dropout_p: float, residual: bool, compute_row_sq: bool,
+    eps: float, dropout_p: float, residual: bool, compute_row_sq: bool, backend: str = "triton",
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Triton forward: ``(out, row_sq, hidden, mean, rstd, proj)``, see ``linear_adapter_forward``."""
-    from .triton.linear_adapter import linear_adapter_forward
-
-    return linear_adapter_forward(
+    """Forward: ``(out, row_sq, hidden, mean, rstd, proj)``, see ``linear_adapter_forward``."""
+    return _kernels(backend).linear_adapter_forward(
         x, ln_weight, ln_bias, down_weight, up_weight, dropout_seed, scale,
         activation, norm_position, eps, dropout_p, residual, compute_row_sq,
     )
@@ -153,7 +164,7 @@ def _linear_adapter_fwd(
 @_linear_adapter_fwd.register_fake
 def _linear_adapter_fwd_fake(
     x, ln_weight, ln_bias, down_weight, up_weight, dropout_seed, scale, activation, norm_position,
-    eps, dropout_p, residual, compute_row_sq,
+    eps, dropout_p, residual, compute_row_sq, backend="triton",
 ):
     n, h = math.prod(x.shape[:-1]), down_weight.shape[0]
     f32 = dict(dtype=torch.float32)
@@ -173,11 +184,10 @@ def _linear_adapter_bwd(
     down_weight: Tensor, up_weight: Tensor, dropout_seed: Optional[Tensor], scale: Optional[Tensor],
     hidden: Tensor, mean: Tensor, rstd: Tensor, proj: Tensor, activation: str, norm_position: str,
     dropout_p: float, residual: bool, need_dx: bool, need_dln: bool, need_dwd: bool, need_dwu: bool,
+    backend: str = "triton",
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Triton backward: ``(dx, d_ln_weight, d_ln_bias, d_down, d_up)``, see ``linear_adapter_backward``."""
-    from .triton.linear_adapter import linear_adapter_backward
-
-    return linear_adapter_backward(
+    """Backward: ``(dx, d_ln_weight, d_ln_bias, d_down, d_up)``, see ``linear_adapter_backward``."""
+    return _kernels(backend).linear_adapter_backward(
         grad_out, grad_row_sq, x, ln_weight, ln_bias, down_weight, up_weight, dropout_seed, scale,
         hidden, mean, rstd, proj, activation, norm_position, dropout_p, residual,
         need_dx, need_dln, need_dwd, need_dwu,
@@ -188,7 +198,7 @@ def _linear_adapter_bwd(
 def _linear_adapter_bwd_fake(
     grad_out, grad_row_sq, x, ln_weight, ln_bias, down_weight, up_weight, dropout_seed, scale,
     hidden, mean, rstd, proj, activation, norm_position, dropout_p, residual,
-    need_dx, need_dln, need_dwd, need_dwu,
+    need_dx, need_dln, need_dwd, need_dwu, backend="triton",
 ):
     def like(t: Tensor, needed: bool) -> Tensor:
         return t.new_empty(t.shape if needed else (0,))
@@ -204,10 +214,11 @@ def _linear_adapter_bwd_fake(
 
 def _setup_context(ctx, inputs, output) -> None:
     x, ln_weight, ln_bias, down_weight, up_weight, dropout_seed, scale, activation, norm_position, \
-        _eps, dropout_p, residual, _compute_row_sq = inputs
+        _eps, dropout_p, residual, _compute_row_sq, backend = inputs
     _out, _row_sq, hidden, mean, rstd, proj = output
     ctx.save_for_backward(x, ln_weight, ln_bias, down_weight, up_weight, dropout_seed, scale, hidden, mean, rstd, proj)
     ctx.config = (activation, norm_position, dropout_p, residual)
+    ctx.backend = backend
     ctx.mark_non_differentiable(hidden, mean, rstd, proj)
     ctx.set_materialize_grads(False)
 
@@ -220,11 +231,11 @@ def _backward(ctx, grad_out, grad_row_sq, *_unused):
     dx, d_ln_w, d_ln_b, d_down, d_up = torch.ops.fusedadapters.linear_adapter_bwd(
         grad_out, grad_row_sq, x, ln_weight, ln_bias, down_weight, up_weight, dropout_seed, scale,
         hidden, mean, rstd, proj, *ctx.config,
-        need_x, need_ln_w or need_ln_b, need_down, need_up,
+        need_x, need_ln_w or need_ln_b, need_down, need_up, ctx.backend,
     )
     grads = (dx, d_ln_w, d_ln_b, d_down, d_up)
     needed = (need_x, need_ln_w, need_ln_b, need_down, need_up)
-    return (*(g if need else None for g, need in zip(grads, needed)),) + (None,) * 8
+    return (*(g if need else None for g, need in zip(grads, needed)),) + (None,) * 9
 
 
 torch.library.register_autograd(

@@ -1,0 +1,235 @@
+"""The ``native`` backend: the compiled kernels of ``csrc/``, loaded as the ``fusedadapters_native`` library.
+
+``csrc/`` holds torch-free C++ kernels for CPU tensors and one binding file that registers them as
+the operators ``torch.ops.fusedadapters_native.linear_adapter_forward/backward``; the custom ops of
+``fusedadapters.ops.linear_adapter`` call them (this module's ``linear_adapter_forward`` and
+``linear_adapter_backward`` take the same arguments as the Triton launchers).
+
+Where the library comes from, first match wins:
+
+1. a library built ahead of time by ``FUSEDADAPTERS_BUILD_NATIVE=1 pip install .`` (``fusedadapters/_native*.so``);
+2. the build cache: ``$FUSEDADAPTERS_CACHE/native/<key>/`` (default ``~/.cache/fusedadapters/native/<key>/``),
+   where ``<key>`` names the torch version, CUDA version (or ``cpu``), machine, CPU, Python version and
+   a hash of the sources, so that each combination builds once;
+3. a just-in-time build into that cache through ``torch.utils.cpp_extension`` and ninja, when the
+   native backend is asked for and not built (it prints a progress message; it takes about half a
+   minute on two cores). ``python -m fusedadapters.build`` does the same ahead of time.
+
+The JIT build compiles for the CPU it runs on (``-march=native``); the ahead-of-time wheel build
+compiles for the baseline of its architecture unless ``FUSEDADAPTERS_NATIVE_CFLAGS`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import torch
+
+__all__ = [
+    "CACHE_ENV_VAR",
+    "NativeBuildError",
+    "build",
+    "cache_dir",
+    "ensure_loaded",
+    "is_built",
+    "linear_adapter_backward",
+    "linear_adapter_forward",
+    "supports_device",
+]
+
+CACHE_ENV_VAR = "FUSEDADAPTERS_CACHE"
+CFLAGS_ENV_VAR = "FUSEDADAPTERS_NATIVE_CFLAGS"
+LIBRARY_NAME = "fusedadapters_native"
+HOW_TO_BUILD = (
+    "build it with `python -m fusedadapters.build` (needs a C++17 compiler and ninja: "
+    "`apt-get install g++`, `pip install ninja`), or install with `FUSEDADAPTERS_BUILD_NATIVE=1 pip install .`"
+)
+JIT_CFLAGS = ["-O3", "-march=native", "-ffp-contract=fast"]
+PORTABLE_CFLAGS = ["-O3", "-ffp-contract=fast"]
+
+_PACKAGE_DIR = Path(__file__).resolve().parents[1]
+_loaded_from: Optional[Path] = None
+_devices: Tuple[str, ...] = ()  # device types with kernels in the loaded library
+
+
+class NativeBuildError(RuntimeError):
+    """The native library is not built and cannot be built here; the message says why and what to do."""
+
+
+def source_dir() -> Path:
+    """``csrc/``: next to the package in a source checkout, ``fusedadapters/_csrc`` in an installed wheel."""
+    installed = _PACKAGE_DIR / "_csrc"
+    return installed if installed.is_dir() else _PACKAGE_DIR.parent / "csrc"
+
+
+def sources() -> List[Path]:
+    """The C++ translation units of the CPU build (CUDA kernels join only in a CUDA build)."""
+    src = source_dir()
+    return [src / "binding.cpp", src / "linear_adapter_cpu.cpp"]
+
+
+def _source_hash() -> str:
+    digest = hashlib.sha256()
+    src = source_dir()
+    for path in sorted(src.glob("*")):
+        if path.suffix in (".h", ".cpp", ".cu"):
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def _cpu_tag() -> str:
+    """The CPU the JIT build targets (it compiles with -march=native): a hash of its model and flags."""
+    identity = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [line for line in f if line.startswith(("model name", "flags", "Features"))]
+        identity = "".join(sorted(set(lines)))
+    except OSError:
+        pass
+    return hashlib.sha256(identity.encode()).hexdigest()[:8]
+
+
+@functools.lru_cache(maxsize=None)
+def cache_key() -> str:
+    """``torch<ver>-<cpu|cu<ver>>-<machine>-<cpu hash>-py<ver>-<source hash>``."""
+    device = f"cu{torch.version.cuda}" if torch.version.cuda else "cpu"
+    python = f"py{sys.version_info.major}{sys.version_info.minor}"
+    torch_version = torch.__version__.replace("+", "_")
+    return f"torch{torch_version}-{device}-{platform.machine()}-{_cpu_tag()}-{python}-{_source_hash()}"
+
+
+def cache_dir() -> Path:
+    """Where the JIT build of this torch, CUDA, machine and source version lives."""
+    root = os.environ.get(CACHE_ENV_VAR) or os.path.join(os.path.expanduser("~"), ".cache", "fusedadapters")
+    return Path(root) / "native" / cache_key()
+
+
+@functools.lru_cache(maxsize=None)
+def _packaged_library() -> Optional[Path]:
+    found = sorted(_PACKAGE_DIR.glob("_native*.so")) + sorted(_PACKAGE_DIR.glob("_native*.pyd"))
+    return found[0] if found else None
+
+
+def _built_library() -> Optional[Path]:
+    packaged = _packaged_library()
+    if packaged is not None:
+        return packaged
+    cached = cache_dir() / f"{LIBRARY_NAME}.so"
+    return cached if cached.is_file() else None
+
+
+@torch.compiler.assume_constant_result
+def is_built() -> bool:
+    """Whether the library is loaded, or built and loadable without compiling anything (one file
+    lookup; ``torch.compile`` takes the answer as a constant of the compiled graph)."""
+    return _loaded_from is not None or _built_library() is not None
+
+
+def _check_toolchain() -> None:
+    from torch.utils import cpp_extension
+
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        raise NativeBuildError(f"the native backend is not built, and there is no C++ compiler ({compiler!r} is not "
+                               f"on PATH) to build it; {HOW_TO_BUILD}")
+    if not cpp_extension.is_ninja_available():
+        raise NativeBuildError(f"the native backend is not built, and ninja is not installed to build it; {HOW_TO_BUILD}")
+
+
+def cflags() -> List[str]:
+    """Compiler flags of the JIT build (``$FUSEDADAPTERS_NATIVE_CFLAGS`` replaces them when set)."""
+    custom = os.environ.get(CFLAGS_ENV_VAR)
+    return custom.split() if custom else list(JIT_CFLAGS)
+
+
+def build(verbose: bool = False) -> Path:
+    """Compile the library into ``cache_dir()`` (a no-op when it is there and current) and load it.
+
+    Raises ``NativeBuildError`` with the reason and the remedy when it cannot be built.
+    """
+    from torch.utils import cpp_extension
+
+    _check_toolchain()
+    if _loaded_from is not None:
+        raise NativeBuildError(f"the native backend is already loaded from {_loaded_from}; build again in a "
+                               "fresh process (`python -m fusedadapters.build`)")
+    target = cache_dir()
+    target.mkdir(parents=True, exist_ok=True)
+    try:
+        cpp_extension.load(
+            name=LIBRARY_NAME,
+            sources=[str(p) for p in sources()],
+            extra_cflags=cflags(),
+            extra_include_paths=[str(source_dir())],
+            build_directory=str(target),
+            is_python_module=False,
+            with_cuda=False,
+            verbose=verbose,
+        )
+    except Exception as error:  # the compiler's output is in the message
+        raise NativeBuildError(f"building the native backend in {target} failed: {error}") from error
+    _loaded(target / f"{LIBRARY_NAME}.so")
+    return target / f"{LIBRARY_NAME}.so"
+
+
+def _loaded(library: Path) -> None:
+    global _loaded_from, _devices
+    _loaded_from = library
+    _devices = tuple(torch.ops.fusedadapters_native.devices())
+
+
+def ensure_loaded() -> None:
+    """Load the library, building it just in time (with a progress message) when it is not built."""
+    if _loaded_from is not None:
+        return
+    library = _built_library()
+    if library is not None:
+        torch.ops.load_library(str(library))
+        _loaded(library)
+        return
+    target = cache_dir()
+    print(f"fusedadapters: building the native backend into {target} (once per torch, CUDA and "
+          "source version; about half a minute on two cores) ...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    build()
+    print(f"fusedadapters: native backend built in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+
+
+def supports_device(device: torch.device) -> Tuple[bool, str]:
+    """(whether the loaded library has kernels for ``device``, why not)."""
+    if device.type in _devices:
+        return True, ""
+    if device.type == "cuda":
+        return False, ("the native backend has no CUDA kernels in this build (the CUDA kernels are not "
+                       "finished; use backend='triton' on CUDA tensors)")
+    return False, f"the native backend runs on {list(_devices)} tensors, not {device.type}"
+
+
+def linear_adapter_forward(x, ln_weight, ln_bias, down_weight, up_weight, dropout_seed, scale, activation,
+                           norm_position, eps, dropout_p, residual, compute_row_sq):
+    """Native forward; arguments and results as ``ops.triton.linear_adapter.linear_adapter_forward``."""
+    ensure_loaded()
+    return tuple(torch.ops.fusedadapters_native.linear_adapter_forward(
+        x, ln_weight, ln_bias, down_weight, up_weight, dropout_seed, scale, activation, norm_position,
+        eps, dropout_p, residual, compute_row_sq,
+    ))
+
+
+def linear_adapter_backward(grad_out, grad_row_sq, x, ln_weight, ln_bias, down_weight, up_weight, dropout_seed,
+                            scale, hidden, mean, rstd, proj, activation, norm_position, dropout_p, residual,
+                            need_dx, need_dln, need_dwd, need_dwu):
+    """Native backward; arguments and results as ``ops.triton.linear_adapter.linear_adapter_backward``."""
+    ensure_loaded()
+    return tuple(torch.ops.fusedadapters_native.linear_adapter_backward(
+        grad_out, grad_row_sq, x, ln_weight, ln_bias, down_weight, up_weight, dropout_seed, scale,
+        hidden, mean, rstd, proj, activation, norm_position, dropout_p, residual,
+        need_dx, need_dln, need_dwd, need_dwu,
+    ))
