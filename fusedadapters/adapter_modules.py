@@ -26,6 +26,7 @@ __all__ = [
     "AdapterModuleUtil",
     "FusedLinearAdapter",
     "FusedLinearAdapterConfig",
+    "FusedLinearAdapterMixin",
     "LinearAdapter",
     "LinearAdapterConfig",
 ]
@@ -40,6 +41,15 @@ _ACTIVATION_MODULES = {
     "gelu": nn.GELU,
 }
 assert tuple(_ACTIVATION_MODULES) == ACTIVATIONS
+
+
+def check_adapter_input(adapter: nn.Module, x: torch.Tensor) -> None:
+    """``ValueError`` unless ``x`` is ``(..., adapter.in_features)``."""
+    if x.shape[-1:] != (adapter.in_features,):
+        raise ValueError(
+            f"{type(adapter).__name__} has in_features={adapter.in_features} but got an input of shape "
+            f"{tuple(x.shape)}: its last dimension must be {adapter.in_features}"
+        )
 
 
 @register_loadable_base
@@ -138,15 +148,8 @@ class LinearAdapter(nn.Module, AdapterModuleUtil):
             if getattr(last, "bias", None) is not None:
                 last.bias.zero_()
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        if x.shape[-1:] != (self.in_features,):
-            raise ValueError(
-                f"{type(self).__name__} has in_features={self.in_features} but got an input of shape "
-                f"{tuple(x.shape)}: its last dimension must be {self.in_features}"
-            )
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
+        check_adapter_input(self, x)
         x = self.module(x)
         if self.dropout is not None:
             x = self.dropout(x)
@@ -164,12 +167,16 @@ class LinearAdapterConfig:
     _target_: str = class_path(LinearAdapter)
 
 
-class FusedLinearAdapter(LinearAdapter):
-    """``LinearAdapter`` computed by the fused op (``fusedadapters.ops.linear_adapter``).
+class FusedLinearAdapterMixin:
+    """The fused forward of a ``LinearAdapter``-shaped module, computed by ``fusedadapters.ops.linear_adapter``.
 
-    Same constructor, config fields and ``state_dict`` keys as ``LinearAdapter``. ``forward`` returns the
-    adapter output alone (for any strategy); the residual strategy calls ``fused_residual_forward``,
-    which adds the input, stochastic depth and the L2 loss terms inside the same kernel.
+    Shared by this package's ``FusedLinearAdapter`` and ``fusedadapters.nemo.FusedLinearAdapter``. The
+    host class provides what a ``LinearAdapter`` has: ``module`` (the ``nn.Sequential`` of LayerNorm and
+    the two projections), ``norm_position``, ``dropout`` (an ``nn.Dropout`` or None), ``training``, and
+    the attributes ``activation`` (a name in ``fusedadapters.ops.reference.ACTIVATIONS``) and
+    ``in_features`` (D). ``forward`` returns the adapter output alone (for any strategy); a residual
+    strategy calls ``fused_residual_forward``, which adds the input, stochastic depth and the L2 loss
+    terms inside the same kernel.
 
     The backend is chosen per call (Triton for CUDA tensors when it imports, else the reference);
     set the attribute ``backend`` (or ``$FUSEDADAPTERS_BACKEND``) to force one. Weights are cast to
@@ -179,18 +186,18 @@ class FusedLinearAdapter(LinearAdapter):
 
     backend: Optional[str] = None
 
-    def _weights(self) -> Tuple[nn.LayerNorm, torch.Tensor, torch.Tensor]:
+    def _fused_weights(self) -> Tuple[nn.LayerNorm, torch.Tensor, torch.Tensor]:
         if self.norm_position == "pre":
             return self.module[0], self.module[1].weight, self.module[3].weight
         return self.module[3], self.module[0].weight, self.module[2].weight
 
-    def _run(
+    def _run_fused(
         self, x: torch.Tensor, *, residual: bool, scale: Optional[torch.Tensor], return_row_sq: bool
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        self._check_input(x)
+        check_adapter_input(self, x)
         if torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
-        norm, down, up = self._weights()
+        norm, down, up = self._fused_weights()
         dropout_p = self.dropout.p if self.dropout is not None and self.training else 0.0
         backend = self.backend
         if backend is not None:
@@ -213,7 +220,7 @@ class FusedLinearAdapter(LinearAdapter):
         return result if return_row_sq else (result, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._run(x, residual=False, scale=None, return_row_sq=False)[0]
+        return self._run_fused(x, residual=False, scale=None, return_row_sq=False)[0]
 
     def fused_residual_forward(
         self, x: torch.Tensor, *, scale: Optional[torch.Tensor] = None, return_row_sq: bool = False
@@ -222,17 +229,25 @@ class FusedLinearAdapter(LinearAdapter):
 
         ``scale`` is the stochastic-depth factor ``s`` (a one-element tensor) or None for 1.
         """
-        return self._run(x, residual=True, scale=scale, return_row_sq=return_row_sq)
+        return self._run_fused(x, residual=True, scale=scale, return_row_sq=return_row_sq)
 
     def fused_adapter_params(self, dtype: torch.dtype) -> ops.AdapterParams:
         """This adapter's weights (cast to ``dtype``) and options, for the many-adapter ops that
         ``fusedadapters.routing`` runs (mixed batches, fused chains); dropout only in training."""
-        norm, down, up = self._weights()
+        norm, down, up = self._fused_weights()
         return ops.AdapterParams(
             norm.weight.to(dtype), norm.bias.to(dtype), down.to(dtype), up.to(dtype),
             activation=self.activation, norm_position=self.norm_position, eps=norm.eps,
             dropout_p=self.dropout.p if self.dropout is not None and self.training else 0.0,
         )
+
+
+class FusedLinearAdapter(FusedLinearAdapterMixin, LinearAdapter):
+    """``LinearAdapter`` computed by the fused op (``fusedadapters.ops.linear_adapter``).
+
+    Same constructor, config fields and ``state_dict`` keys as ``LinearAdapter``; see
+    ``FusedLinearAdapterMixin`` for the forward, the backend choice and autocast.
+    """
 
 
 @dataclass
