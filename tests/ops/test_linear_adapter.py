@@ -504,7 +504,7 @@ def _compile_for_sm90(kernel, dtype: str, constexprs: dict, cfg):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    io = {"X", "OUT", "DOUT", "DX", "LN_W", "LN_B", "WD", "WU", "SCALE"}
+    io = {"X", "OUT", "DOUT", "DX", "LN_W", "LN_B", "WD", "WU", "WG", "SCALE", "ACTS", "DH"}
     signature = {}
     for name in kernel.arg_names:
         if name in constexprs:
@@ -524,7 +524,7 @@ def _compile_all_for_sm90(dtype: str) -> None:
     from fusedadapters.ops.triton import linear_adapter as kernels
 
     features = dict(ACT="gelu", HAS_DROPOUT=True, HAS_SCALE=True, DOT_F32=dtype == "fp32")
-    row_cfg, col_cfg = kernels._row_config(64, 4096), kernels._col_config(64, 4096)
+    row_cfg, col_cfg = kernels._row_config(64, 4096, kernels.H100), kernels._col_config(64, 4096, kernels.H100)
     variants = [
         (kernels._pre_norm_fwd_kernel, row_cfg, dict(RESIDUAL=True, STORE_ROW_SQ=True)),
         (kernels._post_norm_fwd_kernel, row_cfg, dict(RESIDUAL=True, STORE_ROW_SQ=True)),
@@ -537,6 +537,7 @@ def _compile_all_for_sm90(dtype: str) -> None:
     ]
     for kernel, cfg, extra in variants:
         constexprs = dict(features, **extra, BM=cfg.BM, BD=cfg.BD, BH=cfg.BH)
+        constexprs = {k: v for k, v in constexprs.items() if k in kernel.arg_names}
         compiled = _compile_for_sm90(kernel, dtype, constexprs, cfg)
         assert compiled.asm["cubin"] and compiled.metadata.shared <= H100_SHARED_MEMORY, (kernel.fn.__name__, extra)
 

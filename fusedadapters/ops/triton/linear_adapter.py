@@ -1,24 +1,30 @@
-"""Fused Triton kernels of the bottleneck adapter, forward and backward.
+"""Fused Triton kernels of the bottleneck adapter, forward and backward, and their launch plans.
 
 Notation as in ``fusedadapters.ops.reference``: ``x`` is N×D, ``Wd`` is H×D, ``Wu`` is D×H, ``γ, β``
 the LayerNorm weight and bias (D), ``act`` the activation, ``m = keep / (1 - p)`` the dropout
 multiplier (drawn from the integer hash of ``(seed, row, col)``, regenerated in backward, never
 stored) and ``s`` the stochastic-depth scale. Every kernel loads in the input dtype, upcasts to
-float32 at once, accumulates in float32 and casts at the store.
+float32 at once, accumulates in float32 and casts at the store. float32 dots run as ``tf32x3``
+(three tf32 products: float32 accuracy on the tensor cores); float16 and bfloat16 tiles feed the
+tensor cores directly.
 
-Forward, pre norm (``_pre_norm_fwd_kernel``; one program per block of BM rows)::
+Forward, pre norm. LayerNorm folds into the down-projection, ``LN(x) Wdᵀ = r ((x - μ)(Wd∘γ)ᵀ) + Wd β``,
+so one pass over x gives the statistics and the projection. ``_fold_ln_kernel`` computes, once per
+call, ``Wg = Wd∘γ`` (H×D, input dtype), ``g = Wd γ`` and ``b = Wd β``; then ``_pre_norm_fwd_kernel``
+(one program per block of BM rows)::
 
-    pass 1 over D:  A = (x - c)(Wd∘γ)ᵀ,  S1 = Σ_d (x - c),  S2 = Σ_d (x - c)²,  g = Wd γ,  b = Wd β
+    pass 1 over D:  A = (x - c) Wgᵀ,  S1 = Σ_d (x - c),  S2 = Σ_d (x - c)²
                     (c: the row's mean over the first chunk, against cancellation in S2)
                     μ = c + S1/D,  r = 1/sqrt(S2/D - (S1/D)² + eps)
                     h = LN(x) Wdᵀ = r (A - (μ - c) g) + b,  a = act(h)
-    pass 2 over D:  y = a Wuᵀ,  z = s m y,  out = [x +] z,  row_sq = Σ_d z²
+    pass 2 over D, walking D backwards (the chunks pass 1 read last are the likeliest still in L2):
+                    y = a Wuᵀ,  z = s m y,  out = [x +] z,  row_sq = Σ_d z²
 
 Forward, post norm (``_post_norm_fwd_kernel``)::
 
     pass 1 over D:  h = x Wdᵀ,  a = act(h)
     pass 2 over D:  u = a Wuᵀ (recomputed, H is small),  μ, r of u (shifted like above)
-    pass 3 over D:  û = (u - μ) r,  y = û γ + β,  z = s m y,  out = [x +] z,  row_sq = Σ_d z²
+    pass 3 over D (backwards):  û = (u - μ) r,  y = û γ + β,  z = s m y,  out = [x +] z,  row_sq = Σ_d z²
 
 Both save h (N×H), (c, μ - c) (2×N) and r (N) in float32; pre norm also saves (g, b) (2×H).
 
@@ -26,28 +32,40 @@ Backward, given dout and the row_sq gradient q (absent unless row_sq was returne
 
     dz = dout + 2 q z,  dy = s m dz      (the residual sends dout to dx unchanged)
 
+It runs as a rows pass (row-parallel: everything that needs a whole row) and a columns pass
+(column-parallel: programs own D slices and loop over rows). The rows pass hands the columns pass
+``a = act(h)`` and ``dh`` (N×H, in the dots' operand dtype) and two per-row scalars ``k1 = c1 / D``,
+``k2 = c2 / D``, so that the columns pass's inner loop has no transcendental and no division.
+
 Pre norm: ``da = dy Wu``, ``dh = da ⊙ act'(h)``. The LayerNorm's two row reductions collapse to
 H-sized products, ``c1 = Σ_d dx̂ = dh·g`` and ``c2 = Σ_d dx̂ ⊙ x̂ = dh·(h - b)`` with ``dx̂ = (dh Wd)⊙γ``:
 
-    rows pass:     dh, c1, c2                                             (row-parallel)
-    columns pass:  dx  = [dout +] r (dx̂ - (c1 + x̂ c2)/D)                  (column-parallel:
-                   dWd = dhᵀ (x̂ γ + β),  dWu = dyᵀ a,                      programs own D slices
-                   dγ = Σ_n (dh Wd) ⊙ x̂,  dβ = Σ_n dh Wd                  and loop over rows)
+    rows pass:     dh, a, k1, k2
+    columns pass:  t = dh Wd,  dx = [dout +] r (γ t - k1 - x̂ k2),
+                   dWd = dhᵀ (x̂ γ + β),  dWu = dyᵀ a,  dγ = Σ_n t ⊙ x̂,  dβ = Σ_n t
 
-Post norm: ``dû = dy γ``, ``c1 = Σ_d dû``, ``c2 = Σ_d dû ⊙ û``, ``du = r (dû - (c1 + û c2)/D)``;
-``da = du Wu = r (dû Wu - (c1 (Σ_d Wu) + c2 (û Wu))/D)`` needs one pass over D:
+Post norm: ``dû = dy γ``, ``c1 = Σ_d dû``, ``c2 = Σ_d dû ⊙ û``, ``du = r (dû - (c1 + û c2)/D)``,
+``da = du Wu = r (dû Wu - (c1 Σ_d Wu + c2 û Wu)/D)`` needs one pass over D:
 
-    rows pass:     c1, c2, da, dh = da ⊙ act'(h)
-    columns pass:  dx = [dout +] dh Wd,  dWd = dhᵀ x,  dWu = duᵀ a,  dγ = Σ_n dy ⊙ û,  dβ = Σ_n dy
+    rows pass:     c1, c2, da, dh = da ⊙ act'(h), a, k1, k2
+    columns pass:  dx = [dout +] dh Wd,  dWd = dhᵀ x,  du = r (γ dy - k1 - û k2),  dWu = duᵀ a,
+                   dγ = Σ_n dy ⊙ û,  dβ = Σ_n dy
 
 The columns pass splits the rows into S groups when the D slices alone cannot fill the device;
-each group writes float32 partial weight gradients, summed afterwards in a fixed order. No atomics:
-the gradients are bitwise deterministic for a given shape and device.
+each group writes float32 partial weight gradients, summed afterwards in a fixed order. dγ and dβ
+accumulate elementwise over a BM×BD tile and reduce once after the row loop. No atomics: the
+gradients are bitwise deterministic for a given shape and device.
+
+Launch plans: ``plan_forward`` and ``plan_backward`` return the outputs and the list of ``Launch``es
+(kernel, grid, arguments, constexprs, and the launcher's traffic model) without running anything, for
+tensors on any device including ``meta``; ``bench/static_report.py`` compiles exactly these launches.
+Block sizes come from ``DeviceLimits`` (SM count, shared memory per block, compute capability).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+import functools
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -57,7 +75,10 @@ from ..backend import triton_interpreter_enabled
 from ..reference import HASH_MUL_1, HASH_MUL_2, ROW_STRIDE, SELU_ALPHA, SELU_SCALE
 from . import fix_interpreter_scalar_index
 
-__all__ = ["linear_adapter_backward", "linear_adapter_forward"]
+__all__ = [
+    "A100", "H100", "DeviceLimits", "Launch", "device_limits", "linear_adapter_backward",
+    "linear_adapter_forward", "plan_backward", "plan_forward",
+]
 
 if triton_interpreter_enabled():
     fix_interpreter_scalar_index()
@@ -156,9 +177,9 @@ def _dy(dout, y, grad_sq, row_hash, cols, scale, dropout_p, keep_scale,
 
 @triton.jit
 def _dot(a, b, DOT_F32: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    """a @ b with float32 accumulation: IEEE float32 operands, or DOT_DTYPE (fp16/bf16) operands."""
+    """a @ b with float32 accumulation: float32 operands as tf32x3, or DOT_DTYPE (fp16/bf16) operands."""
     if DOT_F32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32x3")
     else:
         return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE))
 
@@ -210,8 +231,32 @@ def _load_rows(PTR, rows, row_ok, HAS: tl.constexpr, stride):
 
 
 @triton.jit
+def _fold_ln_kernel(WD, LN_W, LN_B, WG, PROJ, D, H, BR: tl.constexpr, BD: tl.constexpr):
+    """``Wg = Wd∘γ`` (stored in WG's dtype), ``g = Wd γ`` and ``b = Wd β`` (PROJ, float32 2×H), for BR
+    rows of Wd per program."""
+    hrows = tl.program_id(0) * BR + tl.arange(0, BR)
+    h_ok = hrows < H
+    g = tl.zeros((BR,), tl.float32)
+    b = tl.zeros((BR,), tl.float32)
+    for d0 in range(0, D, BD):
+        cols = d0 + tl.arange(0, BD)
+        d_ok = cols < D
+        mask = h_ok[:, None] & d_ok[None, :]
+        offs = hrows.to(tl.int64)[:, None] * D + cols[None, :]
+        wd = tl.load(WD + offs, mask=mask, other=0.0).to(tl.float32)
+        gamma = tl.load(LN_W + cols, mask=d_ok, other=0.0).to(tl.float32)
+        beta = tl.load(LN_B + cols, mask=d_ok, other=0.0).to(tl.float32)
+        wg = wd * gamma[None, :]
+        tl.store(WG + offs, wg, mask=mask)
+        g += tl.sum(wg, 1)
+        b += tl.sum(wd * beta[None, :], 1)
+    tl.store(PROJ + hrows, g, mask=h_ok)
+    tl.store(PROJ + H + hrows, b, mask=h_ok)
+
+
+@triton.jit
 def _pre_norm_fwd_kernel(
-    X, OUT, ROW_SQ, HID, MEAN, RSTD, PROJ, LN_W, LN_B, WD, WU, SEED, SCALE,
+    X, OUT, ROW_SQ, HID, MEAN, RSTD, PROJ, WG, WU, SEED, SCALE,
     N, D, H, stride_xn, stride_xd, eps, dropout_p, keep_scale,
     ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr, RESIDUAL: tl.constexpr,
     STORE_ROW_SQ: tl.constexpr, DOT_F32: tl.constexpr,
@@ -232,48 +277,42 @@ def _pre_norm_fwd_kernel(
     shift = tl.sum(tl.load(x_rows + cols[None, :] * stride_xd, mask=first, other=0.0).to(tl.float32), 1)
     shift = shift / tl.sum((cols < D).to(tl.float32), 0)
 
-    # Pass 1: A = (x - c)(Wd∘γ)ᵀ, shifted moments, g = Wd γ, b = Wd β.
+    # Pass 1: A = (x - c) Wgᵀ and the shifted moments.
     acc = tl.zeros((BM, BH), tl.float32)
     s1 = tl.zeros((BM,), tl.float32)
     s2 = tl.zeros((BM,), tl.float32)
-    g = tl.zeros((BH,), tl.float32)
-    b = tl.zeros((BH,), tl.float32)
     for d0 in range(0, D, BD):
         cols = d0 + tl.arange(0, BD)
         d_ok = cols < D
         mask = row_ok[:, None] & d_ok[None, :]
         x = tl.load(x_rows + cols[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
+        wg_t = tl.load(WG + hcols[None, :] * D + cols[:, None],  # (BD, BH) = Wg[:, cols]ᵀ
+                       mask=d_ok[:, None] & h_ok[None, :], other=0.0)
         xc = tl.where(mask, x - shift[:, None], 0.0)
         s1 += tl.sum(xc, 1)
         s2 += tl.sum(xc * xc, 1)
-        gamma = tl.load(LN_W + cols, mask=d_ok, other=0.0).to(tl.float32)
-        beta = tl.load(LN_B + cols, mask=d_ok, other=0.0).to(tl.float32)
-        wd_t = tl.load(WD + hcols[None, :] * D + cols[:, None],  # (BD, BH) = Wd[:, cols]ᵀ
-                       mask=d_ok[:, None] & h_ok[None, :], other=0.0).to(tl.float32)
-        wg_t = wd_t * gamma[:, None]
-        g += tl.sum(wg_t, 0)
-        b += tl.sum(wd_t * beta[:, None], 0)
         acc += _dot(xc, wg_t, DOT_F32, dot_dtype)
     mean_c = s1 / D
     var = tl.maximum(s2 / D - mean_c * mean_c, 0.0)
     rstd = 1.0 / tl.sqrt(var + eps)
+    g = tl.load(PROJ + hcols, mask=h_ok, other=0.0)
+    b = tl.load(PROJ + H + hcols, mask=h_ok, other=0.0)
     h = rstd[:, None] * (acc - mean_c[:, None] * g[None, :]) + b[None, :]
-    hid_mask = row_ok[:, None] & h_ok[None, :]
-    tl.store(HID + rows.to(tl.int64)[:, None] * H + hcols[None, :], h, mask=hid_mask)
+    tl.store(HID + rows.to(tl.int64)[:, None] * H + hcols[None, :], h, mask=row_ok[:, None] & h_ok[None, :])
     _store_stats(MEAN, RSTD, rows, row_ok, N, shift, mean_c, rstd)
-    if pid == 0:
-        tl.store(PROJ + hcols, g, mask=h_ok)
-        tl.store(PROJ + H + hcols, b, mask=h_ok)
     a = _act(h, ACT)
 
-    # Pass 2: out = [x +] s m (a Wuᵀ).
+    # Pass 2, D backwards: out = [x +] s m (a Wuᵀ); the residual chunk is loaded before the dot.
     scale = _load_scale(SCALE, HAS_SCALE)
     row_hash = _row_hash(SEED, rows) if HAS_DROPOUT else rows
     sq = tl.zeros((BM,), tl.float32)
-    for d0 in range(0, D, BD):
-        cols = d0 + tl.arange(0, BD)
+    n_chunks = tl.cdiv(D, BD)
+    for i in range(0, n_chunks):
+        cols = (n_chunks - 1 - i) * BD + tl.arange(0, BD)
         d_ok = cols < D
         mask = row_ok[:, None] & d_ok[None, :]
+        if RESIDUAL:
+            x = tl.load(x_rows + cols[None, :] * stride_xd, mask=mask, other=0.0)
         wu_t = tl.load(WU + cols[None, :] * H + hcols[:, None],  # (BH, BD) = Wu[cols, :]ᵀ
                        mask=h_ok[:, None] & d_ok[None, :], other=0.0)
         z = _drop_scale(_dot(a, wu_t, DOT_F32, dot_dtype), row_hash, cols, scale, dropout_p,
@@ -281,7 +320,7 @@ def _pre_norm_fwd_kernel(
         if STORE_ROW_SQ:
             sq += tl.sum(z * z, 1)
         if RESIDUAL:
-            z += tl.load(x_rows + cols[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
+            z += x.to(tl.float32)
         tl.store(out_rows + cols[None, :], z, mask=mask)
     if STORE_ROW_SQ:
         tl.store(ROW_SQ + rows, sq, mask=row_ok)
@@ -333,14 +372,17 @@ def _post_norm_fwd_kernel(
     rstd = 1.0 / tl.sqrt(tl.maximum(s2 / D - mean_c * mean_c, 0.0) + eps)
     _store_stats(MEAN, RSTD, rows, row_ok, N, shift, mean_c, rstd)
 
-    # Pass 3: out = [x +] s m LN(u).
+    # Pass 3, D backwards: out = [x +] s m LN(u).
     scale = _load_scale(SCALE, HAS_SCALE)
     row_hash = _row_hash(SEED, rows) if HAS_DROPOUT else rows
     sq = tl.zeros((BM,), tl.float32)
-    for d0 in range(0, D, BD):
-        cols = d0 + tl.arange(0, BD)
+    n_chunks = tl.cdiv(D, BD)
+    for i in range(0, n_chunks):
+        cols = (n_chunks - 1 - i) * BD + tl.arange(0, BD)
         d_ok = cols < D
         mask = row_ok[:, None] & d_ok[None, :]
+        if RESIDUAL:
+            x = tl.load(x_rows + cols[None, :] * stride_xd, mask=mask, other=0.0)
         wu_t = tl.load(WU + cols[None, :] * H + hcols[:, None], mask=h_ok[:, None] & d_ok[None, :], other=0.0)
         gamma = tl.load(LN_W + cols, mask=d_ok, other=0.0).to(tl.float32)
         beta = tl.load(LN_B + cols, mask=d_ok, other=0.0).to(tl.float32)
@@ -350,21 +392,32 @@ def _post_norm_fwd_kernel(
         if STORE_ROW_SQ:
             sq += tl.sum(tl.where(mask, z * z, 0.0), 1)
         if RESIDUAL:
-            z += tl.load(x_rows + cols[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
+            z += x.to(tl.float32)
         tl.store(out_rows + cols[None, :], z, mask=mask)
     if STORE_ROW_SQ:
         tl.store(ROW_SQ + rows, sq, mask=row_ok)
 
 
 # ----------------------------------------------------------------------------------------------
-# Backward kernels: a row-parallel pass (dh and per-row scalars), then a column-parallel pass.
-# Rows past N load as zeros (h, dh, dout, statistics), which makes their contributions vanish.
+# Backward kernels: a row-parallel pass (a, dh and per-row scalars), then a column-parallel pass.
+# Rows past N load as zeros (a, dh, dout, statistics), which makes their contributions vanish.
 # ----------------------------------------------------------------------------------------------
 
 
 @triton.jit
+def _store_rows_outputs(ACTS, DH, K, a, dh, k1, k2, rows, row_ok, hcols, h_ok, N, H):
+    """What the columns pass reads: a and dh (N×H, in ACTS' and DH's dtype), K = (k1, k2) (2×N)."""
+    offs = rows.to(tl.int64)[:, None] * H + hcols[None, :]
+    mask = row_ok[:, None] & h_ok[None, :]
+    tl.store(ACTS + offs, a, mask=mask)
+    tl.store(DH + offs, dh, mask=mask)
+    tl.store(K + rows, k1, mask=row_ok)
+    tl.store(K + N + rows, k2, mask=row_ok)
+
+
+@triton.jit
 def _pre_norm_bwd_rows_kernel(
-    DOUT, GRAD_SQ, HID, PROJ, WU, SEED, SCALE, DH, C1, C2,
+    DOUT, GRAD_SQ, HID, PROJ, WU, SEED, SCALE, ACTS, DH, K,
     N, D, H, stride_gn, stride_gd, stride_q, dropout_p, keep_scale,
     ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_ROW_SQ_GRAD: tl.constexpr, DOT_F32: tl.constexpr,
@@ -376,11 +429,10 @@ def _pre_norm_bwd_rows_kernel(
     hcols = tl.arange(0, BH)
     h_ok = hcols < H
     hid_mask = row_ok[:, None] & h_ok[None, :]
-    hid_offs = rows.to(tl.int64)[:, None] * H + hcols[None, :]
     g_rows = DOUT + rows.to(tl.int64)[:, None] * stride_gn
     dot_dtype = WU.dtype.element_ty
 
-    h = tl.load(HID + hid_offs, mask=hid_mask, other=0.0)
+    h = tl.load(HID + rows.to(tl.int64)[:, None] * H + hcols[None, :], mask=hid_mask, other=0.0)
     a = _act(h, ACT)
     grad_sq = _load_rows(GRAD_SQ, rows, row_ok, HAS_ROW_SQ_GRAD, stride_q)
     scale = _load_scale(SCALE, HAS_SCALE)
@@ -400,17 +452,82 @@ def _pre_norm_bwd_rows_kernel(
     dh = da * _act_grad(h, ACT)
     g = tl.load(PROJ + hcols, mask=h_ok, other=0.0)
     b = tl.load(PROJ + H + hcols, mask=h_ok, other=0.0)
-    tl.store(DH + hid_offs, dh, mask=hid_mask)
-    tl.store(C1 + rows, tl.sum(dh * g[None, :], 1), mask=row_ok)
-    tl.store(C2 + rows, tl.sum(dh * (h - b[None, :]), 1), mask=row_ok)
+    k1 = tl.sum(dh * g[None, :], 1) / D
+    k2 = tl.sum(dh * (h - b[None, :]), 1) / D
+    _store_rows_outputs(ACTS, DH, K, a, dh, k1, k2, rows, row_ok, hcols, h_ok, N, H)
+
+
+@triton.jit
+def _post_norm_dy(a, wu, dout, gamma, beta, shift, mean_c, rstd, grad_sq, row_hash, cols, mask, scale,
+                  dropout_p, keep_scale, HAS_DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr,
+                  HAS_ROW_SQ_GRAD: tl.constexpr, DOT_F32: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """(û, dy) on a BM×BD tile of the post-norm adapter: û = LN's normalised u = a Wuᵀ, dy as above."""
+    uhat = _normalize(_dot(a, tl.trans(wu), DOT_F32, DOT_DTYPE), shift, mean_c, rstd, mask)
+    dy = _dy(dout, uhat * gamma[None, :] + beta[None, :], grad_sq, row_hash, cols, scale, dropout_p,
+             keep_scale, HAS_DROPOUT, HAS_SCALE, HAS_ROW_SQ_GRAD)
+    return uhat, dy
+
+
+@triton.jit
+def _post_norm_bwd_rows_kernel(
+    DOUT, GRAD_SQ, HID, MEAN, RSTD, LN_W, LN_B, WU, SEED, SCALE, ACTS, DH, K,
+    N, D, H, stride_gn, stride_gd, stride_q, dropout_p, keep_scale,
+    ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_ROW_SQ_GRAD: tl.constexpr, DOT_F32: tl.constexpr,
+    BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BM + tl.arange(0, BM)
+    row_ok = rows < N
+    hcols = tl.arange(0, BH)
+    h_ok = hcols < H
+    hid_mask = row_ok[:, None] & h_ok[None, :]
+    g_rows = DOUT + rows.to(tl.int64)[:, None] * stride_gn
+    dot_dtype = WU.dtype.element_ty
+
+    h = tl.load(HID + rows.to(tl.int64)[:, None] * H + hcols[None, :], mask=hid_mask, other=0.0)
+    a = _act(h, ACT)
+    shift, mean_c, rstd = _load_stats(MEAN, RSTD, rows, row_ok, N)
+    grad_sq = _load_rows(GRAD_SQ, rows, row_ok, HAS_ROW_SQ_GRAD, stride_q)
+    scale = _load_scale(SCALE, HAS_SCALE)
+    row_hash = _row_hash(SEED, rows) if HAS_DROPOUT else rows
+
+    # One pass over D: c1 = Σ_d dû, c2 = Σ_d dû ⊙ û, and da = du Wu = r (dû Wu - (c1 Σ_d Wu + c2 û Wu) / D).
+    c1 = tl.zeros((BM,), tl.float32)
+    c2 = tl.zeros((BM,), tl.float32)
+    duhat_wu = tl.zeros((BM, BH), tl.float32)  # dû Wu
+    uhat_wu = tl.zeros((BM, BH), tl.float32)  # û Wu
+    wu_sum = tl.zeros((BH,), tl.float32)  # Σ_d Wu
+    for d0 in range(0, D, BD):
+        cols = d0 + tl.arange(0, BD)
+        d_ok = cols < D
+        mask = row_ok[:, None] & d_ok[None, :]
+        dout = tl.load(g_rows + cols[None, :] * stride_gd, mask=mask, other=0.0).to(tl.float32)
+        gamma = tl.load(LN_W + cols, mask=d_ok, other=0.0).to(tl.float32)
+        beta = tl.load(LN_B + cols, mask=d_ok, other=0.0).to(tl.float32)
+        wu = tl.load(WU + cols[:, None] * H + hcols[None, :], mask=d_ok[:, None] & h_ok[None, :], other=0.0)
+        uhat, dy = _post_norm_dy(a, wu, dout, gamma, beta, shift, mean_c, rstd, grad_sq, row_hash, cols, mask,
+                                 scale, dropout_p, keep_scale, HAS_DROPOUT, HAS_SCALE, HAS_ROW_SQ_GRAD,
+                                 DOT_F32, dot_dtype)
+        duhat = dy * gamma[None, :]
+        c1 += tl.sum(duhat, 1)
+        c2 += tl.sum(duhat * uhat, 1)
+        duhat_wu += _dot(duhat, wu, DOT_F32, dot_dtype)
+        uhat_wu += _dot(uhat, wu, DOT_F32, dot_dtype)
+        wu_sum += tl.sum(wu.to(tl.float32), 0)
+    k1 = c1 / D
+    k2 = c2 / D
+    da = rstd[:, None] * (duhat_wu - k1[:, None] * wu_sum[None, :] - k2[:, None] * uhat_wu)
+    dh = da * _act_grad(h, ACT)
+    _store_rows_outputs(ACTS, DH, K, a, dh, k1, k2, rows, row_ok, hcols, h_ok, N, H)
 
 
 @triton.jit
 def _bwd_cols_kernel(
-    X, DOUT, GRAD_SQ, HID, DH, MEAN, RSTD, C1, C2, LN_W, LN_B, WD, WU, SEED, SCALE,
+    X, DOUT, GRAD_SQ, ACTS, DH, MEAN, RSTD, K, LN_W, LN_B, WD, WU, SEED, SCALE,
     DX, DWD, DWU, DLN_W, DLN_B,
     N, D, H, stride_xn, stride_xd, stride_gn, stride_gd, stride_q, rows_per_split, dropout_p, keep_scale,
-    ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_ROW_SQ_GRAD: tl.constexpr, RESIDUAL: tl.constexpr, DOT_F32: tl.constexpr,
     NEED_DX: tl.constexpr, NEED_DLN: tl.constexpr, NEED_DWD: tl.constexpr, NEED_DWU: tl.constexpr,
     PRE_NORM: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
@@ -433,8 +550,8 @@ def _bwd_cols_kernel(
 
     dwd = tl.zeros((BH, BD), tl.float32)
     dwu = tl.zeros((BD, BH), tl.float32)
-    dgamma = tl.zeros((BD,), tl.float32)
-    dbeta = tl.zeros((BD,), tl.float32)
+    dgamma = tl.zeros((BM, BD), tl.float32)  # reduced over rows once, after the loop
+    dbeta = tl.zeros((BM, BD), tl.float32)
     row_begin = split * rows_per_split
     row_end = tl.minimum(row_begin + rows_per_split, N)
     for r0 in range(row_begin, row_end, BM):
@@ -445,9 +562,10 @@ def _bwd_cols_kernel(
         hid_mask = row_ok[:, None] & h_ok[None, :]
         dout = tl.load(DOUT + rows.to(tl.int64)[:, None] * stride_gn + cols[None, :] * stride_gd,
                        mask=mask, other=0.0).to(tl.float32)
+        shift, mean_c, rstd = _load_stats(MEAN, RSTD, rows, row_ok, N)
         if PRE_NORM:
             if NEED_DWU:
-                a = _act(tl.load(HID + hid_offs, mask=hid_mask, other=0.0), ACT)
+                a = tl.load(ACTS + hid_offs, mask=hid_mask, other=0.0)
                 y = _dot(a, tl.trans(wu), DOT_F32, dot_dtype) if HAS_ROW_SQ_GRAD else dout
                 grad_sq = _load_rows(GRAD_SQ, rows, row_ok, HAS_ROW_SQ_GRAD, stride_q)
                 row_hash = _row_hash(SEED, rows) if HAS_DROPOUT else rows
@@ -458,38 +576,36 @@ def _bwd_cols_kernel(
                 dh = tl.load(DH + hid_offs, mask=hid_mask, other=0.0)
                 x = tl.load(X + rows.to(tl.int64)[:, None] * stride_xn + cols[None, :] * stride_xd,
                             mask=mask, other=0.0).to(tl.float32)
-                shift, mean_c, rstd = _load_stats(MEAN, RSTD, rows, row_ok, N)
-                xhat = _normalize(x, shift, mean_c, rstd, mask)
+                xhat = ((x - shift[:, None]) - mean_c[:, None]) * rstd[:, None]
                 if NEED_DX or NEED_DLN:
-                    dxhat = _dot(dh, wd, DOT_F32, dot_dtype)  # dh Wd, before ⊙ γ
+                    t = _dot(dh, wd, DOT_F32, dot_dtype)  # dh Wd = dx̂ / γ
                     if NEED_DX:
-                        c1 = tl.load(C1 + rows, mask=row_ok, other=0.0)
-                        c2 = tl.load(C2 + rows, mask=row_ok, other=0.0)
-                        dx = rstd[:, None] * (dxhat * gamma[None, :] - (c1[:, None] + xhat * c2[:, None]) / D)
+                        k1 = tl.load(K + rows, mask=row_ok, other=0.0)
+                        k2 = tl.load(K + N + rows, mask=row_ok, other=0.0)
+                        dx = rstd[:, None] * (t * gamma[None, :] - k1[:, None] - xhat * k2[:, None])
                         if RESIDUAL:
                             dx += dout
                         tl.store(DX + rows.to(tl.int64)[:, None] * D + cols[None, :], dx, mask=mask)
                     if NEED_DLN:
-                        dgamma += tl.sum(dxhat * xhat, 0)
-                        dbeta += tl.sum(dxhat, 0)
+                        dgamma += t * xhat
+                        dbeta += t
                 if NEED_DWD:
                     dwd += _dot(tl.trans(dh), xhat * gamma[None, :] + beta[None, :], DOT_F32, dot_dtype)
         else:
             if NEED_DLN or NEED_DWU:
-                a = _act(tl.load(HID + hid_offs, mask=hid_mask, other=0.0), ACT)
-                shift, mean_c, rstd = _load_stats(MEAN, RSTD, rows, row_ok, N)
-                uhat = _normalize(_dot(a, tl.trans(wu), DOT_F32, dot_dtype), shift, mean_c, rstd, mask)
+                a = tl.load(ACTS + hid_offs, mask=hid_mask, other=0.0)
                 grad_sq = _load_rows(GRAD_SQ, rows, row_ok, HAS_ROW_SQ_GRAD, stride_q)
                 row_hash = _row_hash(SEED, rows) if HAS_DROPOUT else rows
-                dy = _dy(dout, uhat * gamma[None, :] + beta[None, :], grad_sq, row_hash, cols, scale,
-                         dropout_p, keep_scale, HAS_DROPOUT, HAS_SCALE, HAS_ROW_SQ_GRAD)
+                uhat, dy = _post_norm_dy(a, wu, dout, gamma, beta, shift, mean_c, rstd, grad_sq, row_hash, cols,
+                                         mask, scale, dropout_p, keep_scale, HAS_DROPOUT, HAS_SCALE,
+                                         HAS_ROW_SQ_GRAD, DOT_F32, dot_dtype)
                 if NEED_DLN:
-                    dgamma += tl.sum(dy * uhat, 0)
-                    dbeta += tl.sum(dy, 0)
+                    dgamma += dy * uhat
+                    dbeta += dy
                 if NEED_DWU:
-                    c1 = tl.load(C1 + rows, mask=row_ok, other=0.0)
-                    c2 = tl.load(C2 + rows, mask=row_ok, other=0.0)
-                    du = rstd[:, None] * (dy * gamma[None, :] - (c1[:, None] + uhat * c2[:, None]) / D)
+                    k1 = tl.load(K + rows, mask=row_ok, other=0.0)
+                    k2 = tl.load(K + N + rows, mask=row_ok, other=0.0)
+                    du = rstd[:, None] * (dy * gamma[None, :] - k1[:, None] - uhat * k2[:, None])
                     dwu += _dot(tl.trans(du), a, DOT_F32, dot_dtype)
             if NEED_DX or NEED_DWD:
                 dh = tl.load(DH + hid_offs, mask=hid_mask, other=0.0)
@@ -502,63 +618,8 @@ def _bwd_cols_kernel(
                     x = tl.load(X + rows.to(tl.int64)[:, None] * stride_xn + cols[None, :] * stride_xd,
                                 mask=mask, other=0.0)
                     dwd += _dot(tl.trans(dh), x, DOT_F32, dot_dtype)
-    _store_weight_partials(DWD, DWU, DLN_W, DLN_B, dwd, dwu, dgamma, dbeta, split, cols, d_ok, hcols, h_ok,
-                           D, H, NEED_DLN, NEED_DWD, NEED_DWU)
-
-
-@triton.jit
-def _post_norm_bwd_rows_kernel(
-    DOUT, GRAD_SQ, HID, MEAN, RSTD, LN_W, LN_B, WU, SEED, SCALE, DH, C1, C2,
-    N, D, H, stride_gn, stride_gd, stride_q, dropout_p, keep_scale,
-    ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr,
-    HAS_ROW_SQ_GRAD: tl.constexpr, DOT_F32: tl.constexpr,
-    BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    rows = pid * BM + tl.arange(0, BM)
-    row_ok = rows < N
-    hcols = tl.arange(0, BH)
-    h_ok = hcols < H
-    hid_mask = row_ok[:, None] & h_ok[None, :]
-    hid_offs = rows.to(tl.int64)[:, None] * H + hcols[None, :]
-    g_rows = DOUT + rows.to(tl.int64)[:, None] * stride_gn
-    dot_dtype = WU.dtype.element_ty
-
-    h = tl.load(HID + hid_offs, mask=hid_mask, other=0.0)
-    a = _act(h, ACT)
-    shift, mean_c, rstd = _load_stats(MEAN, RSTD, rows, row_ok, N)
-    grad_sq = _load_rows(GRAD_SQ, rows, row_ok, HAS_ROW_SQ_GRAD, stride_q)
-    scale = _load_scale(SCALE, HAS_SCALE)
-    row_hash = _row_hash(SEED, rows) if HAS_DROPOUT else rows
-
-    c1 = tl.zeros((BM,), tl.float32)
-    c2 = tl.zeros((BM,), tl.float32)
-    duhat_wu = tl.zeros((BM, BH), tl.float32)  # dû Wu
-    uhat_wu = tl.zeros((BM, BH), tl.float32)  # û Wu
-    wu_sum = tl.zeros((BH,), tl.float32)  # Σ_d Wu
-    for d0 in range(0, D, BD):
-        cols = d0 + tl.arange(0, BD)
-        d_ok = cols < D
-        mask = row_ok[:, None] & d_ok[None, :]
-        dout = tl.load(g_rows + cols[None, :] * stride_gd, mask=mask, other=0.0).to(tl.float32)
-        gamma = tl.load(LN_W + cols, mask=d_ok, other=0.0).to(tl.float32)
-        beta = tl.load(LN_B + cols, mask=d_ok, other=0.0).to(tl.float32)
-        wu = tl.load(WU + cols[:, None] * H + hcols[None, :], mask=d_ok[:, None] & h_ok[None, :], other=0.0)
-        u = _dot(a, tl.trans(wu), DOT_F32, dot_dtype)
-        uhat = _normalize(u, shift, mean_c, rstd, mask)
-        y = uhat * gamma[None, :] + beta[None, :]
-        dy = _dy(dout, y, grad_sq, row_hash, cols, scale, dropout_p, keep_scale,
-                 HAS_DROPOUT, HAS_SCALE, HAS_ROW_SQ_GRAD)
-        duhat = dy * gamma[None, :]
-        c1 += tl.sum(duhat, 1)
-        c2 += tl.sum(duhat * uhat, 1)
-        duhat_wu += _dot(duhat, wu, DOT_F32, dot_dtype)
-        uhat_wu += _dot(uhat, wu, DOT_F32, dot_dtype)
-        wu_sum += tl.sum(wu.to(tl.float32), 0)
-    da = rstd[:, None] * (duhat_wu - (c1[:, None] * wu_sum[None, :] + c2[:, None] * uhat_wu) / D)
-    tl.store(DH + hid_offs, da * _act_grad(h, ACT), mask=hid_mask)
-    tl.store(C1 + rows, c1, mask=row_ok)
-    tl.store(C2 + rows, c2, mask=row_ok)
+    _store_weight_partials(DWD, DWU, DLN_W, DLN_B, dwd, dwu, tl.sum(dgamma, 0), tl.sum(dbeta, 0), split, cols,
+                           d_ok, hcols, h_ok, D, H, NEED_DLN, NEED_DWD, NEED_DWU)
 
 
 @triton.jit
@@ -578,13 +639,66 @@ def _store_weight_partials(DWD, DWU, DLN_W, DLN_B, dwd, dwu, dgamma, dbeta, spli
 
 
 # ----------------------------------------------------------------------------------------------
-# Launchers
+# Launch plans and launchers
 # ----------------------------------------------------------------------------------------------
 
 
+class DeviceLimits(NamedTuple):
+    """What the launcher sizes its blocks for: the device's SM count, the shared memory one block may
+    use (bytes, opt-in maximum) and the compute capability."""
+
+    name: str
+    sm_count: int
+    shared_memory_per_block: int
+    capability: Tuple[int, int]
+
+
+H100 = DeviceLimits("H100", 132, 227 * 1024, (9, 0))
+A100 = DeviceLimits("A100", 108, 163 * 1024, (8, 0))
+# Triton's interpreter: no shared-memory limit; two "SMs" so that the tests cover split reductions.
+INTERPRETER = DeviceLimits("interpreter", 2, 1 << 30, (0, 0))
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_limits(index: int) -> DeviceLimits:
+    props = torch.cuda.get_device_properties(index)
+    shared = getattr(props, "shared_memory_per_block_optin", 0) or 48 * 1024
+    return DeviceLimits(props.name, props.multi_processor_count, shared, (props.major, props.minor))
+
+
+def device_limits(device: torch.device) -> DeviceLimits:
+    """The limits of the CUDA device ``device``, or ``INTERPRETER`` for CPU tensors."""
+    if device.type == "cuda":
+        return _cuda_limits(device.index if device.index is not None else torch.cuda.current_device())
+    return INTERPRETER
+
+
+class Launch(NamedTuple):
+    """One kernel launch, exactly as the launcher makes it, with the launcher's traffic model.
+
+    ``args`` are the positional arguments (tensors, Python ints and floats) and ``meta`` the
+    keyword ones (constexprs, ``num_warps``, ``num_stages``). Traffic, in bytes: ``hbm_bytes`` is what
+    the launch must move to or from memory at least once (its compulsory traffic); ``reread_bytes``
+    is what it reads a second time, from L2 when ``live_bytes_per_program`` times the resident
+    programs fits in L2, else from HBM again; ``l2_bytes`` is what its programs re-read of shared
+    operands (weights, per-row vectors), which stays in L2. ``elements`` is the number of N×D elements
+    its main loops cover, for instructions per element.
+    """
+
+    name: str
+    kernel: Any
+    grid: Tuple[int, ...]
+    args: Tuple[Any, ...]
+    meta: Dict[str, Any]
+    hbm_bytes: int
+    reread_bytes: int
+    live_bytes_per_program: int
+    l2_bytes: int
+    elements: int
+
+
 class _Config(NamedTuple):
-    """Block sizes: BH = H padded to a power of two >= 16; row blocks shrink as H grows, and so does
-    software pipelining (at H = 1024 three stages of BM×BH tiles would overflow shared memory)."""
+    """Block sizes: BH = H padded to a power of two >= 16."""
 
     BH: int
     BM: int  # rows per program (forward, rows pass) or per loop step (columns pass)
@@ -593,27 +707,50 @@ class _Config(NamedTuple):
     num_stages: int
 
 
-def _config(bh: int, bm: int, bd: int, d: int) -> _Config:
-    bd = min(bd, max(16, triton.next_power_of_2(d)))
-    return _Config(bh, bm, bd, 4 if bh <= 128 else 8, 3 if bh <= 256 else 1)
+def _padded_hidden(h: int) -> int:
+    return max(16, triton.next_power_of_2(h))
 
 
-def _row_config(H: int, D: int) -> _Config:
-    bh = max(16, triton.next_power_of_2(H))
-    bm = 64 if bh <= 64 else 32 if bh <= 128 else 16
-    return _config(bh, bm, 64 if bh <= 128 else 32 if bh <= 256 else 16, D)
+def _clamp_bd(bd: int, d: int) -> int:
+    return min(bd, max(16, triton.next_power_of_2(d)))
 
 
-def _col_config(H: int, D: int) -> _Config:
-    bh = max(16, triton.next_power_of_2(H))
+def _row_config(h: int, d: int, limits: DeviceLimits) -> _Config:
+    """Forward and backward rows pass: 64-row blocks up to H = 256 (a BM×BH float32 accumulator in
+    registers), narrower D chunks as H grows, and no software pipelining where three stages of
+    BM×BH tiles would not fit the block's shared memory."""
+    bh = _padded_hidden(h)
+    bm = 64 if bh <= 256 else 32
+    bd = 64 if bh <= 128 else 32
+    warps = 4 if bh <= 64 else 8
+    stages = 3 if bh <= 128 else 2 if bh <= 256 else 1
+    if limits.shared_memory_per_block < 128 * 1024 and bh >= 256:
+        stages = 1
+    return _Config(bh, bm, _clamp_bd(bd, d), warps, stages)
+
+
+def _col_config(h: int, d: int, limits: DeviceLimits) -> _Config:
+    """Backward columns pass: wide D slices (the h-sized tiles are re-read once per slice), narrower
+    as H grows so that the BH×BD weight-gradient accumulators stay in registers."""
+    bh = _padded_hidden(h)
     bm = 32 if bh <= 128 else 16
-    return _config(bh, bm, 64 if bh <= 32 else 32 if bh <= 128 else 16, D)
+    bd = 128 if bh <= 64 else 64 if bh <= 128 else 32 if bh <= 256 else 16
+    stages = 2 if bh <= 256 else 1
+    if limits.shared_memory_per_block < 128 * 1024 and bh >= 256:
+        stages = 1
+    return _Config(bh, bm, _clamp_bd(bd, d), 8 if bh >= 64 else 4, stages)
 
 
-def _dot_f32(dtype: torch.dtype) -> bool:
+def _dot_f32(dtype: torch.dtype, limits: DeviceLimits) -> bool:
     """Whether tl.dot gets float32 operands: float32 inputs, and bfloat16 under the interpreter
     (whose bfloat16 tl.dot is wrong); elsewhere fp16/bf16 tiles feed tl.dot directly."""
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and triton_interpreter_enabled())
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and limits is INTERPRETER)
+
+
+def _operand_dtype(dtype: torch.dtype, limits: DeviceLimits) -> torch.dtype:
+    """The dtype of the intermediates that only feed dots (Wd∘γ, act(h), dh): the dots' operand dtype,
+    so that storing them rounds nothing the dot would not (the interpreter's bfloat16 stores truncate)."""
+    return torch.float32 if _dot_f32(dtype, limits) else dtype
 
 
 def _dropout_args(dropout_p: float) -> Tuple[bool, float, float]:
@@ -623,27 +760,212 @@ def _dropout_args(dropout_p: float) -> Tuple[bool, float, float]:
     return True, dropout_p, (0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p))
 
 
-def _row_splits(n_rows: int, n_col_programs: int, bm: int, device: torch.device) -> Tuple[int, int]:
-    """(S, rows_per_split) for the columns pass: enough programs to fill the device, whole row blocks
-    per split. S depends only on the shape and the device, so the reduction order is fixed."""
-    if device.type == "cuda":
-        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        target = 4  # interpreter: a few splits, so that tests cover the split reduction
+def _row_splits(n_rows: int, n_col_programs: int, bm: int, limits: DeviceLimits) -> Tuple[int, int]:
+    """(S, rows_per_split) for the columns pass: enough programs to fill the device twice over, whole
+    row blocks per split. S depends only on the shape and the device, so the reduction order is fixed."""
     row_blocks = max(1, triton.cdiv(n_rows, bm))
-    splits = max(1, min(row_blocks, target // n_col_programs))
+    splits = max(1, min(row_blocks, (2 * limits.sm_count) // n_col_programs))
     rows_per_split = triton.cdiv(row_blocks, splits) * bm
     return max(1, triton.cdiv(n_rows, rows_per_split)), rows_per_split
 
 
-def _contiguous(*tensors: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-    """The weights as the kernels index them (x and dout keep their strides instead)."""
-    return tuple(t.contiguous() for t in tensors)
+def _meta(cfg: _Config, **constexprs: Any) -> Dict[str, Any]:
+    return dict(constexprs, BM=cfg.BM, BD=cfg.BD, BH=cfg.BH, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
-def _seed_or(seed: Optional[torch.Tensor], fallback: torch.Tensor) -> torch.Tensor:
+def _optional(t: Optional[torch.Tensor], fallback: torch.Tensor) -> torch.Tensor:
     """A pointer argument for an optional tensor; the kernels never read it when it is absent."""
-    return seed if seed is not None else fallback
+    return t if t is not None else fallback
+
+
+def plan_forward(
+    x: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    down_weight: torch.Tensor,
+    up_weight: torch.Tensor,
+    dropout_seed: Optional[torch.Tensor],
+    scale: Optional[torch.Tensor],
+    activation: str,
+    norm_position: str,
+    eps: float,
+    dropout_p: float,
+    residual: bool,
+    compute_row_sq: bool,
+    limits: DeviceLimits,
+) -> Tuple[Tuple[torch.Tensor, ...], List[Launch]]:
+    """The forward's outputs (allocated, not computed) and the launches that compute them.
+
+    Outputs ``(out, row_sq, hidden, mean, rstd, proj)``: ``out`` like ``x`` (contiguous), ``row_sq``
+    float32 ``x.shape[:-1]`` (or ``(0,)`` without ``compute_row_sq``), and what backward needs:
+    ``hidden`` float32 (N, H) (pre-activation h), ``mean`` float32 (2, N) (a shift c and μ - c) and
+    ``rstd`` float32 (N,) (of x for pre norm, of u for post norm), ``proj`` float32 (2, H) =
+    (Wd γ, Wd β) for pre norm, (0,) for post. Nothing is read, so any device works, ``meta`` included.
+    """
+    d = x.shape[-1]
+    h_size = down_weight.shape[0]
+    x2 = x.reshape(-1, d)
+    n = x2.shape[0]
+    ln_weight, ln_bias, down_weight, up_weight = (t.contiguous() for t in (ln_weight, ln_bias, down_weight, up_weight))
+    f32 = dict(device=x.device, dtype=torch.float32)
+    pre = norm_position == "pre"
+    out = x.new_empty(x.shape)
+    row_sq = torch.empty(x.shape[:-1] if compute_row_sq else (0,), **f32)
+    hidden = torch.empty((n, h_size), **f32)
+    mean = torch.empty((2, n), **f32)
+    rstd = torch.empty((n,), **f32)
+    proj = torch.empty((2, h_size) if pre else (0,), **f32)
+    outputs = (out, row_sq, hidden, mean, rstd, proj)
+    if n == 0:
+        return outputs, []
+
+    e = x.element_size()
+    launches = []
+    weight = down_weight
+    if pre:
+        weight = torch.empty_like(down_weight, dtype=_operand_dtype(x.dtype, limits))  # Wd∘γ
+        br, bd = 4, _clamp_bd(256, d)
+        launches.append(Launch(
+            "fold_ln", _fold_ln_kernel, (triton.cdiv(h_size, br),),
+            (down_weight, ln_weight, ln_bias, weight, proj, d, h_size), dict(BR=br, BD=bd, num_warps=4, num_stages=1),
+            hbm_bytes=h_size * d * (e + weight.element_size()) + 2 * d * e + 8 * h_size, reread_bytes=0, live_bytes_per_program=0,
+            l2_bytes=0, elements=h_size * d,
+        ))
+    has_dropout, p, keep_scale = _dropout_args(dropout_p)
+    cfg = _row_config(h_size, d, limits)
+    programs = triton.cdiv(n, cfg.BM)
+    meta = _meta(cfg, ACT=activation, HAS_DROPOUT=has_dropout, HAS_SCALE=scale is not None, RESIDUAL=residual,
+                 STORE_ROW_SQ=compute_row_sq, DOT_F32=_dot_f32(x.dtype, limits))
+    common = (_optional(dropout_seed, mean), _optional(scale, mean),
+              n, d, h_size, x2.stride(0), x2.stride(1), eps, p, keep_scale)
+    side_bytes = n * (4 * h_size + 12 + (4 if compute_row_sq else 0))  # hidden, mean, rstd, row_sq
+    weight_passes = 2 if pre else 3
+    if pre:
+        args = (x2, out, row_sq, hidden, mean, rstd, proj, weight, up_weight, *common)
+    else:
+        args = (x2, out, row_sq, hidden, mean, rstd, ln_weight, ln_bias, down_weight, up_weight, *common)
+    launches.append(Launch(
+        "pre_norm_fwd" if pre else "post_norm_fwd", _pre_norm_fwd_kernel if pre else _post_norm_fwd_kernel,
+        (programs,), args, meta,
+        hbm_bytes=2 * n * d * e + side_bytes + 2 * h_size * d * e,
+        reread_bytes=n * d * e if residual else 0,
+        live_bytes_per_program=cfg.BM * d * e,
+        l2_bytes=programs * weight_passes * h_size * d * e,
+        elements=n * d,
+    ))
+    return outputs, launches
+
+
+def plan_backward(
+    grad_out: torch.Tensor,
+    grad_row_sq: Optional[torch.Tensor],
+    x: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    down_weight: torch.Tensor,
+    up_weight: torch.Tensor,
+    dropout_seed: Optional[torch.Tensor],
+    scale: Optional[torch.Tensor],
+    hidden: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    proj: torch.Tensor,
+    activation: str,
+    norm_position: str,
+    dropout_p: float,
+    residual: bool,
+    need_dx: bool,
+    need_dln: bool,
+    need_dwd: bool,
+    need_dwu: bool,
+    limits: DeviceLimits,
+) -> Tuple[Tuple[torch.Tensor, ...], List[Launch]]:
+    """The backward's buffers (allocated, not computed) and the launches that fill them.
+
+    Buffers ``(dx, dln_weight_partials, dln_bias_partials, dwd_partials, dwu_partials)``: ``dx`` like
+    ``x`` (or ``(0,)`` when not needed), the weight gradients as float32 per-split partials ``(S, ...)``
+    that ``linear_adapter_backward`` sums in a fixed order. Nothing is read, so any device works.
+    """
+    d = x.shape[-1]
+    h_size = down_weight.shape[0]
+    x2 = x.reshape(-1, d)
+    g2 = grad_out.reshape(-1, d)
+    n = x2.shape[0]
+    q = grad_row_sq.reshape(-1) if grad_row_sq is not None else None
+    ln_weight, ln_bias, down_weight, up_weight = (t.contiguous() for t in (ln_weight, ln_bias, down_weight, up_weight))
+    f32 = dict(device=x.device, dtype=torch.float32)
+    pre = norm_position == "pre"
+    e = x.element_size()
+
+    has_dropout, p, keep_scale = _dropout_args(dropout_p)
+    flags = dict(HAS_DROPOUT=has_dropout, HAS_SCALE=scale is not None, HAS_ROW_SQ_GRAD=q is not None,
+                 DOT_F32=_dot_f32(x.dtype, limits))
+    seed, scale_arg = _optional(dropout_seed, mean), _optional(scale, mean)
+    q_arg, q_stride = (q, q.stride(0)) if q is not None else (mean, 0)
+    acts = x.new_empty((n, h_size), dtype=_operand_dtype(x.dtype, limits))  # act(h)
+    dh = torch.empty_like(acts)
+    k = torch.empty((2, n), **f32)
+    launches = []
+
+    need_rows = need_dx or need_dwd or (need_dln if pre else need_dwu)
+    need_acts = need_dwu or (not pre and need_dln)
+    if (need_rows or need_acts) and n > 0:
+        cfg = _row_config(h_size, d, limits)
+        programs = triton.cdiv(n, cfg.BM)
+        tail = (acts, dh, k, n, d, h_size, g2.stride(0), g2.stride(1), q_stride, p, keep_scale)
+        meta = _meta(cfg, ACT=activation, **flags)
+        if pre:
+            args = (g2, q_arg, hidden, proj, up_weight, seed, scale_arg, *tail)
+        else:
+            args = (g2, q_arg, hidden, mean, rstd, ln_weight, ln_bias, up_weight, seed, scale_arg, *tail)
+        launches.append(Launch(
+            "pre_norm_bwd_rows" if pre else "post_norm_bwd_rows",
+            _pre_norm_bwd_rows_kernel if pre else _post_norm_bwd_rows_kernel, (programs,), args, meta,
+            hbm_bytes=n * d * e + n * h_size * (4 + 2 * acts.element_size()) + 24 * n + h_size * d * e,
+            reread_bytes=0, live_bytes_per_program=0, l2_bytes=programs * h_size * d * e, elements=n * d,
+        ))
+
+    cfg = _col_config(h_size, d, limits)
+    n_col = triton.cdiv(d, cfg.BD)
+    splits, rows_per_split = _row_splits(n, n_col, cfg.BM, limits)
+    dx = x.new_empty(x.shape if need_dx else (0,))
+    dwd = torch.empty((splits, h_size, d) if need_dwd else (0,), **f32)
+    dwu = torch.empty((splits, d, h_size) if need_dwu else (0,), **f32)
+    dlnw = torch.empty((splits, d) if need_dln else (0,), **f32)
+    dlnb = torch.empty((splits, d) if need_dln else (0,), **f32)
+    if need_dx or need_dln or need_dwd or need_dwu:
+        reads_x = (need_dx or need_dln or need_dwd) if pre else need_dwd
+        nd_bytes = n * d * e * (1 + int(reads_x) + int(need_dx))  # dout, x, dx
+        partial_bytes = 4 * splits * (int(need_dwd) * h_size * d + int(need_dwu) * h_size * d + 2 * int(need_dln) * d)
+        launches.append(Launch(
+            "bwd_cols", _bwd_cols_kernel, (n_col, splits),
+            (x2, g2, q_arg, acts, dh, mean, rstd, k, ln_weight, ln_bias, down_weight, up_weight, seed, scale_arg,
+             dx, dwd, dwu, dlnw, dlnb,
+             n, d, h_size, x2.stride(0), x2.stride(1), g2.stride(0), g2.stride(1), q_stride,
+             rows_per_split, p, keep_scale),
+            _meta(cfg, **flags, RESIDUAL=residual, NEED_DX=need_dx, NEED_DLN=need_dln, NEED_DWD=need_dwd,
+                  NEED_DWU=need_dwu, PRE_NORM=pre),
+            hbm_bytes=nd_bytes + 2 * n * h_size * e + 12 * n + 2 * h_size * d * e + partial_bytes,
+            reread_bytes=0, live_bytes_per_program=0,
+            l2_bytes=(n_col - 1) * (2 * n * h_size * e + 20 * n), elements=n * d,
+        ))
+    return (dx, dlnw, dlnb, dwd, dwu), launches
+
+
+def _run(launches: List[Launch], limits: DeviceLimits) -> None:
+    """Launch each kernel; a block that does not fit the device is retried without software
+    pipelining, then refused with an error that names it (never a failure inside Triton)."""
+    for launch in launches:
+        try:
+            launch.kernel[launch.grid](*launch.args, **launch.meta)
+        except triton.runtime.errors.OutOfResources as error:
+            if launch.meta.get("num_stages", 1) > 1:
+                launch.kernel[launch.grid](*launch.args, **dict(launch.meta, num_stages=1))
+                continue
+            raise RuntimeError(
+                f"the triton kernel {launch.name} needs more than {limits.name} offers ({error}); "
+                "use backend='reference' for this shape"
+            ) from error
 
 
 def linear_adapter_forward(
@@ -661,52 +983,14 @@ def linear_adapter_forward(
     residual: bool,
     compute_row_sq: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the forward kernel on inputs validated by ``ops.linear_adapter``.
-
-    Returns ``(out, row_sq, hidden, mean, rstd, proj)``: ``out`` like ``x`` (contiguous), ``row_sq``
-    float32 ``x.shape[:-1]`` (or ``(0,)`` without ``compute_row_sq``), and what backward needs:
-    ``hidden`` float32 (N, H) (pre-activation h), ``mean`` float32 (2, N) (a shift c and μ - c) and
-    ``rstd`` float32 (N,) (of x for pre norm, of u for post norm), ``proj`` float32 (2, H) =
-    (Wd γ, Wd β) for pre norm, (0,) for post.
-    """
-    d = x.shape[-1]
-    h_size = down_weight.shape[0]
-    x2 = x.reshape(-1, d)
-    n = x2.shape[0]
-    ln_weight, ln_bias, down_weight, up_weight = _contiguous(ln_weight, ln_bias, down_weight, up_weight)
-    f32 = dict(device=x.device, dtype=torch.float32)
-    out = x.new_empty(x.shape)
-    row_sq = torch.empty(x.shape[:-1] if compute_row_sq else (0,), **f32)
-    hidden = torch.empty((n, h_size), **f32)
-    mean = torch.empty((2, n), **f32)
-    rstd = torch.empty((n,), **f32)
-    proj = torch.empty((2, h_size) if norm_position == "pre" else (0,), **f32)
-    if n == 0:
-        return out, row_sq, hidden, mean, rstd, proj
-
-    has_dropout, p, keep_scale = _dropout_args(dropout_p)
-    cfg = _row_config(h_size, d)
-    common = (
-        _seed_or(dropout_seed, mean), _seed_or(scale, mean),
-        n, d, h_size, x2.stride(0), x2.stride(1), eps, p, keep_scale,
+    """Run the forward on inputs validated by ``ops.linear_adapter``; returns ``plan_forward``'s outputs."""
+    limits = device_limits(x.device)
+    outputs, launches = plan_forward(
+        x, ln_weight, ln_bias, down_weight, up_weight, dropout_seed, scale, activation, norm_position,
+        eps, dropout_p, residual, compute_row_sq, limits,
     )
-    meta = dict(
-        ACT=activation, HAS_DROPOUT=has_dropout, HAS_SCALE=scale is not None, RESIDUAL=residual,
-        STORE_ROW_SQ=compute_row_sq, DOT_F32=_dot_f32(x.dtype),
-        BM=cfg.BM, BD=cfg.BD, BH=cfg.BH, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    grid = (triton.cdiv(n, cfg.BM),)
-    if norm_position == "pre":
-        _pre_norm_fwd_kernel[grid](
-            x2, out, row_sq, hidden, mean, rstd, proj, ln_weight, ln_bias, down_weight, up_weight,
-            *common, **meta,
-        )
-    else:
-        _post_norm_fwd_kernel[grid](
-            x2, out, row_sq, hidden, mean, rstd, ln_weight, ln_bias, down_weight, up_weight,
-            *common, **meta,
-        )
-    return out, row_sq, hidden, mean, rstd, proj
+    _run(launches, limits)
+    return outputs
 
 
 def linear_adapter_backward(
@@ -732,64 +1016,18 @@ def linear_adapter_backward(
     need_dwd: bool,
     need_dwu: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the backward kernels; returns ``(dx, d_ln_weight, d_ln_bias, d_down, d_up)``.
+    """Run the backward; returns ``(dx, d_ln_weight, d_ln_bias, d_down, d_up)``.
 
     Gradients not asked for come back as empty ``(0,)`` tensors (and cost nothing); the others have
     the shape and dtype of their inputs. ``grad_row_sq`` is None when row_sq has no gradient.
     """
-    d = x.shape[-1]
-    h_size = down_weight.shape[0]
-    x2 = x.reshape(-1, d)
-    g2 = grad_out.reshape(-1, d)
-    n = x2.shape[0]
-    q = grad_row_sq.reshape(-1) if grad_row_sq is not None else None
-    ln_weight, ln_bias, down_weight, up_weight = _contiguous(ln_weight, ln_bias, down_weight, up_weight)
-    f32 = dict(device=x.device, dtype=torch.float32)
-    pre = norm_position == "pre"
-
-    has_dropout, p, keep_scale = _dropout_args(dropout_p)
-    flags = dict(
-        ACT=activation, HAS_DROPOUT=has_dropout, HAS_SCALE=scale is not None,
-        HAS_ROW_SQ_GRAD=q is not None, DOT_F32=_dot_f32(x.dtype),
+    limits = device_limits(x.device)
+    (dx, dlnw, dlnb, dwd, dwu), launches = plan_backward(
+        grad_out, grad_row_sq, x, ln_weight, ln_bias, down_weight, up_weight, dropout_seed, scale,
+        hidden, mean, rstd, proj, activation, norm_position, dropout_p, residual,
+        need_dx, need_dln, need_dwd, need_dwu, limits,
     )
-    seed, scale_arg = _seed_or(dropout_seed, mean), _seed_or(scale, mean)
-    q_arg, q_stride = (q, q.stride(0)) if q is not None else (mean, 0)
-
-    dh = torch.empty((n, h_size), **f32)
-    c1 = torch.empty((n,), **f32)
-    c2 = torch.empty((n,), **f32)
-    need_rows = need_dx or need_dwd or (need_dln if pre else need_dwu)
-    if need_rows and n > 0:
-        cfg = _row_config(h_size, d)
-        grid = (triton.cdiv(n, cfg.BM),)
-        tail = (n, d, h_size, g2.stride(0), g2.stride(1), q_stride, p, keep_scale)
-        meta = dict(flags, BM=cfg.BM, BD=cfg.BD, BH=cfg.BH, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        if pre:
-            _pre_norm_bwd_rows_kernel[grid](
-                g2, q_arg, hidden, proj, up_weight, seed, scale_arg, dh, c1, c2, *tail, **meta)
-        else:
-            _post_norm_bwd_rows_kernel[grid](
-                g2, q_arg, hidden, mean, rstd, ln_weight, ln_bias, up_weight, seed, scale_arg, dh, c1, c2,
-                *tail, **meta)
-
-    cfg = _col_config(h_size, d)
-    n_col = triton.cdiv(d, cfg.BD)
-    splits, rows_per_split = _row_splits(n, n_col, cfg.BM, x.device)
-    dx = x.new_empty(x.shape if need_dx else (0,))
-    dwd = torch.empty((splits, h_size, d) if need_dwd else (0,), **f32)
-    dwu = torch.empty((splits, d, h_size) if need_dwu else (0,), **f32)
-    dlnw = torch.empty((splits, d) if need_dln else (0,), **f32)
-    dlnb = torch.empty((splits, d) if need_dln else (0,), **f32)
-    if need_dx or need_dln or need_dwd or need_dwu:
-        _bwd_cols_kernel[(n_col, splits)](
-            x2, g2, q_arg, hidden, dh, mean, rstd, c1, c2, ln_weight, ln_bias, down_weight, up_weight,
-            seed, scale_arg, dx, dwd, dwu, dlnw, dlnb,
-            n, d, h_size, x2.stride(0), x2.stride(1), g2.stride(0), g2.stride(1), q_stride,
-            rows_per_split, p, keep_scale,
-            **flags, RESIDUAL=residual, NEED_DX=need_dx, NEED_DLN=need_dln, NEED_DWD=need_dwd,
-            NEED_DWU=need_dwu, PRE_NORM=pre,
-            BM=cfg.BM, BD=cfg.BD, BH=cfg.BH, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+    _run(launches, limits)
 
     def reduce(partial: torch.Tensor, like: torch.Tensor, needed: bool) -> torch.Tensor:
         return partial.sum(0).to(like.dtype) if needed else like.new_empty((0,))
