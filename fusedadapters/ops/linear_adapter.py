@@ -61,6 +61,7 @@ def linear_adapter(
     dtype (and Triton ``H <= 1024``).
     """
     _check_shapes(x, ln_weight, ln_bias, down_weight, up_weight)
+    reference.check_options(activation, norm_position, dropout_p)  # one check for every backend
     if dropout_p > 0.0 and dropout_seed is None:
         dropout_seed = reference.draw_dropout_seed(x.device)
     name = resolve_backend(backend, x.device, dtype=x.dtype)
@@ -104,7 +105,6 @@ def _check_kernel_inputs(
     activation: str, norm_position: str, dropout_p: float, dropout_seed: Optional[Tensor],
     scale: Optional[Tensor],
 ) -> None:
-    reference.check_options(activation, norm_position)
     if x.dtype not in _TRITON_DTYPES:
         raise TypeError(f"the {backend} backend takes x in {_TRITON_DTYPES}, got {x.dtype}; use backend='reference'")
     params = {"ln_weight": ln_weight, "ln_bias": ln_bias, "down_weight": down_weight, "up_weight": up_weight}
@@ -116,8 +116,6 @@ def _check_kernel_inputs(
             f"the triton backend takes hidden sizes up to {_TRITON_MAX_HIDDEN}, got down_weight "
             f"{tuple(down_weight.shape)}; use backend='reference'"
         )
-    if not dropout_p >= 0.0:
-        raise ValueError(f"dropout_p must be >= 0, got {dropout_p}")
     if dropout_seed is not None and (
         dropout_seed.numel() != 1 or dropout_seed.dtype != torch.int64 or dropout_seed.device != x.device
     ):

@@ -87,12 +87,15 @@ def activation_grad(name: str, h: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"unknown activation {name!r}; expected one of {ACTIVATIONS}")
 
 
-def check_options(activation: str, norm_position: str) -> None:
-    """``ValueError`` unless ``activation`` is one of ``ACTIVATIONS`` and ``norm_position`` of ``NORM_POSITIONS``."""
+def check_options(activation: str, norm_position: str, dropout_p: float = 0.0) -> None:
+    """``ValueError`` unless ``activation`` is one of ``ACTIVATIONS``, ``norm_position`` one of
+    ``NORM_POSITIONS`` and ``dropout_p`` in [0, 1] (the range of ``torch.nn.Dropout``, hence of the modules)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
     if norm_position not in NORM_POSITIONS:
         raise ValueError(f"norm_position must be one of {NORM_POSITIONS}, got {norm_position!r}")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
 
 
 def _mul_u32(x: torch.Tensor, c: int) -> torch.Tensor:
@@ -155,7 +158,7 @@ def linear_adapter(
     one-element tensor or None. ``out`` has the shape and dtype of ``x``; ``row_sq`` has shape
     ``x.shape[:-1]`` and dtype float32 (float64 for float64 inputs).
     """
-    check_options(activation, norm_position)
+    check_options(activation, norm_position, dropout_p)
     d = x.shape[-1]
     if norm_position == "pre":
         h = F.linear(F.layer_norm(x, (d,), ln_weight, ln_bias, eps), down_weight)
