@@ -113,6 +113,27 @@ def test_routed_equals_each_sample_alone(config_cls, batch, norm_position):
             assert float(grad.abs().sum()) == 0.0, qualified
 
 
+@pytest.mark.skipif(not backend_mod.triton_available(), reason="needs triton")
+@pytest.mark.parametrize("norm_position", ["pre", "post"])
+def test_routed_triton_backend_equals_each_sample_alone(monkeypatch, norm_position):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not backend_mod.triton_interpreter_enabled():
+        pytest.skip("triton on the CPU needs TRITON_INTERPRET=1")
+    monkeypatch.setattr(ops.routed_adapter.__globals__["reference_multi"], "routed_adapter", _must_not_run)
+    names = BATCHES["mixed"]
+    model = make_model(norm_position=norm_position).to(device)
+    for block in model:
+        for adapter in block.adapter_layer.values():
+            adapter.backend = "triton"
+    x = torch.randn(len(names), 2, D, device=device)
+    weights = torch.randn(len(names), 2, D, dtype=torch.float64, device=device)
+    assert_same(run_routed(model, x, names, weights), run_alone(model, x, names, weights), tol=1e-4)
+
+
+def _must_not_run(*args, **kwargs):
+    raise AssertionError("the reference ran where the triton backend should")
+
+
 def test_fused_path_is_one_routed_launch_per_module(monkeypatch):
     calls = []
     real = routing.ops.routed_adapter

@@ -1,0 +1,587 @@
+"""Triton kernels of the routed adapter (a mixed batch: row n goes through adapter k = index[n], or none).
+
+Math as in ``fusedadapters.ops.reference_multi.routed_adapter``; the per-adapter math and the device
+helpers are those of ``fusedadapters.ops.triton.linear_adapter`` (imported, not repeated). Weights are
+stacked: ``γ, β (A, D)``, ``Wd (A, H, D)``, ``Wu (A, D, H)``.
+
+Segments, as in Punica's SGMV, built on the device without a host synchronisation::
+
+    perm      = stable argsort of index         rows grouped by adapter; segment 0 holds the rows
+    count[s]  = rows of segment s                with index -1, segment s >= 1 adapter s - 1
+    table[p]  = (adapter, first, end)            program p's rows: perm[first:end], inside one segment
+
+The table has one entry per block of BM rows of each segment; its length is bounded by
+``cdiv(N, BM) + A + 1``, the grid launched, and programs past the last block find ``first = end``.
+A program reads its adapter's weights once per chunk of D like the single-adapter kernel, and writes
+its rows in place (gathered through ``perm``; nothing is permuted in memory). The dropout mask of a
+row is hashed from its position in the whole batch, so a row's output does not depend on the others.
+
+Forward: one launch (``_routed_fwd_kernel``, both norm positions, rows of segment 0 copy x or write 0).
+Backward: a rows pass over the same table (dh, c1, c2 per row), then a columns pass over a coarser
+table of row chunks (each program: one D slice of one chunk of one segment) that writes dx and
+float32 partial weight gradients per chunk; ``_segment_sum_kernel`` adds each adapter's chunks in a
+fixed order. No atomics: deterministic. Adapters no row chose get zero gradients.
+"""
+
+from __future__ import annotations
+
+from typing import List, NamedTuple, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backend import triton_interpreter_enabled
+from . import fix_interpreter_scalar_index
+from .linear_adapter import (
+    _act,
+    _act_grad,
+    _dot,
+    _drop_scale,
+    _dy,
+    _load_rows,
+    _load_scale,
+    _load_stats,
+    _normalize,
+    _row_hash,
+    _store_stats,
+)
+
+__all__ = ["routed_adapter_backward", "routed_adapter_forward", "segment_table"]
+
+if triton_interpreter_enabled():
+    fix_interpreter_scalar_index()
+
+
+@triton.jit
+def _segment(TABLE, pid):
+    """(adapter, first, end) of program ``pid``: positions first..end-1 of the permutation."""
+    return tl.load(TABLE + pid * 3), tl.load(TABLE + pid * 3 + 1), tl.load(TABLE + pid * 3 + 2)
+
+
+@triton.jit
+def _adapter_scalars(SCALE, DROP_P, KEEP, adapter, HAS_SCALE: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+    """This adapter's stochastic-depth scale, dropout probability and 1 / (1 - p)."""
+    scale = _load_scale(SCALE + adapter, HAS_SCALE)
+    if HAS_DROPOUT:
+        return scale, tl.load(DROP_P + adapter), tl.load(KEEP + adapter)
+    else:
+        return scale, 0.0, 1.0
+
+
+@triton.jit
+def _routed_fwd_kernel(
+    X, OUT, ROW_SQ, HID, MEAN, RSTD, LN_W, LN_B, WD, WU, PERM, TABLE, SEED, SCALE, DROP_P, KEEP,
+    N, D, H, stride_xn, stride_xd, eps,
+    ACT: tl.constexpr, PRE_NORM: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr,
+    RESIDUAL: tl.constexpr, STORE_ROW_SQ: tl.constexpr, DOT_F32: tl.constexpr,
+    BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    adapter, first, end = _segment(TABLE, pid)
+    pos = first + tl.arange(0, BM)
+    row_ok = pos < end
+    rows = tl.load(PERM + pos, mask=row_ok, other=0).to(tl.int64)
+    hcols = tl.arange(0, BH)
+    h_ok = hcols < H
+    x_rows = X + rows[:, None] * stride_xn
+    out_rows = OUT + rows[:, None] * D
+    dot_dtype = X.dtype.element_ty
+
+    if adapter < 0:  # rows without an adapter: out = x (residual) or 0, row_sq = 0
+        for d0 in range(0, D, BD):
+            cols = d0 + tl.arange(0, BD)
+            mask = row_ok[:, None] & (cols < D)[None, :]
+            z = tl.zeros((BM, BD), tl.float32)
+            if RESIDUAL:
+                z += tl.load(x_rows + cols[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
+            tl.store(out_rows + cols[None, :], z, mask=mask)
+        if STORE_ROW_SQ:
+            tl.store(ROW_SQ + rows, tl.zeros((BM,), tl.float32), mask=row_ok)
+    else:
+        a64 = adapter.to(tl.int64)
+        ln_w = LN_W + a64 * D
+        ln_b = LN_B + a64 * D
+        wd_ptr = WD + a64 * H * D
+        wu_ptr = WU + a64 * D * H
+        scale, dropout_p, keep_scale = _adapter_scalars(SCALE, DROP_P, KEEP, adapter, HAS_SCALE, HAS_DROPOUT)
+        row_hash = _row_hash(SEED, rows) if HAS_DROPOUT else rows
+        if PRE_NORM:
+            # Pass 1: A = (x - c)(Wd∘γ)ᵀ, shifted moments, g = Wd γ, b = Wd β (c: mean of the first chunk).
+            cols = tl.arange(0, BD)
+            first_mask = row_ok[:, None] & (cols < D)[None, :]
+            shift = tl.sum(tl.load(x_rows + cols[None, :] * stride_xd, mask=first_mask, other=0.0).to(tl.float32), 1)
+            shift = shift / tl.sum((cols < D).to(tl.float32), 0)
+            acc = tl.zeros((BM, BH), tl.float32)
+            s1 = tl.zeros((BM,), tl.float32)
+            s2 = tl.zeros((BM,), tl.float32)
+            g = tl.zeros((BH,), tl.float32)
+            b = tl.zeros((BH,), tl.float32)
+            for d0 in range(0, D, BD):
+                cols = d0 + tl.arange(0, BD)
+                d_ok = cols < D
+                mask = row_ok[:, None] & d_ok[None, :]
+                x = tl.load(x_rows + cols[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
+                xc = tl.where(mask, x - shift[:, None], 0.0)
+                s1 += tl.sum(xc, 1)
+                s2 += tl.sum(xc * xc, 1)
+                gamma = tl.load(ln_w + cols, mask=d_ok, other=0.0).to(tl.float32)
+                beta = tl.load(ln_b + cols, mask=d_ok, other=0.0).to(tl.float32)
+                wd_t = tl.load(wd_ptr + hcols[None, :] * D + cols[:, None],
+                               mask=d_ok[:, None] & h_ok[None, :], other=0.0).to(tl.float32)
+                wg_t = wd_t * gamma[:, None]
+                g += tl.sum(wg_t, 0)
+                b += tl.sum(wd_t * beta[:, None], 0)
+                acc += _dot(xc, wg_t, DOT_F32, dot_dtype)
+            mean_c = s1 / D
+            rstd = 1.0 / tl.sqrt(tl.maximum(s2 / D - mean_c * mean_c, 0.0) + eps)
+            h = rstd[:, None] * (acc - mean_c[:, None] * g[None, :]) + b[None, :]
+        else:
+            h = tl.zeros((BM, BH), tl.float32)
+            for d0 in range(0, D, BD):
+                cols = d0 + tl.arange(0, BD)
+                d_ok = cols < D
+                x = tl.load(x_rows + cols[None, :] * stride_xd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+                wd_t = tl.load(wd_ptr + hcols[None, :] * D + cols[:, None], mask=d_ok[:, None] & h_ok[None, :], other=0.0)
+                h += _dot(x, wd_t, DOT_F32, dot_dtype)
+        tl.store(HID + rows[:, None] * H + hcols[None, :], h, mask=row_ok[:, None] & h_ok[None, :])
+        a = _act(h, ACT)
+        if not PRE_NORM:
+            # Statistics of u = a Wuᵀ (recomputed chunk by chunk), shifted by the first chunk's mean.
+            cols = tl.arange(0, BD)
+            wu_t = tl.load(wu_ptr + cols[None, :] * H + hcols[:, None], mask=h_ok[:, None] & (cols < D)[None, :], other=0.0)
+            shift = tl.sum(_dot(a, wu_t, DOT_F32, dot_dtype), 1) / tl.sum((cols < D).to(tl.float32), 0)
+            s1 = tl.zeros((BM,), tl.float32)
+            s2 = tl.zeros((BM,), tl.float32)
+            for d0 in range(0, D, BD):
+                cols = d0 + tl.arange(0, BD)
+                d_ok = cols < D
+                wu_t = tl.load(wu_ptr + cols[None, :] * H + hcols[:, None], mask=h_ok[:, None] & d_ok[None, :], other=0.0)
+                uc = tl.where(d_ok[None, :], _dot(a, wu_t, DOT_F32, dot_dtype) - shift[:, None], 0.0)
+                s1 += tl.sum(uc, 1)
+                s2 += tl.sum(uc * uc, 1)
+            mean_c = s1 / D
+            rstd = 1.0 / tl.sqrt(tl.maximum(s2 / D - mean_c * mean_c, 0.0) + eps)
+        _store_stats(MEAN, RSTD, rows, row_ok, N, shift, mean_c, rstd)
+
+        # Last pass: out = [x +] s m y with y = a Wuᵀ (pre) or LN(a Wuᵀ) (post).
+        sq = tl.zeros((BM,), tl.float32)
+        for d0 in range(0, D, BD):
+            cols = d0 + tl.arange(0, BD)
+            d_ok = cols < D
+            mask = row_ok[:, None] & d_ok[None, :]
+            wu_t = tl.load(wu_ptr + cols[None, :] * H + hcols[:, None], mask=h_ok[:, None] & d_ok[None, :], other=0.0)
+            y = _dot(a, wu_t, DOT_F32, dot_dtype)
+            if not PRE_NORM:
+                gamma = tl.load(ln_w + cols, mask=d_ok, other=0.0).to(tl.float32)
+                beta = tl.load(ln_b + cols, mask=d_ok, other=0.0).to(tl.float32)
+                y = _normalize(y, shift, mean_c, rstd, mask) * gamma[None, :] + beta[None, :]
+            z = _drop_scale(y, row_hash, cols, scale, dropout_p, keep_scale, HAS_DROPOUT, HAS_SCALE)
+            z = tl.where(mask, z, 0.0)
+            if STORE_ROW_SQ:
+                sq += tl.sum(z * z, 1)
+            if RESIDUAL:
+                z += tl.load(x_rows + cols[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
+            tl.store(out_rows + cols[None, :], z, mask=mask)
+        if STORE_ROW_SQ:
+            tl.store(ROW_SQ + rows, sq, mask=row_ok)
+
+
+@triton.jit
+def _routed_bwd_rows_kernel(
+    DOUT, GRAD_SQ, HID, MEAN, RSTD, PROJ, LN_W, LN_B, WU, PERM, TABLE, SEED, SCALE, DROP_P, KEEP, DH, C1, C2,
+    N, D, H, stride_gn, stride_gd, stride_q,
+    ACT: tl.constexpr, PRE_NORM: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_ROW_SQ_GRAD: tl.constexpr, DOT_F32: tl.constexpr,
+    BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
+):
+    """dh (N, H) and the per-row c1, c2 of the rows with an adapter (see linear_adapter's docstring)."""
+    pid = tl.program_id(0)
+    adapter, first, end = _segment(TABLE, pid)
+    if adapter >= 0:
+        pos = first + tl.arange(0, BM)
+        row_ok = pos < end
+        rows = tl.load(PERM + pos, mask=row_ok, other=0).to(tl.int64)
+        hcols = tl.arange(0, BH)
+        h_ok = hcols < H
+        hid_mask = row_ok[:, None] & h_ok[None, :]
+        hid_offs = rows[:, None] * H + hcols[None, :]
+        g_rows = DOUT + rows[:, None] * stride_gn
+        a64 = adapter.to(tl.int64)
+        wu_ptr = WU + a64 * D * H
+        dot_dtype = WU.dtype.element_ty
+        scale, dropout_p, keep_scale = _adapter_scalars(SCALE, DROP_P, KEEP, adapter, HAS_SCALE, HAS_DROPOUT)
+        row_hash = _row_hash(SEED, rows) if HAS_DROPOUT else rows
+        grad_sq = _load_rows(GRAD_SQ, rows, row_ok, HAS_ROW_SQ_GRAD, stride_q)
+        h = tl.load(HID + hid_offs, mask=hid_mask, other=0.0)
+        a = _act(h, ACT)
+        if PRE_NORM:
+            da = tl.zeros((BM, BH), tl.float32)
+            for d0 in range(0, D, BD):
+                cols = d0 + tl.arange(0, BD)
+                d_ok = cols < D
+                dout = tl.load(g_rows + cols[None, :] * stride_gd, mask=row_ok[:, None] & d_ok[None, :],
+                               other=0.0).to(tl.float32)
+                wu = tl.load(wu_ptr + cols[:, None] * H + hcols[None, :], mask=d_ok[:, None] & h_ok[None, :], other=0.0)
+                y = _dot(a, tl.trans(wu), DOT_F32, dot_dtype) if HAS_ROW_SQ_GRAD else dout
+                dy = _dy(dout, y, grad_sq, row_hash, cols, scale, dropout_p, keep_scale,
+                         HAS_DROPOUT, HAS_SCALE, HAS_ROW_SQ_GRAD)
+                da += _dot(dy, wu, DOT_F32, dot_dtype)
+            dh = da * _act_grad(h, ACT)
+            g = tl.load(PROJ + a64 * 2 * H + hcols, mask=h_ok, other=0.0)
+            b = tl.load(PROJ + a64 * 2 * H + H + hcols, mask=h_ok, other=0.0)
+            c1 = tl.sum(dh * g[None, :], 1)
+            c2 = tl.sum(dh * (h - b[None, :]), 1)
+        else:
+            shift, mean_c, rstd = _load_stats(MEAN, RSTD, rows, row_ok, N)
+            c1 = tl.zeros((BM,), tl.float32)
+            c2 = tl.zeros((BM,), tl.float32)
+            duhat_wu = tl.zeros((BM, BH), tl.float32)  # dû Wu
+            uhat_wu = tl.zeros((BM, BH), tl.float32)  # û Wu
+            wu_sum = tl.zeros((BH,), tl.float32)  # Σ_d Wu
+            for d0 in range(0, D, BD):
+                cols = d0 + tl.arange(0, BD)
+                d_ok = cols < D
+                mask = row_ok[:, None] & d_ok[None, :]
+                dout = tl.load(g_rows + cols[None, :] * stride_gd, mask=mask, other=0.0).to(tl.float32)
+                gamma = tl.load(LN_W + a64 * D + cols, mask=d_ok, other=0.0).to(tl.float32)
+                beta = tl.load(LN_B + a64 * D + cols, mask=d_ok, other=0.0).to(tl.float32)
+                wu = tl.load(wu_ptr + cols[:, None] * H + hcols[None, :], mask=d_ok[:, None] & h_ok[None, :], other=0.0)
+                uhat = _normalize(_dot(a, tl.trans(wu), DOT_F32, dot_dtype), shift, mean_c, rstd, mask)
+                dy = _dy(dout, uhat * gamma[None, :] + beta[None, :], grad_sq, row_hash, cols, scale, dropout_p,
+                         keep_scale, HAS_DROPOUT, HAS_SCALE, HAS_ROW_SQ_GRAD)
+                duhat = tl.where(mask, dy * gamma[None, :], 0.0)
+                c1 += tl.sum(duhat, 1)
+                c2 += tl.sum(duhat * uhat, 1)
+                duhat_wu += _dot(duhat, wu, DOT_F32, dot_dtype)
+                uhat_wu += _dot(uhat, wu, DOT_F32, dot_dtype)
+                wu_sum += tl.sum(wu.to(tl.float32), 0)
+            da = rstd[:, None] * (duhat_wu - (c1[:, None] * wu_sum[None, :] + c2[:, None] * uhat_wu) / D)
+            dh = da * _act_grad(h, ACT)
+        tl.store(DH + hid_offs, dh, mask=hid_mask)
+        tl.store(C1 + rows, c1, mask=row_ok)
+        tl.store(C2 + rows, c2, mask=row_ok)
+
+
+@triton.jit
+def _routed_bwd_cols_kernel(
+    X, DOUT, GRAD_SQ, HID, DH, MEAN, RSTD, C1, C2, LN_W, LN_B, WD, WU, PERM, CHUNKS, SEED, SCALE, DROP_P, KEEP,
+    DX, DWD, DWU, DLN_W, DLN_B,
+    N, D, H, stride_xn, stride_xd, stride_gn, stride_gd, stride_q,
+    ACT: tl.constexpr, PRE_NORM: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_ROW_SQ_GRAD: tl.constexpr, RESIDUAL: tl.constexpr, DOT_F32: tl.constexpr,
+    NEED_DX: tl.constexpr, NEED_DLN: tl.constexpr, NEED_DWD: tl.constexpr, NEED_DWU: tl.constexpr,
+    BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
+):
+    """One D slice of one row chunk (inside one segment): dx of its rows and the chunk's float32
+    partial weight gradients, stored at the chunk's index (summed per adapter by ``_segment_sum_kernel``)."""
+    pid_d = tl.program_id(0)
+    chunk = tl.program_id(1)
+    adapter, first, end = _segment(CHUNKS, chunk)
+    cols = pid_d * BD + tl.arange(0, BD)
+    d_ok = cols < D
+    hcols = tl.arange(0, BH)
+    h_ok = hcols < H
+    dot_dtype = X.dtype.element_ty
+    if adapter < 0:  # rows without an adapter: dx = dout (residual) or 0
+        if NEED_DX:
+            for p0 in range(first, end, BM):
+                pos = p0 + tl.arange(0, BM)
+                row_ok = pos < end
+                rows = tl.load(PERM + pos, mask=row_ok, other=0).to(tl.int64)
+                mask = row_ok[:, None] & d_ok[None, :]
+                dx = tl.zeros((BM, BD), tl.float32)
+                if RESIDUAL:
+                    dx += tl.load(DOUT + rows[:, None] * stride_gn + cols[None, :] * stride_gd,
+                                  mask=mask, other=0.0).to(tl.float32)
+                tl.store(DX + rows[:, None] * D + cols[None, :], dx, mask=mask)
+    else:
+        a64 = adapter.to(tl.int64)
+        gamma = tl.load(LN_W + a64 * D + cols, mask=d_ok, other=0.0).to(tl.float32)
+        beta = tl.load(LN_B + a64 * D + cols, mask=d_ok, other=0.0).to(tl.float32)
+        wd = tl.load(WD + a64 * H * D + hcols[:, None] * D + cols[None, :], mask=h_ok[:, None] & d_ok[None, :], other=0.0)
+        wu = tl.load(WU + a64 * D * H + cols[:, None] * H + hcols[None, :], mask=d_ok[:, None] & h_ok[None, :], other=0.0)
+        scale, dropout_p, keep_scale = _adapter_scalars(SCALE, DROP_P, KEEP, adapter, HAS_SCALE, HAS_DROPOUT)
+        dwd = tl.zeros((BH, BD), tl.float32)
+        dwu = tl.zeros((BD, BH), tl.float32)
+        dgamma = tl.zeros((BD,), tl.float32)
+        dbeta = tl.zeros((BD,), tl.float32)
+        for p0 in range(first, end, BM):
+            pos = p0 + tl.arange(0, BM)
+            row_ok = pos < end
+            rows = tl.load(PERM + pos, mask=row_ok, other=0).to(tl.int64)
+            mask = row_ok[:, None] & d_ok[None, :]
+            hid_offs = rows[:, None] * H + hcols[None, :]
+            hid_mask = row_ok[:, None] & h_ok[None, :]
+            dout = tl.load(DOUT + rows[:, None] * stride_gn + cols[None, :] * stride_gd, mask=mask, other=0.0).to(tl.float32)
+            row_hash = _row_hash(SEED, rows) if HAS_DROPOUT else rows
+            grad_sq = _load_rows(GRAD_SQ, rows, row_ok, HAS_ROW_SQ_GRAD, stride_q)
+            if PRE_NORM:
+                if NEED_DWU:
+                    a = _act(tl.load(HID + hid_offs, mask=hid_mask, other=0.0), ACT)
+                    y = _dot(a, tl.trans(wu), DOT_F32, dot_dtype) if HAS_ROW_SQ_GRAD else dout
+                    dy = _dy(dout, y, grad_sq, row_hash, cols, scale, dropout_p, keep_scale,
+                             HAS_DROPOUT, HAS_SCALE, HAS_ROW_SQ_GRAD)
+                    dwu += _dot(tl.trans(tl.where(mask, dy, 0.0)), a, DOT_F32, dot_dtype)
+                if NEED_DX or NEED_DLN or NEED_DWD:
+                    dh = tl.load(DH + hid_offs, mask=hid_mask, other=0.0)
+                    x = tl.load(X + rows[:, None] * stride_xn + cols[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
+                    shift, mean_c, rstd = _load_stats(MEAN, RSTD, rows, row_ok, N)
+                    xhat = _normalize(x, shift, mean_c, rstd, mask)
+                    if NEED_DX or NEED_DLN:
+                        dxhat = _dot(dh, wd, DOT_F32, dot_dtype)  # dh Wd, before ⊙ γ
+                        if NEED_DX:
+                            c1 = tl.load(C1 + rows, mask=row_ok, other=0.0)
+                            c2 = tl.load(C2 + rows, mask=row_ok, other=0.0)
+                            dx = rstd[:, None] * (dxhat * gamma[None, :] - (c1[:, None] + xhat * c2[:, None]) / D)
+                            if RESIDUAL:
+                                dx += dout
+                            tl.store(DX + rows[:, None] * D + cols[None, :], dx, mask=mask)
+                        if NEED_DLN:
+                            dgamma += tl.sum(dxhat * xhat, 0)
+                            dbeta += tl.sum(tl.where(mask, dxhat, 0.0), 0)
+                    if NEED_DWD:
+                        xn = tl.where(mask, xhat * gamma[None, :] + beta[None, :], 0.0)
+                        dwd += _dot(tl.trans(dh), xn, DOT_F32, dot_dtype)
+            else:
+                if NEED_DLN or NEED_DWU:
+                    a = _act(tl.load(HID + hid_offs, mask=hid_mask, other=0.0), ACT)
+                    shift, mean_c, rstd = _load_stats(MEAN, RSTD, rows, row_ok, N)
+                    uhat = _normalize(_dot(a, tl.trans(wu), DOT_F32, dot_dtype), shift, mean_c, rstd, mask)
+                    dy = _dy(dout, uhat * gamma[None, :] + beta[None, :], grad_sq, row_hash, cols, scale,
+                             dropout_p, keep_scale, HAS_DROPOUT, HAS_SCALE, HAS_ROW_SQ_GRAD)
+                    dy = tl.where(mask, dy, 0.0)
+                    if NEED_DLN:
+                        dgamma += tl.sum(dy * uhat, 0)
+                        dbeta += tl.sum(dy, 0)
+                    if NEED_DWU:
+                        c1 = tl.load(C1 + rows, mask=row_ok, other=0.0)
+                        c2 = tl.load(C2 + rows, mask=row_ok, other=0.0)
+                        du = rstd[:, None] * (dy * gamma[None, :] - (c1[:, None] + uhat * c2[:, None]) / D)
+                        dwu += _dot(tl.trans(du), a, DOT_F32, dot_dtype)
+                if NEED_DX or NEED_DWD:
+                    dh = tl.load(DH + hid_offs, mask=hid_mask, other=0.0)
+                    if NEED_DX:
+                        dx = _dot(dh, wd, DOT_F32, dot_dtype)
+                        if RESIDUAL:
+                            dx += dout
+                        tl.store(DX + rows[:, None] * D + cols[None, :], dx, mask=mask)
+                    if NEED_DWD:
+                        x = tl.load(X + rows[:, None] * stride_xn + cols[None, :] * stride_xd, mask=mask, other=0.0)
+                        dwd += _dot(tl.trans(dh), x, DOT_F32, dot_dtype)
+        c64 = chunk.to(tl.int64)
+        if NEED_DWD:
+            tl.store(DWD + c64 * H * D + hcols[:, None] * D + cols[None, :], dwd, mask=h_ok[:, None] & d_ok[None, :])
+        if NEED_DWU:
+            tl.store(DWU + c64 * D * H + cols[:, None] * H + hcols[None, :], dwu, mask=d_ok[:, None] & h_ok[None, :])
+        if NEED_DLN:
+            tl.store(DLN_W + c64 * D + cols, dgamma, mask=d_ok)
+            tl.store(DLN_B + c64 * D + cols, dbeta, mask=d_ok)
+
+
+@triton.jit
+def _segment_sum_kernel(PARTIAL, OUT, FIRST_CHUNK, SIZE, BLOCK: tl.constexpr):
+    """OUT[a, j] = Σ_{c in chunks of adapter a} PARTIAL[c, j], chunks added in order (deterministic)."""
+    adapter = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < SIZE
+    begin = tl.load(FIRST_CHUNK + adapter)
+    stop = tl.load(FIRST_CHUNK + adapter + 1)
+    acc = tl.zeros((BLOCK,), tl.float32)
+    ptrs = PARTIAL + begin.to(tl.int64) * SIZE + offs
+    for _ in range(begin, stop):
+        acc += tl.load(ptrs, mask=ok, other=0.0)
+        ptrs += SIZE
+    tl.store(OUT + adapter.to(tl.int64) * SIZE + offs, acc, mask=ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+
+class Segments(NamedTuple):
+    """Rows grouped by adapter: ``perm`` (N,) int32, ``table`` (G, 3) int32 rows of (adapter, first,
+    end) for G = ``cdiv(N, block) + A + 1`` programs (the spare ones at the end have no rows), and
+    ``first_chunk`` (A + 1,) int32: adapter a owns table entries ``first_chunk[a]:first_chunk[a + 1]``."""
+
+    perm: torch.Tensor
+    table: torch.Tensor
+    first_chunk: torch.Tensor
+
+
+def segment_table(index: torch.Tensor, n_adapters: int, block: int) -> Segments:
+    """Group the rows of ``index`` (N,) int64 in [-1, A) into per-adapter segments cut into blocks of
+    ``block`` rows; everything is computed on the device, without reading it back on the host."""
+    n = index.numel()
+    device = index.device
+    perm = torch.argsort(index, stable=True).to(torch.int32)
+    counts = torch.bincount(index + 1, minlength=n_adapters + 1)[: n_adapters + 1]
+    seg_first = torch.cumsum(counts, 0) - counts
+    blocks = (counts + block - 1) // block
+    block_end = torch.cumsum(blocks, 0)
+    programs = triton.cdiv(n, block) + n_adapters + 1
+    pid = torch.arange(programs, device=device)
+    seg = torch.searchsorted(block_end, pid, right=True).clamp_max(n_adapters)
+    block_in_seg = pid - (block_end[seg] - blocks[seg])
+    first = seg_first[seg] + block_in_seg * block
+    end = seg_first[seg] + counts[seg]
+    past = pid >= block_end[-1]  # spare programs: no rows, and the cheap no-adapter branch
+    adapter = torch.where(past, -1, seg - 1)
+    first = torch.where(past, 0, first)
+    end = torch.where(past, 0, torch.minimum(end, first + block))
+    table = torch.stack([adapter, first, end], dim=1).to(torch.int32).contiguous()
+    return Segments(perm, table, block_end.to(torch.int32))
+
+
+class _Blocks(NamedTuple):
+    BH: int
+    BM: int
+    BD: int
+    num_warps: int
+
+
+def _blocks(h: int, d: int) -> _Blocks:
+    bh = max(16, triton.next_power_of_2(h))
+    bm = 16 if triton_interpreter_enabled() else 64 if bh <= 64 else 32 if bh <= 128 else 16
+    bd = 64 if bh <= 128 else 32 if bh <= 256 else 16
+    return _Blocks(bh, bm, min(bd, max(16, triton.next_power_of_2(d))), 4 if bh <= 128 else 8)
+
+
+def _dot_f32(dtype: torch.dtype) -> bool:
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and triton_interpreter_enabled())
+
+
+def _chunk_rows(n: int, n_col: int, bm: int, device: torch.device) -> int:
+    """Rows per chunk of the columns pass: enough chunks for the device (a few under the interpreter,
+    so tests cover several chunks per adapter), whole row blocks each; fixed for a shape and device."""
+    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    chunks = max(1, target // n_col)
+    return triton.cdiv(max(1, triton.cdiv(n, chunks)), bm) * bm
+
+
+def _dropout_tensors(dropout_p: List[float], device: torch.device) -> Tuple[bool, torch.Tensor, torch.Tensor]:
+    probs = torch.tensor(dropout_p, dtype=torch.float32, device=device)
+    keep = torch.tensor([0.0 if p >= 1.0 else 1.0 / (1.0 - p) for p in dropout_p], dtype=torch.float32, device=device)
+    return any(p > 0.0 for p in dropout_p), probs, keep
+
+
+def _ln_projections(ln_weight: torch.Tensor, ln_bias: torch.Tensor, down_weight: torch.Tensor) -> torch.Tensor:
+    """(A, 2, H) float32: Wd γ and Wd β of each adapter (the pre-norm backward's c1 and c2 need them)."""
+    wd = down_weight.float()
+    return torch.stack([torch.einsum("ahd,ad->ah", wd, ln_weight.float()),
+                        torch.einsum("ahd,ad->ah", wd, ln_bias.float())], dim=1).contiguous()
+
+
+def routed_adapter_forward(
+    x, adapter_index, ln_weight, ln_bias, down_weight, up_weight, dropout_seed: Optional[torch.Tensor],
+    scale: Optional[torch.Tensor], dropout_p: List[float], activation: str, norm_position: str, eps: float,
+    residual: bool, compute_row_sq: bool,
+):
+    """Launch the forward on inputs validated by ``ops.routed_adapter``.
+
+    Returns ``(out, row_sq, hidden, mean, rstd, proj)``: ``out`` like ``x``, ``row_sq`` float32
+    ``x.shape[:-1]`` (or ``(0,)``), and for backward ``hidden`` float32 (N, H), ``mean`` (2, N), ``rstd``
+    (N,) (rows without an adapter hold garbage there), ``proj`` (A, 2, H) for pre norm, else (0,).
+    """
+    d = x.shape[-1]
+    a_count, h_size = down_weight.shape[:2]
+    x2 = x.reshape(-1, d)
+    n = x2.shape[0]
+    ln_weight, ln_bias, down_weight, up_weight = (t.contiguous() for t in (ln_weight, ln_bias, down_weight, up_weight))
+    f32 = dict(device=x.device, dtype=torch.float32)
+    out = x.new_empty(x.shape)
+    row_sq = torch.empty(x.shape[:-1] if compute_row_sq else (0,), **f32)
+    hidden = torch.empty((n, h_size), **f32)
+    mean = torch.empty((2, n), **f32)
+    rstd = torch.empty((n,), **f32)
+    pre = norm_position == "pre"
+    proj = _ln_projections(ln_weight, ln_bias, down_weight) if pre else torch.empty((0,), **f32)
+    if n == 0:
+        return out, row_sq, hidden, mean, rstd, proj
+    cfg = _blocks(h_size, d)
+    seg = segment_table(adapter_index.reshape(-1), a_count, cfg.BM)
+    has_dropout, probs, keep = _dropout_tensors(dropout_p, x.device)
+    _routed_fwd_kernel[(seg.table.shape[0],)](
+        x2, out, row_sq, hidden, mean, rstd, ln_weight, ln_bias, down_weight, up_weight, seg.perm, seg.table,
+        dropout_seed if dropout_seed is not None else seg.perm, scale if scale is not None else probs, probs, keep,
+        n, d, h_size, x2.stride(0), x2.stride(1), eps,
+        ACT=activation, PRE_NORM=pre, HAS_DROPOUT=has_dropout, HAS_SCALE=scale is not None, RESIDUAL=residual,
+        STORE_ROW_SQ=compute_row_sq, DOT_F32=_dot_f32(x.dtype), BM=cfg.BM, BD=cfg.BD, BH=cfg.BH,
+        num_warps=cfg.num_warps,
+    )
+    return out, row_sq, hidden, mean, rstd, proj
+
+
+def routed_adapter_backward(
+    grad_out, grad_row_sq, x, adapter_index, ln_weight, ln_bias, down_weight, up_weight,
+    dropout_seed: Optional[torch.Tensor], scale: Optional[torch.Tensor], hidden, mean, rstd, proj,
+    dropout_p: List[float], activation: str, norm_position: str, residual: bool,
+    need_dx: bool, need_dln: bool, need_dwd: bool, need_dwu: bool,
+):
+    """Launch the backward; returns ``(dx, d_ln_weight, d_ln_bias, d_down, d_up)`` (empty when not needed)."""
+    d = x.shape[-1]
+    a_count, h_size = down_weight.shape[:2]
+    x2 = x.reshape(-1, d)
+    g2 = grad_out.reshape(-1, d)
+    n = x2.shape[0]
+    index = adapter_index.reshape(-1)
+    q = grad_row_sq.reshape(-1) if grad_row_sq is not None else None
+    ln_weight, ln_bias, down_weight, up_weight = (t.contiguous() for t in (ln_weight, ln_bias, down_weight, up_weight))
+    f32 = dict(device=x.device, dtype=torch.float32)
+    pre = norm_position == "pre"
+    has_dropout, probs, keep = _dropout_tensors(dropout_p, x.device)
+    seed = dropout_seed if dropout_seed is not None else probs
+    scale_arg = scale if scale is not None else probs
+    q_arg, q_stride = (q, q.stride(0)) if q is not None else (probs, 0)
+    flags = dict(ACT=activation, PRE_NORM=pre, HAS_DROPOUT=has_dropout, HAS_SCALE=scale is not None,
+                 HAS_ROW_SQ_GRAD=q is not None, DOT_F32=_dot_f32(x.dtype))
+    cfg = _blocks(h_size, d)
+
+    dh = torch.empty((n, h_size), **f32)
+    c1 = torch.empty((n,), **f32)
+    c2 = torch.empty((n,), **f32)
+    if n > 0 and (need_dx or need_dwd or (need_dln if pre else need_dwu)):
+        seg = segment_table(index, a_count, cfg.BM)
+        _routed_bwd_rows_kernel[(seg.table.shape[0],)](
+            g2, q_arg, hidden, mean, rstd, proj, ln_weight, ln_bias, up_weight, seg.perm, seg.table, seed, scale_arg,
+            probs, keep, dh, c1, c2, n, d, h_size, g2.stride(0), g2.stride(1), q_stride,
+            **flags, BM=cfg.BM, BD=cfg.BD, BH=cfg.BH, num_warps=cfg.num_warps,
+        )
+
+    n_col = triton.cdiv(d, cfg.BD)
+    chunks = segment_table(index, a_count, _chunk_rows(n, n_col, cfg.BM, x.device))
+    n_chunks = chunks.table.shape[0]
+    dx = x.new_empty(x.shape if need_dx else (0,))
+    dwd = torch.empty((n_chunks, h_size, d) if need_dwd else (0,), **f32)
+    dwu = torch.empty((n_chunks, d, h_size) if need_dwu else (0,), **f32)
+    dlnw = torch.empty((n_chunks, d) if need_dln else (0,), **f32)
+    dlnb = torch.empty((n_chunks, d) if need_dln else (0,), **f32)
+    if n > 0 and (need_dx or need_dln or need_dwd or need_dwu):
+        _routed_bwd_cols_kernel[(n_col, n_chunks)](
+            x2, g2, q_arg, hidden, dh, mean, rstd, c1, c2, ln_weight, ln_bias, down_weight, up_weight,
+            chunks.perm, chunks.table, seed, scale_arg, probs, keep, dx, dwd, dwu, dlnw, dlnb,
+            n, d, h_size, x2.stride(0), x2.stride(1), g2.stride(0), g2.stride(1), q_stride,
+            **flags, RESIDUAL=residual, NEED_DX=need_dx, NEED_DLN=need_dln, NEED_DWD=need_dwd, NEED_DWU=need_dwu,
+            BM=cfg.BM, BD=cfg.BD, BH=cfg.BH, num_warps=cfg.num_warps,
+        )
+
+    def per_adapter(partial: torch.Tensor, like: torch.Tensor, needed: bool) -> torch.Tensor:
+        if not needed:
+            return like.new_empty((0,))
+        size = like[0].numel()
+        total = torch.empty((a_count, size), **f32)
+        if n == 0:
+            return total.zero_().reshape(like.shape).to(like.dtype)
+        block = 1024
+        _segment_sum_kernel[(a_count, triton.cdiv(size, block))](
+            partial, total, chunks.first_chunk, size, BLOCK=block)
+        return total.reshape(like.shape).to(like.dtype)
+
+    return (
+        dx,
+        per_adapter(dlnw, ln_weight, need_dln),
+        per_adapter(dlnb, ln_bias, need_dln),
+        per_adapter(dwd, down_weight, need_dwd),
+        per_adapter(dwu, up_weight, need_dwu),
+    )
