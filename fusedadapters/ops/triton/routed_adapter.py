@@ -70,6 +70,103 @@ def _adapter_scalars(SCALE, DROP_P, KEEP, adapter, HAS_SCALE: tl.constexpr, HAS_
 
 
 @triton.jit
+def _adapter_rows_fwd(
+    x_rows, stride_xd, out_rows, rows, row_ok, HID, MEAN, RSTD, ROW_SQ, ln_w, ln_b, wd_ptr, wu_ptr,
+    N, D, H, eps, scale, dropout_p, keep_scale, row_hash,
+    ACT: tl.constexpr, PRE_NORM: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr,
+    RESIDUAL: tl.constexpr, STORE_ROW_SQ: tl.constexpr, DOT_F32: tl.constexpr,
+    BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
+):
+    """One adapter over a block of BM rows (the math of linear_adapter's forward kernels).
+
+    ``x_rows``/``out_rows`` point at the rows' first elements (BM×1), ``rows`` index the row outputs:
+    HID (N, H), MEAN (2, N), RSTD (N,), ROW_SQ (N,). ``ln_w``…``wu_ptr`` point at this adapter's weights.
+    """
+    hcols = tl.arange(0, BH)
+    h_ok = hcols < H
+    dot_dtype = x_rows.dtype.element_ty
+    if PRE_NORM:
+        # Pass 1: A = (x - c)(Wd∘γ)ᵀ, shifted moments, g = Wd γ, b = Wd β (c: mean of the first chunk).
+        cols = tl.arange(0, BD)
+        first_mask = row_ok[:, None] & (cols < D)[None, :]
+        shift = tl.sum(tl.load(x_rows + cols[None, :] * stride_xd, mask=first_mask, other=0.0).to(tl.float32), 1)
+        shift = shift / tl.sum((cols < D).to(tl.float32), 0)
+        acc = tl.zeros((BM, BH), tl.float32)
+        s1 = tl.zeros((BM,), tl.float32)
+        s2 = tl.zeros((BM,), tl.float32)
+        g = tl.zeros((BH,), tl.float32)
+        b = tl.zeros((BH,), tl.float32)
+        for d0 in range(0, D, BD):
+            cols = d0 + tl.arange(0, BD)
+            d_ok = cols < D
+            mask = row_ok[:, None] & d_ok[None, :]
+            x = tl.load(x_rows + cols[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
+            xc = tl.where(mask, x - shift[:, None], 0.0)
+            s1 += tl.sum(xc, 1)
+            s2 += tl.sum(xc * xc, 1)
+            gamma = tl.load(ln_w + cols, mask=d_ok, other=0.0).to(tl.float32)
+            beta = tl.load(ln_b + cols, mask=d_ok, other=0.0).to(tl.float32)
+            wd_t = tl.load(wd_ptr + hcols[None, :] * D + cols[:, None],
+                           mask=d_ok[:, None] & h_ok[None, :], other=0.0).to(tl.float32)
+            wg_t = wd_t * gamma[:, None]
+            g += tl.sum(wg_t, 0)
+            b += tl.sum(wd_t * beta[:, None], 0)
+            acc += _dot(xc, wg_t, DOT_F32, dot_dtype)
+        mean_c = s1 / D
+        rstd = 1.0 / tl.sqrt(tl.maximum(s2 / D - mean_c * mean_c, 0.0) + eps)
+        h = rstd[:, None] * (acc - mean_c[:, None] * g[None, :]) + b[None, :]
+    else:
+        h = tl.zeros((BM, BH), tl.float32)
+        for d0 in range(0, D, BD):
+            cols = d0 + tl.arange(0, BD)
+            d_ok = cols < D
+            x = tl.load(x_rows + cols[None, :] * stride_xd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            wd_t = tl.load(wd_ptr + hcols[None, :] * D + cols[:, None], mask=d_ok[:, None] & h_ok[None, :], other=0.0)
+            h += _dot(x, wd_t, DOT_F32, dot_dtype)
+    tl.store(HID + rows[:, None] * H + hcols[None, :], h, mask=row_ok[:, None] & h_ok[None, :])
+    a = _act(h, ACT)
+    if not PRE_NORM:
+        # Statistics of u = a Wuᵀ (recomputed chunk by chunk), shifted by the first chunk's mean.
+        cols = tl.arange(0, BD)
+        wu_t = tl.load(wu_ptr + cols[None, :] * H + hcols[:, None], mask=h_ok[:, None] & (cols < D)[None, :], other=0.0)
+        shift = tl.sum(_dot(a, wu_t, DOT_F32, dot_dtype), 1) / tl.sum((cols < D).to(tl.float32), 0)
+        s1 = tl.zeros((BM,), tl.float32)
+        s2 = tl.zeros((BM,), tl.float32)
+        for d0 in range(0, D, BD):
+            cols = d0 + tl.arange(0, BD)
+            d_ok = cols < D
+            wu_t = tl.load(wu_ptr + cols[None, :] * H + hcols[:, None], mask=h_ok[:, None] & d_ok[None, :], other=0.0)
+            uc = tl.where(d_ok[None, :], _dot(a, wu_t, DOT_F32, dot_dtype) - shift[:, None], 0.0)
+            s1 += tl.sum(uc, 1)
+            s2 += tl.sum(uc * uc, 1)
+        mean_c = s1 / D
+        rstd = 1.0 / tl.sqrt(tl.maximum(s2 / D - mean_c * mean_c, 0.0) + eps)
+    _store_stats(MEAN, RSTD, rows, row_ok, N, shift, mean_c, rstd)
+
+    # Last pass: out = [x +] s m y with y = a Wuᵀ (pre) or LN(a Wuᵀ) (post).
+    sq = tl.zeros((BM,), tl.float32)
+    for d0 in range(0, D, BD):
+        cols = d0 + tl.arange(0, BD)
+        d_ok = cols < D
+        mask = row_ok[:, None] & d_ok[None, :]
+        wu_t = tl.load(wu_ptr + cols[None, :] * H + hcols[:, None], mask=h_ok[:, None] & d_ok[None, :], other=0.0)
+        y = _dot(a, wu_t, DOT_F32, dot_dtype)
+        if not PRE_NORM:
+            gamma = tl.load(ln_w + cols, mask=d_ok, other=0.0).to(tl.float32)
+            beta = tl.load(ln_b + cols, mask=d_ok, other=0.0).to(tl.float32)
+            y = _normalize(y, shift, mean_c, rstd, mask) * gamma[None, :] + beta[None, :]
+        z = _drop_scale(y, row_hash, cols, scale, dropout_p, keep_scale, HAS_DROPOUT, HAS_SCALE)
+        z = tl.where(mask, z, 0.0)
+        if STORE_ROW_SQ:
+            sq += tl.sum(z * z, 1)
+        if RESIDUAL:
+            z += tl.load(x_rows + cols[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_rows + cols[None, :], z, mask=mask)
+    if STORE_ROW_SQ:
+        tl.store(ROW_SQ + rows, sq, mask=row_ok)
+
+
+@triton.jit
 def _routed_fwd_kernel(
     X, OUT, ROW_SQ, HID, MEAN, RSTD, LN_W, LN_B, WD, WU, PERM, TABLE, SEED, SCALE, DROP_P, KEEP,
     N, D, H, stride_xn, stride_xd, eps,
@@ -82,12 +179,8 @@ def _routed_fwd_kernel(
     pos = first + tl.arange(0, BM)
     row_ok = pos < end
     rows = tl.load(PERM + pos, mask=row_ok, other=0).to(tl.int64)
-    hcols = tl.arange(0, BH)
-    h_ok = hcols < H
     x_rows = X + rows[:, None] * stride_xn
     out_rows = OUT + rows[:, None] * D
-    dot_dtype = X.dtype.element_ty
-
     if adapter < 0:  # rows without an adapter: out = x (residual) or 0, row_sq = 0
         for d0 in range(0, D, BD):
             cols = d0 + tl.arange(0, BD)
@@ -100,91 +193,14 @@ def _routed_fwd_kernel(
             tl.store(ROW_SQ + rows, tl.zeros((BM,), tl.float32), mask=row_ok)
     else:
         a64 = adapter.to(tl.int64)
-        ln_w = LN_W + a64 * D
-        ln_b = LN_B + a64 * D
-        wd_ptr = WD + a64 * H * D
-        wu_ptr = WU + a64 * D * H
         scale, dropout_p, keep_scale = _adapter_scalars(SCALE, DROP_P, KEEP, adapter, HAS_SCALE, HAS_DROPOUT)
         row_hash = _row_hash(SEED, rows) if HAS_DROPOUT else rows
-        if PRE_NORM:
-            # Pass 1: A = (x - c)(Wd∘γ)ᵀ, shifted moments, g = Wd γ, b = Wd β (c: mean of the first chunk).
-            cols = tl.arange(0, BD)
-            first_mask = row_ok[:, None] & (cols < D)[None, :]
-            shift = tl.sum(tl.load(x_rows + cols[None, :] * stride_xd, mask=first_mask, other=0.0).to(tl.float32), 1)
-            shift = shift / tl.sum((cols < D).to(tl.float32), 0)
-            acc = tl.zeros((BM, BH), tl.float32)
-            s1 = tl.zeros((BM,), tl.float32)
-            s2 = tl.zeros((BM,), tl.float32)
-            g = tl.zeros((BH,), tl.float32)
-            b = tl.zeros((BH,), tl.float32)
-            for d0 in range(0, D, BD):
-                cols = d0 + tl.arange(0, BD)
-                d_ok = cols < D
-                mask = row_ok[:, None] & d_ok[None, :]
-                x = tl.load(x_rows + cols[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
-                xc = tl.where(mask, x - shift[:, None], 0.0)
-                s1 += tl.sum(xc, 1)
-                s2 += tl.sum(xc * xc, 1)
-                gamma = tl.load(ln_w + cols, mask=d_ok, other=0.0).to(tl.float32)
-                beta = tl.load(ln_b + cols, mask=d_ok, other=0.0).to(tl.float32)
-                wd_t = tl.load(wd_ptr + hcols[None, :] * D + cols[:, None],
-                               mask=d_ok[:, None] & h_ok[None, :], other=0.0).to(tl.float32)
-                wg_t = wd_t * gamma[:, None]
-                g += tl.sum(wg_t, 0)
-                b += tl.sum(wd_t * beta[:, None], 0)
-                acc += _dot(xc, wg_t, DOT_F32, dot_dtype)
-            mean_c = s1 / D
-            rstd = 1.0 / tl.sqrt(tl.maximum(s2 / D - mean_c * mean_c, 0.0) + eps)
-            h = rstd[:, None] * (acc - mean_c[:, None] * g[None, :]) + b[None, :]
-        else:
-            h = tl.zeros((BM, BH), tl.float32)
-            for d0 in range(0, D, BD):
-                cols = d0 + tl.arange(0, BD)
-                d_ok = cols < D
-                x = tl.load(x_rows + cols[None, :] * stride_xd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-                wd_t = tl.load(wd_ptr + hcols[None, :] * D + cols[:, None], mask=d_ok[:, None] & h_ok[None, :], other=0.0)
-                h += _dot(x, wd_t, DOT_F32, dot_dtype)
-        tl.store(HID + rows[:, None] * H + hcols[None, :], h, mask=row_ok[:, None] & h_ok[None, :])
-        a = _act(h, ACT)
-        if not PRE_NORM:
-            # Statistics of u = a Wuᵀ (recomputed chunk by chunk), shifted by the first chunk's mean.
-            cols = tl.arange(0, BD)
-            wu_t = tl.load(wu_ptr + cols[None, :] * H + hcols[:, None], mask=h_ok[:, None] & (cols < D)[None, :], other=0.0)
-            shift = tl.sum(_dot(a, wu_t, DOT_F32, dot_dtype), 1) / tl.sum((cols < D).to(tl.float32), 0)
-            s1 = tl.zeros((BM,), tl.float32)
-            s2 = tl.zeros((BM,), tl.float32)
-            for d0 in range(0, D, BD):
-                cols = d0 + tl.arange(0, BD)
-                d_ok = cols < D
-                wu_t = tl.load(wu_ptr + cols[None, :] * H + hcols[:, None], mask=h_ok[:, None] & d_ok[None, :], other=0.0)
-                uc = tl.where(d_ok[None, :], _dot(a, wu_t, DOT_F32, dot_dtype) - shift[:, None], 0.0)
-                s1 += tl.sum(uc, 1)
-                s2 += tl.sum(uc * uc, 1)
-            mean_c = s1 / D
-            rstd = 1.0 / tl.sqrt(tl.maximum(s2 / D - mean_c * mean_c, 0.0) + eps)
-        _store_stats(MEAN, RSTD, rows, row_ok, N, shift, mean_c, rstd)
-
-        # Last pass: out = [x +] s m y with y = a Wuᵀ (pre) or LN(a Wuᵀ) (post).
-        sq = tl.zeros((BM,), tl.float32)
-        for d0 in range(0, D, BD):
-            cols = d0 + tl.arange(0, BD)
-            d_ok = cols < D
-            mask = row_ok[:, None] & d_ok[None, :]
-            wu_t = tl.load(wu_ptr + cols[None, :] * H + hcols[:, None], mask=h_ok[:, None] & d_ok[None, :], other=0.0)
-            y = _dot(a, wu_t, DOT_F32, dot_dtype)
-            if not PRE_NORM:
-                gamma = tl.load(ln_w + cols, mask=d_ok, other=0.0).to(tl.float32)
-                beta = tl.load(ln_b + cols, mask=d_ok, other=0.0).to(tl.float32)
-                y = _normalize(y, shift, mean_c, rstd, mask) * gamma[None, :] + beta[None, :]
-            z = _drop_scale(y, row_hash, cols, scale, dropout_p, keep_scale, HAS_DROPOUT, HAS_SCALE)
-            z = tl.where(mask, z, 0.0)
-            if STORE_ROW_SQ:
-                sq += tl.sum(z * z, 1)
-            if RESIDUAL:
-                z += tl.load(x_rows + cols[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
-            tl.store(out_rows + cols[None, :], z, mask=mask)
-        if STORE_ROW_SQ:
-            tl.store(ROW_SQ + rows, sq, mask=row_ok)
+        _adapter_rows_fwd(
+            x_rows, stride_xd, out_rows, rows, row_ok, HID, MEAN, RSTD, ROW_SQ,
+            LN_W + a64 * D, LN_B + a64 * D, WD + a64 * H * D, WU + a64 * D * H,
+            N, D, H, eps, scale, dropout_p, keep_scale, row_hash,
+            ACT, PRE_NORM, HAS_DROPOUT, HAS_SCALE, RESIDUAL, STORE_ROW_SQ, DOT_F32, BM, BD, BH,
+        )
 
 
 @triton.jit
