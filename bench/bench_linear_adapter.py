@@ -46,6 +46,7 @@ import dataclasses
 import json
 import math
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -802,6 +803,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plot", action="store_true", help="skip the plots (they need matplotlib)")
     p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="DIR",
                    help="do not run: merge the results.json of these directories (later wins) into --out")
+    p.add_argument("--time-budget-s", type=float, default=None,
+                   help="after the first shape, start no new one once the time spent plus the last shape's time "
+                        "would exceed this; the shapes left are recorded as skipped (stage 'budget')")
     p.add_argument("--fail-on-error", action="store_true",
                    help="exit with status 1 when any point of a non-selftest backend failed")
     return p
@@ -901,13 +905,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         },
     }
     data: Dict[str, Any] = {"schema": SCHEMA_VERSION, "op": OP, "runs": [run], "rows": [], "checks": []}
+    start, last_shape_s = time.monotonic(), 0.0
     for i, shape in enumerate(shapes):
+        spent = time.monotonic() - start
+        if args.time_budget_s is not None and i > 0 and spent + last_shape_s > args.time_budget_s:
+            reason = (f"time budget: {spent:.0f} s of {args.time_budget_s:g} s spent and the last shape took "
+                      f"{last_shape_s:.0f} s")
+            log(f"stopping before {shape.label()}: {reason}; {len(shapes) - i} shapes not measured")
+            data["rows"].extend(_row(s, b, m, status="skipped", stage="budget", error=reason)
+                                for s in shapes[i:] for b in backends for m in args.modes)
+            break
         log(f"[{i + 1}/{len(shapes)}] {shape.label()}")
         rows, checks = run_shape(shape, backends, args.modes, cfg, device, tc,
                                  args.tol or TOLERANCES[shape.dtype], args.seed, log)
         data["rows"].extend(rows)
         data["checks"].extend(checks)
         write_outputs(data, out_dir, plot=False)  # partial results survive an interrupted sweep
+        last_shape_s = time.monotonic() - start - spent
     write_outputs(data, out_dir, plot=not args.no_plot)
     n_err = len(data["errors"])
     log(f"wrote {out_dir / 'results.json'} and {out_dir / 'report.md'}; {n_err} error rows")

@@ -1,0 +1,1135 @@
+"""One command for a GPU machine: install, record, test, sanitize, benchmark, compare, report.
+
+On a bare machine with torch and Triton but no network, ``python bench/gpu_run.py`` does, in order:
+
+1. install: wheels of missing pure-Python dependencies from ``--wheels DIR`` (into a private
+   folder put on PYTHONPATH), then the package itself with
+   ``pip install --no-index --no-deps --no-build-isolation -e .`` (PYTHONPATH fallback);
+2. environment: device, driver, CUDA, torch, Triton, Python, git commit and dirty flag, the exact
+   command line, the date (``environment.json``, ``nvidia-smi.txt``);
+3. tests: ``python -m pytest`` with a JUnit XML (the whole suite; ``--quick`` a chosen subset), then
+   ``compute-sanitizer`` memcheck and racecheck over the ``native`` backend's small-shape tests when
+   that backend exists (otherwise the step is skipped with the reason);
+4. bench: ``bench_linear_adapter.py`` in parts (eager, torch.compile and every fused backend;
+   forward, backward, full; the copy bandwidth measured by each part), merged into ``bench/``;
+5. predictions: the static report's predicted fraction of copy bandwidth
+   (``bench/results/static/report.json``) beside each measured fused-backend point;
+6. summary: ``summary.md`` (per shape and dtype: time, GB/s, fraction of copy bandwidth, speedups
+   over eager and torch.compile, each against its target), plots, ``run.json`` with every step;
+   ``--archive FILE.tar.gz`` packs the whole folder into one file.
+
+Everything goes to ``bench/results/<YYYY-MM-DD>-<gpu>/`` (``--out`` to choose). The exit status is 1
+when a step failed (a test failed or did not finish, the sanitizer found an error, a real backend
+failed a benchmark point, the install failed), and everything measured is still written.
+
+A time budget (``--budget-s``; 165 s with ``--quick``, 540 s for the full run) is shared by the steps:
+each step gets what is left, a test run still going at its share is interrupted (SIGINT, so pytest
+writes its report), and benchmark parts that no longer fit are recorded as skipped.
+
+``--dry-run`` does the same on the CPU (Triton's interpreter, tiny shapes, a small test subset), into
+the same layout: CI runs it, so the script is known to work before GPU time is spent on it.
+See bench/README.md, "One command for a GPU".
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import importlib
+import importlib.metadata
+import importlib.util
+import json
+import math
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+import harness  # noqa: E402  (imports torch only; the package is imported after the install step)
+
+SCHEMA_VERSION = 1
+OK, FAILED, SKIPPED, PARTIAL = "ok", "failed", "skipped", "partial"
+DEFAULT_STATIC_REPORT = HERE / "results" / "static" / "report.json"
+PREDICTION_FIELDS = ("direction", "norm_position", "dtype", "D", "H", "features", "arch", "predicted_fraction")
+BASELINE_BACKENDS = ("eager", "compile", "compile-max-autotune", "compile-max-autotune-no-cudagraphs")
+# a prediction and a measurement "differ by more than a third" outside this band of measured / predicted
+AGREEMENT_BAND = (2 / 3, 4 / 3)
+INTERRUPT_GRACE_S = 30.0  # after SIGINT, how long a child gets to write its reports before SIGKILL
+SUMMARY_RESERVE_S = 15.0  # kept back from the steps for merging, the summary and the archive
+
+
+# --------------------------------------------------------------------------------------------
+# plans: what each mode runs
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchPart:
+    """One ``bench_linear_adapter.py`` run: a Cartesian sweep of N × D × H × dtypes.
+
+    ``backends`` may name ``fused``, which stands for every fused backend the benchmark knows
+    (triton, and native once it exists). A part is started only when ``min_s`` seconds are left.
+    """
+
+    name: str
+    n: Tuple[int, ...]
+    d: Tuple[int, ...]
+    h: Tuple[int, ...]
+    dtypes: Tuple[str, ...]
+    backends: Tuple[str, ...] = ("eager", "compile", "fused")
+    min_s: float = 30.0
+
+    def shape_count(self) -> int:
+        return len(self.n) * len(self.d) * len(self.h) * len(self.dtypes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What one mode runs: test selection (None = the whole suite), step caps, benchmark parts."""
+
+    name: str
+    budget_s: float
+    tests: Optional[Tuple[str, ...]]
+    tests_cap_s: float
+    sanitizer_cap_s: float
+    bench_args: Tuple[str, ...]
+    parts: Tuple[BenchPart, ...]
+    predict_min_elems: int
+
+
+QUICK_TESTS = (
+    "tests/test_package.py",
+    "tests/ops/test_linear_adapter.py::test_dtypes",
+    "tests/ops/test_linear_adapter.py::test_shapes",
+    "tests/ops/test_linear_adapter.py::test_non_contiguous",
+    "tests/ops/test_linear_adapter.py::test_only_some_inputs_need_grad",
+    "tests/test_fused_linear_adapter.py",
+)
+DRY_RUN_TESTS = ("tests/ops/test_linear_adapter.py::test_dtypes", "tests/test_adapter_modules.py")
+
+PLANS = {
+    "dry-run": Plan(
+        name="dry-run", budget_s=600.0, tests=DRY_RUN_TESTS, tests_cap_s=240.0, sanitizer_cap_s=60.0,
+        bench_args=("--device", "cpu", "--cpu-small", "--rep-ms", "5", "--warmup-ms", "1"),
+        parts=(
+            BenchPart("core", n=(1, 64), d=(64,), h=(16,), dtypes=("fp32",), min_s=0.0),
+            BenchPart("dtypes", n=(64,), d=(64,), h=(16,), dtypes=("fp16",), backends=("eager", "fused"), min_s=0.0),
+        ),
+        predict_min_elems=0,
+    ),
+    "quick": Plan(
+        name="quick", budget_s=165.0, tests=QUICK_TESTS, tests_cap_s=70.0, sanitizer_cap_s=30.0,
+        bench_args=("--device", "cuda"),
+        parts=(BenchPart("core", n=(65536, 16384, 16), d=(4096,), h=(64,), dtypes=("bf16",)),),
+        predict_min_elems=2**26,
+    ),
+    "full": Plan(
+        name="full", budget_s=540.0, tests=None, tests_cap_s=240.0, sanitizer_cap_s=90.0,
+        bench_args=("--device", "cuda"),
+        parts=(
+            BenchPart("core", n=(65536, 16384, 1024, 16, 1), d=(4096,), h=(64,), dtypes=("bf16",)),
+            BenchPart("hidden", n=(65536,), d=(4096,), h=(16, 256), dtypes=("bf16",)),
+            BenchPart("model", n=(65536,), d=(1024, 8192), h=(64,), dtypes=("bf16",)),
+            BenchPart("dtypes", n=(65536,), d=(4096,), h=(64,), dtypes=("fp16", "fp32")),
+            BenchPart("max-autotune", n=(65536, 16384), d=(4096,), h=(64,), dtypes=("bf16",),
+                      backends=("compile-max-autotune",), min_s=90.0),
+        ),
+        predict_min_elems=2**26,
+    ),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# small helpers
+# --------------------------------------------------------------------------------------------
+
+
+class Clock:
+    """Seconds since the start and seconds left of the budget."""
+
+    def __init__(self, budget_s: float):
+        self.start = time.monotonic()
+        self.budget_s = budget_s
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def left(self) -> float:
+        return self.budget_s - self.elapsed()
+
+
+def log(msg: str) -> None:
+    print(f"[gpu_run] {msg}", flush=True)
+
+
+def slug(text: str) -> str:
+    """``NVIDIA H100 80GB HBM3`` -> ``nvidia-h100-80gb-hbm3``."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
+
+
+def relpath(path: Path, base: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(base.resolve()))
+    except ValueError:
+        return str(path)
+
+
+def run_streamed(label: str, cmd: Sequence[str], log_path: Path, timeout_s: float, env: Dict[str, str],
+                 cwd: Path = REPO) -> Dict[str, Any]:
+    """Run ``cmd``, copying its output to ``log_path`` and to stdout; at ``timeout_s`` send SIGINT
+    to its process group (pytest and the benchmark then write what they have), SIGKILL after a grace.
+
+    Returns ``{"returncode", "seconds", "interrupted", "log"}``.
+    """
+    start = time.monotonic()
+    with open(log_path, "w") as log_file:
+        log_file.write(f"$ {shlex.join(cmd)}\n")
+        log_file.flush()
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, errors="replace", start_new_session=True)
+
+        def pump() -> None:
+            for line in proc.stdout:
+                log_file.write(line)
+                sys.stdout.write(line)
+            sys.stdout.flush()
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        interrupted = False
+        try:
+            proc.wait(timeout=max(timeout_s, 1.0))
+        except subprocess.TimeoutExpired:
+            interrupted = True
+            log(f"{label}: {timeout_s:.0f} s spent; interrupting (SIGINT)")
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(timeout=INTERRUPT_GRACE_S)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        reader.join(timeout=10)
+    return {"returncode": proc.returncode, "seconds": round(time.monotonic() - start, 1),
+            "interrupted": interrupted, "log": log_path.name}
+
+
+def capture(cmd: Sequence[str], env: Optional[Dict[str, str]] = None, cwd: Optional[Path] = None,
+            timeout: float = 60) -> Tuple[int, str]:
+    """(return code, stdout + stderr) of a short command; (-1, reason) when it cannot run."""
+    try:
+        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return -1, harness.format_error(exc)
+    return proc.returncode, (proc.stdout + proc.stderr).strip()
+
+
+def prepend_path(env: Dict[str, str], key: str, path: Path) -> None:
+    parts = [str(path)] + [p for p in env.get(key, "").split(os.pathsep) if p]
+    env[key] = os.pathsep.join(dict.fromkeys(parts))
+
+
+# --------------------------------------------------------------------------------------------
+# step 1: install
+# --------------------------------------------------------------------------------------------
+
+
+def canonical_name(name: str) -> str:
+    """PEP 503 normalisation: ``PyYAML`` -> ``pyyaml``, ``antlr4_python3_runtime`` -> ``antlr4-python3-runtime``."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def project_requirements(pyproject: Path, extras: Sequence[str] = ("test",)) -> List[str]:
+    """The requirement strings of ``[project].dependencies`` and the given optional extras."""
+    import tomllib
+
+    project = tomllib.loads(pyproject.read_text())["project"]
+    reqs = list(project.get("dependencies", []))
+    for extra in extras:
+        reqs += project.get("optional-dependencies", {}).get(extra, [])
+    return reqs
+
+
+def unmet_requirement(req: str) -> Optional[str]:
+    """Why ``req`` is not satisfied in this interpreter (None when it is, or its marker excludes it)."""
+    from packaging.requirements import Requirement
+
+    parsed = Requirement(req)
+    if parsed.marker is not None and not parsed.marker.evaluate():
+        return None
+    try:
+        version = importlib.metadata.version(parsed.name)
+    except importlib.metadata.PackageNotFoundError:
+        return f"{parsed.name} is not installed"
+    if parsed.specifier and not parsed.specifier.contains(version, prereleases=True):
+        return f"{parsed.name} {version} does not satisfy {parsed.specifier}"
+    return None
+
+
+def is_installed(project: str) -> bool:
+    try:
+        importlib.metadata.version(project)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def wheel_project(path: Path) -> str:
+    """Canonical project name from a wheel file name (``name-version-tags.whl``)."""
+    return canonical_name(path.name.split("-", 1)[0])
+
+
+def missing_requirements(reqs: Sequence[str]) -> Dict[str, str]:
+    importlib.invalidate_caches()
+    unmet = {req: unmet_requirement(req) for req in reqs}
+    return {req: why for req, why in unmet.items() if why}
+
+
+def package_location(env: Dict[str, str]) -> Tuple[Optional[str], str]:
+    """Where ``import fusedadapters`` resolves from outside the checkout (None and why if it fails)."""
+    code = "import fusedadapters, os; print(os.path.dirname(os.path.abspath(fusedadapters.__file__)))"
+    rc, out = capture([sys.executable, "-c", code], env=env, cwd=Path(tempfile.gettempdir()))
+    return (out.splitlines()[-1], "") if rc == 0 and out else (None, out[-600:])
+
+
+def step_install(args: argparse.Namespace, ctx: "Context") -> Dict[str, Any]:
+    """Missing pure-Python dependencies from ``--wheels``, then the package (editable, no network)."""
+    lines: List[str] = []
+    record: Dict[str, Any] = {"method": None}
+    try:
+        reqs = project_requirements(REPO / "pyproject.toml")
+        missing = missing_requirements(reqs)
+    except Exception as exc:  # no tomllib (Python < 3.11), no packaging: say so, go on
+        reqs, missing = [], {}
+        record["requirements_error"] = harness.format_error(exc)
+    record["requirements"] = reqs
+    record["missing_before"] = missing
+    lines.append(f"requirements: {reqs}; missing: {missing or 'none'}")
+
+    if args.wheels:
+        wheels = sorted(p for p in Path(args.wheels).glob("*.whl") if not is_installed(wheel_project(p)))
+        record["wheels_installed"] = [p.name for p in wheels]
+        if wheels:
+            site = Path(tempfile.gettempdir()) / "fusedadapters-gpu-run-site"
+            cmd = [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--no-compile",
+                   "--no-cache-dir", "--upgrade", "--target", str(site), *map(str, wheels)]
+            rc, out = capture(cmd, env=ctx.env, timeout=300)
+            lines += [f"$ {shlex.join(cmd)}", out]
+            if rc == 0:
+                prepend_path(ctx.env, "PYTHONPATH", site)
+                sys.path.insert(0, str(site))
+            record["wheels_returncode"] = rc
+    elif missing:
+        lines.append("no --wheels folder given: missing dependencies stay missing")
+    missing = missing_requirements(reqs) if reqs else {}
+    record["missing_after"] = missing
+
+    location, why = package_location(ctx.env)
+    if location and Path(location).resolve() == (REPO / "fusedadapters").resolve():
+        record["method"] = "already installed from this checkout"
+    elif args.install == "skip":
+        record["method"] = "skipped (--install skip)"
+    else:
+        cmd = [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--no-build-isolation", "-e", str(REPO)]
+        rc, out = capture(cmd, env=ctx.env, timeout=300)
+        lines += [f"$ {shlex.join(cmd)}", out]
+        location, why = package_location(ctx.env)
+        if rc == 0 and location and Path(location).resolve() == (REPO / "fusedadapters").resolve():
+            record["method"] = "pip install --no-index --no-deps --no-build-isolation -e ."
+        else:
+            prepend_path(ctx.env, "PYTHONPATH", REPO)
+            record["method"] = f"PYTHONPATH={REPO} (pip install -e failed with status {rc})"
+            location, why = package_location(ctx.env)
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    record["package_location"] = location
+    lines.append(f"package: {record['method']}; import resolves to {location or why}")
+    (ctx.out / "install.log").write_text("\n".join(lines) + "\n")
+
+    problems = []
+    if location is None:
+        problems.append(f"import fusedadapters fails: {why}")
+    if missing:
+        problems.append("missing: " + "; ".join(missing.values()))
+    record.update(status=FAILED if problems else OK, reason="; ".join(problems) or None)
+    return record
+
+
+# --------------------------------------------------------------------------------------------
+# step 2: environment
+# --------------------------------------------------------------------------------------------
+
+PACKAGES = ("torch", "triton", "numpy", "omegaconf", "antlr4-python3-runtime", "pyyaml", "safetensors", "pytest",
+            "pytest-xdist", "pytest-benchmark", "matplotlib", "packaging", "setuptools")
+
+
+def arch_of(capability: Optional[str]) -> Optional[str]:
+    """``"9.0"`` -> ``"sm_90"``."""
+    if not capability:
+        return None
+    major, _, minor = capability.partition(".")
+    return f"sm_{major}{minor or 0}"
+
+
+def step_environment(args: argparse.Namespace, ctx: "Context") -> Dict[str, Any]:
+    env = harness.environment_record(ctx.argv, ctx.device, script=str(Path(__file__)))
+    env["mode"] = ctx.plan.name
+    env["python_executable"] = sys.executable
+    env["packages"] = {}
+    for name in PACKAGES:
+        try:
+            env["packages"][name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            env["packages"][name] = None
+    if env["git"].get("commit") is None:
+        env["git"]["note"] = "no git repository here"
+        if args.commit:
+            env["git"].update(commit=args.commit, note="no git repository here; commit from --commit")
+    elif args.commit and not env["git"]["commit"].startswith(args.commit):
+        env["git"]["note"] = f"--commit {args.commit} differs from the checkout's commit"
+    tools = {}
+    for name, flag in (("nvcc", "--version"), ("compute-sanitizer", "--version"), ("nvidia-smi", "--version")):
+        path = shutil.which(name)
+        tools[name] = {"path": path, "version": capture([path, flag])[1].splitlines()[-1:] if path else None}
+    env["tools"] = tools
+    if ctx.device.type == "cuda":
+        import torch
+
+        props = torch.cuda.get_device_properties(ctx.device)
+        env["arch"] = arch_of(env.get("compute_capability"))
+        env["l2_cache_mib"] = round(getattr(props, "L2_cache_size", 0) / 2**20, 1) or None
+        rc, smi = capture(["nvidia-smi"])
+        (ctx.out / "nvidia-smi.txt").write_text(smi + "\n")
+        rc, query = capture(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm,"
+                             "clocks.max.mem,power.limit,temperature.gpu,pstate", "--format=csv"])
+        env["nvidia_smi_query"] = query if rc == 0 else None
+    else:
+        env["arch"] = None
+    env["cuda_device_count"] = ctx.cuda_count
+    harness.write_json(ctx.out / "environment.json", env)
+    (ctx.out / "command.txt").write_text(env["command"] + "\n")
+    ctx.environment = env
+    return {"status": OK, "device": env["device_name"], "arch": env["arch"], "commit": env["git"].get("commit"),
+            "dirty": env["git"].get("dirty")}
+
+
+# --------------------------------------------------------------------------------------------
+# step 3: tests and the sanitizer
+# --------------------------------------------------------------------------------------------
+
+
+def parse_junit(path: Path) -> Dict[str, Any]:
+    """Counts and failures of a pytest JUnit XML file."""
+    root = ET.parse(path).getroot()
+    counts = {"total": 0, "passed": 0, "failed": 0, "errors": 0, "skipped": 0, "unfinished": 0}
+    failures: List[Dict[str, str]] = []
+    skip_reasons: Dict[str, int] = {}
+    for case in root.iter("testcase"):
+        if not case.get("name"):  # the test running when pytest was interrupted
+            counts["unfinished"] += 1
+            continue
+        counts["total"] += 1
+        name = f"{case.get('classname', '')}::{case.get('name', '')}"
+        outcome = "passed"
+        for child in case:
+            if child.tag in ("failure", "error"):
+                outcome = "failed" if child.tag == "failure" else "errors"
+                message = " ".join((child.get("message") or child.text or "").split())[:400]
+                failures.append({"test": name, "kind": child.tag, "message": message})
+                break
+            if child.tag == "skipped":
+                outcome = "skipped"
+                reason = " ".join((child.get("message") or "").split())[:200]
+                skip_reasons[reason] = skip_reasons.get(reason, 0) + 1
+        counts[outcome] += 1
+    return dict(counts, failures=failures, skip_reasons=skip_reasons)
+
+
+def xdist_workers(args: argparse.Namespace, ctx: "Context") -> int:
+    """pytest-xdist workers: ``--test-workers``, else half the cores (at most 8) on CUDA when xdist is
+    installed (kernel compilation dominates the suite there), else 0 (no xdist)."""
+    if args.test_workers is not None:
+        return args.test_workers
+    if ctx.device.type != "cuda" or importlib.util.find_spec("xdist") is None:
+        return 0
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
+
+
+def step_tests(args: argparse.Namespace, ctx: "Context") -> Dict[str, Any]:
+    selection = shlex.split(args.tests) if args.tests is not None else list(ctx.plan.tests or ())
+    workers = xdist_workers(args, ctx)
+    junit = ctx.out / "junit.xml"
+    cmd = [sys.executable, "-m", "pytest", *selection, "-q", "-rfEs", "-p", "no:cacheprovider",
+           f"--junitxml={junit}", "--durations=25"]
+    if workers:
+        cmd += ["-n", str(workers)]
+    cap = min(ctx.plan.tests_cap_s, max(ctx.clock.left() - SUMMARY_RESERVE_S - 30.0, 30.0))
+    log(f"tests: {shlex.join(cmd[3:])} (up to {cap:.0f} s)")
+    proc = run_streamed("pytest", cmd, ctx.out / "pytest.log", cap, ctx.env)
+    record: Dict[str, Any] = {"selection": selection or ["(whole suite: testpaths)"], "workers": workers,
+                              "command": shlex.join(cmd), **proc}
+    if junit.exists():
+        record.update(parse_junit(junit))
+    else:
+        record["reason"] = "pytest wrote no JUnit report"
+    if ctx.plan.name == "dry-run" and args.tests is None:
+        record["quick_selection"] = collect_only(QUICK_TESTS, ctx)
+    bad = record.get("failed", 0) + record.get("errors", 0)
+    if proc["interrupted"]:
+        record["reason"] = (f"interrupted at its share of the budget ({cap:.0f} s) after {record.get('total', 0)} "
+                            f"tests ({bad} failed)")
+    elif proc["returncode"] != 0 and not record.get("reason"):
+        record["reason"] = f"pytest exit status {proc['returncode']}" + (f": {bad} failed" if bad else "")
+    record["status"] = OK if proc["returncode"] == 0 and not proc["interrupted"] and bad == 0 else FAILED
+    harness.write_json(ctx.out / "tests.json", record)
+    return record
+
+
+def collect_only(selection: Sequence[str], ctx: "Context") -> Dict[str, Any]:
+    """Whether a test selection resolves (so that a renamed test shows in the dry run, not on the GPU)."""
+    rc, out = capture([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *selection],
+                      env=ctx.env, cwd=REPO, timeout=120)
+    found = re.search(r"(\d+) tests? collected", out)
+    return {"selection": list(selection), "returncode": rc, "collected": int(found.group(1)) if found else 0,
+            "error": None if rc == 0 else out[-800:]}
+
+
+def native_backend_files() -> List[str]:
+    return sorted(relpath(p, REPO) for p in (REPO / "fusedadapters" / "ops").glob("native*"))
+
+
+def native_test_files() -> List[str]:
+    return sorted(relpath(p, REPO) for p in (REPO / "tests").rglob("test_*native*.py"))
+
+
+def step_sanitizer(args: argparse.Namespace, ctx: "Context") -> Dict[str, Any]:
+    """compute-sanitizer memcheck and racecheck over the native backend's small-shape tests."""
+    native, tests = native_backend_files(), native_test_files()
+    record: Dict[str, Any] = {"native_backend": native, "tests": tests, "k": args.sanitizer_k, "tools": {}}
+    tool = shutil.which("compute-sanitizer") or (
+        "/usr/local/cuda/bin/compute-sanitizer" if Path("/usr/local/cuda/bin/compute-sanitizer").exists() else None)
+    reason = None
+    if not native:
+        reason = "no native backend in this checkout (fusedadapters/ops/native* absent)"
+    elif ctx.device.type != "cuda":
+        reason = "compute-sanitizer needs a CUDA device (dry run on the CPU)"
+    elif not tests:
+        reason = "no native tests (tests/**/test_*native*.py) to run under the sanitizer"
+    elif tool is None:
+        reason = "compute-sanitizer not found on PATH or in /usr/local/cuda/bin"
+    if reason:
+        return dict(record, status=SKIPPED, reason=reason)
+    failures = []
+    for name in ("memcheck", "racecheck"):
+        cap = min(ctx.plan.sanitizer_cap_s / 2, max(ctx.clock.left() - SUMMARY_RESERVE_S - 60.0, 10.0))
+        cmd = [tool, "--tool", name, "--error-exitcode", "86", "--print-limit", "50",
+               sys.executable, "-m", "pytest", *tests, "-q", "-x", "-p", "no:cacheprovider"]
+        if args.sanitizer_k:
+            cmd += ["-k", args.sanitizer_k]
+        proc = run_streamed(f"compute-sanitizer {name}", cmd, ctx.out / f"sanitizer-{name}.log", cap, ctx.env)
+        rc = proc["returncode"]
+        verdict = {0: "no errors", 86: "sanitizer reported errors", 5: "no test selected"}.get(
+            rc, f"tests failed or crashed under the sanitizer (status {rc})")
+        if proc["interrupted"]:
+            verdict = f"interrupted at {cap:.0f} s"
+        record["tools"][name] = dict(proc, verdict=verdict)
+        if rc != 0 or proc["interrupted"]:
+            failures.append(f"{name}: {verdict}")
+    record["status"] = FAILED if failures else OK
+    record["reason"] = "; ".join(failures) or None
+    harness.write_json(ctx.out / "sanitizer.json", record)
+    return record
+
+
+# --------------------------------------------------------------------------------------------
+# step 4: the benchmark
+# --------------------------------------------------------------------------------------------
+
+
+def bench_module():
+    """``bench/bench_linear_adapter.py`` (imports the package, so only after the install step)."""
+    return importlib.import_module("bench_linear_adapter")
+
+
+def fused_backends() -> List[str]:
+    """The benchmark's fused backends: everything but the baselines and the self-tests."""
+    return [b for b in bench_module().BACKENDS if b not in BASELINE_BACKENDS and not b.startswith("selftest")]
+
+
+def part_backends(part: BenchPart, override: Optional[str]) -> List[str]:
+    if override:
+        return [b.strip() for b in override.split(",") if b.strip()]
+    names: List[str] = []
+    for b in part.backends:
+        names += fused_backends() if b == "fused" else [b]
+    return names
+
+
+def part_command(part: BenchPart, ctx: "Context", out: Path, backends: Sequence[str], budget_s: float) -> List[str]:
+    ints = lambda values: ",".join(map(str, values))  # noqa: E731
+    return [sys.executable, str(HERE / "bench_linear_adapter.py"), *ctx.plan.bench_args, "--out", str(out),
+            "--n", ints(part.n), "--d", ints(part.d), "--h", ints(part.h), "--dtypes", ",".join(part.dtypes),
+            "--backends", ",".join(backends), "--no-plot", "--time-budget-s", f"{budget_s:.0f}"]
+
+
+def step_bench(args: argparse.Namespace, ctx: "Context") -> Dict[str, Any]:
+    """Run the plan's parts in order while time is left, then merge them into ``bench/``."""
+    bench_dir = ctx.out / "bench"
+    parts_dir = bench_dir / "parts"
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    parts: List[Dict[str, Any]] = []
+    for part in ctx.plan.parts:
+        backends = part_backends(part, args.bench_backends)
+        record: Dict[str, Any] = {"name": part.name, "shapes": part.shape_count(), "backends": backends,
+                                  "n": part.n, "d": part.d, "h": part.h, "dtypes": part.dtypes}
+        left = ctx.clock.left() - SUMMARY_RESERVE_S
+        if left < part.min_s or left <= 5:
+            parts.append(dict(record, status=SKIPPED, reason=f"time budget: {max(left, 0):.0f} s left, "
+                                                              f"the part needs about {part.min_s:.0f} s"))
+            log(f"bench part {part.name}: skipped ({parts[-1]['reason']})")
+            continue
+        out = parts_dir / part.name
+        out.mkdir(exist_ok=True)
+        # the part's own budget leaves room for its start-up and the copy-bandwidth measurement
+        cmd = part_command(part, ctx, out, backends, max(left - 20.0, 1.0))
+        log(f"bench part {part.name}: {part.shape_count()} shapes x {backends}")
+        proc = run_streamed(f"bench part {part.name}", cmd, out / "bench.log", left, ctx.env)
+        record.update(proc, command=shlex.join(cmd))
+        results = out / "results.json"
+        if not results.exists():
+            record.update(status=FAILED, reason=f"no results.json (exit status {proc['returncode']})")
+        else:
+            rows = json.loads(results.read_text())["rows"]
+            record["rows"] = len(rows)
+            record["budget_skipped_rows"] = sum(r["stage"] == "budget" for r in rows)
+            record["error_rows"] = sum(r["status"] == "error" and not r["backend"].startswith("selftest") for r in rows)
+            if proc["returncode"] != 0 and not proc["interrupted"]:
+                record.update(status=FAILED, reason=f"exit status {proc['returncode']}")
+            elif proc["interrupted"] or record["budget_skipped_rows"]:
+                record.update(status=PARTIAL, reason="time budget: shapes left unmeasured")
+            else:
+                record["status"] = OK
+        parts.append(record)
+
+    measured = [parts_dir / p["name"] for p in parts if (parts_dir / p["name"] / "results.json").exists()]
+    summary: Dict[str, Any] = {"parts": parts, "dir": relpath(bench_dir, ctx.out)}
+    if not measured:
+        return dict(summary, status=FAILED, reason="no benchmark part produced results")
+    bench_module().main(["--merge", *map(str, measured), "--out", str(bench_dir)])
+    data = json.loads((bench_dir / "results.json").read_text())
+    ctx.bench = data
+    real_errors = [e for e in data["errors"] if not e["backend"].startswith("selftest")]
+    summary["error_points"] = len(data["errors"])
+    failed_parts = [p["name"] for p in parts if p["status"] == FAILED]
+    problems = ([f"parts failed: {failed_parts}"] if failed_parts else []) + (
+        [f"{len(real_errors)} benchmark points of real backends failed"] if real_errors else [])
+    if problems:
+        return dict(summary, status=FAILED, reason="; ".join(problems))
+    unfinished = [p["name"] for p in parts if p["status"] in (SKIPPED, PARTIAL)]
+    if unfinished:
+        return dict(summary, status=PARTIAL, reason=f"time budget: parts {unfinished} not (fully) measured")
+    return dict(summary, status=OK)
+
+
+# --------------------------------------------------------------------------------------------
+# step 5: the static prediction beside each measurement
+# --------------------------------------------------------------------------------------------
+
+
+def prediction_records(obj: Any) -> Iterator[Dict[str, Any]]:
+    """Every dict in a static report that carries all of ``PREDICTION_FIELDS``."""
+    if isinstance(obj, dict):
+        if all(k in obj for k in PREDICTION_FIELDS):
+            yield obj
+            return
+        for value in obj.values():
+            yield from prediction_records(value)
+    elif isinstance(obj, list):
+        for value in obj:
+            yield from prediction_records(value)
+
+
+def load_predictions(path: Path) -> Tuple[List[Dict[str, Any]], Optional[str]]:
+    """(records, None), or ([], why there are none)."""
+    if not path.exists():
+        return [], f"no static report: {relpath(path, REPO)} not found (bench/static_report.py writes it)"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        return [], f"static report {relpath(path, REPO)} unreadable: {harness.format_error(exc, 200)}"
+    records = list(prediction_records(data))
+    if not records:
+        return [], f"static report {relpath(path, REPO)} holds no prediction records with fields {PREDICTION_FIELDS}"
+    return records, None
+
+
+def nearest_prediction(records: Sequence[Dict[str, Any]], *, direction: str, norm: str, dtype: str, d: int, h: int,
+                       arch: str, backend: str, features: str = "plain") -> Tuple[Optional[Dict[str, Any]], str]:
+    """The prediction for (direction, norm, dtype, features, arch, backend) whose (D, H) is nearest to
+    (d, h) in log2 distance; ``(None, why)`` when there is none with a predicted fraction."""
+    same = [r for r in records if r["direction"] == direction and r["norm_position"] == norm and r["dtype"] == dtype
+            and r["features"] == features and r["arch"] == arch and r.get("backend", "triton") == backend]
+    usable = [r for r in same if isinstance(r["predicted_fraction"], (int, float))]
+    if not usable:
+        if same:
+            return None, f"prediction {same[0].get('status', 'without a value')}: {same[0].get('reason') or '–'}"
+        return None, f"no prediction for {direction}/{norm}/{dtype}/{features}/{arch}/{backend}"
+
+    def distance(r: Dict[str, Any]) -> Tuple[float, int, int]:
+        return abs(math.log2(r["D"] / d)) + abs(math.log2(r["H"] / h)), r["D"], r["H"]
+
+    best = min(usable, key=distance)
+    exact = best["D"] == d and best["H"] == h
+    return best, "exact" if exact else f"nearest: D={best['D']} H={best['H']}"
+
+
+def prediction_arch(args: argparse.Namespace, ctx: "Context", records: Sequence[Dict[str, Any]]) -> Tuple[Optional[str], str]:
+    """The architecture whose predictions apply: the device's, else one of the same major version."""
+    if args.predict_arch:
+        return args.predict_arch, f"{args.predict_arch} (--predict-arch)"
+    device_arch = ctx.environment.get("arch") if ctx.environment else None
+    if device_arch is None:
+        return "sm_90", "sm_90 as a stand-in: a dry run on the CPU has no GPU architecture (plumbing check only)"
+    archs = sorted({r["arch"] for r in records})
+    if device_arch in archs:
+        return device_arch, device_arch
+    major = re.sub(r"\d$", "", device_arch)
+    same_major = [a for a in archs if re.sub(r"\d$", "", a) == major]
+    if same_major:
+        return same_major[0], f"{same_major[0]} as a stand-in for the device's {device_arch}"
+    return None, f"no predictions for the device's {device_arch} (report has {archs})"
+
+
+def step_predictions(args: argparse.Namespace, ctx: "Context") -> Dict[str, Any]:
+    records, reason = load_predictions(Path(args.static_report))
+    record: Dict[str, Any] = {"static_report": relpath(Path(args.static_report), REPO), "records": len(records)}
+    if ctx.bench is None:
+        return dict(record, status=SKIPPED, reason="no benchmark results to compare", matches=[])
+    if reason:
+        return dict(record, status=SKIPPED, reason=reason, matches=[])
+    arch, arch_note = prediction_arch(args, ctx, records)
+    record["arch"] = arch_note
+    if arch is None:
+        return dict(record, status=SKIPPED, reason=arch_note, matches=[])
+    bench = bench_module()
+    min_elems = args.predict_min_elems if args.predict_min_elems is not None else ctx.plan.predict_min_elems
+    runs = ctx.bench["runs"]
+    fused = set(fused_backends())
+    matches = []
+    for row in ctx.bench["rows"]:
+        if row["backend"] not in fused or row["n"] * row["d"] < min_elems:
+            continue
+        op = runs[row["run"]]["config"]["op"]
+        features = "plain" if op["dropout_p"] == 0 else "all"
+        key = dict(norm=op["norm_position"], dtype=row["dtype"], d=row["d"], h=row["h"], arch=arch,
+                   backend=row["backend"], features=features)
+        if row["mode"] == "full":
+            fwd, note_f = nearest_prediction(records, direction="forward", **key)
+            bwd, note_b = nearest_prediction(records, direction="backward", **key)
+            if fwd and bwd:
+                elem = {"bf16": 2, "fp16": 2, "fp32": 4}[row["dtype"]]
+                b_fwd = bench.floor_bytes("forward", row["n"], row["d"], row["h"], elem, elem)
+                b_bwd = bench.floor_bytes("backward", row["n"], row["d"], row["h"], elem, elem)
+                predicted = (b_fwd + b_bwd) / (b_fwd / fwd["predicted_fraction"] + b_bwd / bwd["predicted_fraction"])
+                match, note = fwd, f"forward and backward combined ({note_f})"
+            else:
+                predicted, match, note = None, None, note_f if not fwd else note_b
+        else:
+            match, note = nearest_prediction(records, direction=row["mode"], **key)
+            predicted = match["predicted_fraction"] if match else None
+        measured = row["frac_copy_bw"] if row["status"] == "ok" else None
+        ratio = measured / predicted if measured is not None and predicted else None
+        matches.append(dict(
+            mode=row["mode"], dtype=row["dtype"], n=row["n"], d=row["d"], h=row["h"], backend=row["backend"],
+            measured_fraction=measured, predicted_fraction=predicted, measured_over_predicted=ratio,
+            within_a_third=None if ratio is None else AGREEMENT_BAND[0] <= ratio <= AGREEMENT_BAND[1],
+            prediction_D=match["D"] if match else None, prediction_H=match["H"] if match else None, note=note))
+    record.update(matches=matches, min_elems=min_elems, status=OK if matches else SKIPPED,
+                  reason=None if matches else f"no fused-backend point with N*D >= {min_elems}")
+    harness.write_json(ctx.out / "predictions.json", record)
+    return record
+
+
+# --------------------------------------------------------------------------------------------
+# step 6: summary, plots, archive
+# --------------------------------------------------------------------------------------------
+
+STEP_ORDER = ("install", "environment", "tests", "sanitizer", "bench", "predictions")
+
+
+def _target_cell(value: Optional[float], threshold: Optional[float], in_scope: bool, percent: bool = False) -> str:
+    f = harness.fmt
+    text = f(100 * value, ".3g") if percent and value is not None else f(value, ".3g")
+    if value is None or threshold is None or not in_scope:
+        return text
+    shown = f"{100 * threshold:g} %" if percent else f"{threshold:g}×"
+    return f"{text} ({'met' if value >= threshold else 'MISSED'} ≥ {shown})"
+
+
+def fused_rows_table(ctx: "Context", mode: str, predictions: Dict[Tuple, Dict[str, Any]], min_elems: int) -> str:
+    """Per shape and dtype, the fused backends' figures against the targets and the prediction."""
+    bench = bench_module()
+    rows = [r for r in ctx.bench["rows"] if r["mode"] == mode and r["backend"] in set(fused_backends())]
+    by_point = {}
+    for r in ctx.bench["rows"]:
+        by_point[(r["mode"], r["dtype"], r["n"], r["d"], r["h"], r["backend"])] = r
+    thresholds = {t.field: t.threshold for t in bench.TARGETS if t.mode == mode}
+    f = harness.fmt
+    table = []
+    for r in sorted(rows, key=lambda r: (r["dtype"], r["d"], r["h"], r["n"], r["backend"])):
+        in_scope = r["n"] * r["d"] >= min_elems
+        compile_row = by_point.get((mode, r["dtype"], r["n"], r["d"], r["h"], "compile"))
+        vs_compile = (compile_row["ms"] / r["ms"] if compile_row and compile_row["status"] == "ok"
+                      and compile_row["ms"] and r["status"] == "ok" and r["ms"] else None)
+        pred = predictions.get((mode, r["dtype"], r["n"], r["d"], r["h"], r["backend"]))
+        status = r["status"] if r["status"] == "ok" else f"{r['status']} ({r['stage']}): {r['error']}"
+        table.append((
+            r["n"], r["d"], r["h"], r["dtype"], r["backend"], f(r["ms"], ".4g"), f(r["gbps"], ".4g"),
+            _target_cell(r["frac_copy_bw"], thresholds.get("frac_copy_bw"), in_scope, percent=True),
+            _target_cell(r["speedup_vs_eager"], thresholds.get("speedup_vs_eager"), in_scope),
+            f(vs_compile, ".3g"),
+            _target_cell(r["speedup_vs_compile_max_autotune"], thresholds.get("speedup_vs_compile_max_autotune"),
+                         in_scope),
+            f(100 * pred["predicted_fraction"], ".3g") if pred and pred["predicted_fraction"] is not None else "–",
+            f(pred["measured_over_predicted"], ".3g") if pred else "–",
+            status,
+        ))
+    headers = ["N", "D", "H", "dtype", "backend", "ms", "GB/s", "% copy BW", "× eager", "× compile",
+               "× compile max-autotune", "predicted % BW", "measured / predicted", "status"]
+    return harness.markdown_table(headers, table) if table else "No fused-backend point in this mode."
+
+
+def render_summary(ctx: "Context", steps: Dict[str, Dict[str, Any]], exit_status: int, failures: List[str]) -> str:
+    env = ctx.environment or {}
+    f = harness.fmt
+    out: List[str] = [f"# GPU run ({ctx.plan.name}): {env.get('device_name', ctx.device)}", ""]
+    if ctx.plan.name == "dry-run":
+        out += ["**Dry run on the CPU** (Triton's interpreter, tiny shapes): it checks that the script works; "
+                "its figures say nothing about GPU performance.", ""]
+    git = env.get("git", {})
+    out += [f"Command: `{env.get('command', '–')}`", "",
+            f"Date (UTC): {env.get('timestamp_utc', '–')}; commit {git.get('commit') or '–'}"
+            f"{' (dirty tree)' if git.get('dirty') else ''}; wall time {ctx.clock.elapsed():.0f} s of a "
+            f"{ctx.clock.budget_s:.0f} s budget.", "",
+            f"**Exit status {exit_status}**: " + ("every step passed." if not failures else "; ".join(failures)), ""]
+
+    out += ["## Steps", ""]
+    out.append(harness.markdown_table(["step", "status", "seconds", "detail"], [
+        (name, steps[name]["status"], f(steps[name].get("seconds"), ".1f"), steps[name].get("reason") or "")
+        for name in STEP_ORDER if name in steps]))
+    out.append("")
+
+    out += ["## Environment", ""]
+    packages = env.get("packages", {})
+    out.append(harness.markdown_table(["", "value"], [
+        ("device", f"{env.get('device_name', '–')} ({env.get('device_type', '–')}"
+                   f"{', ' + env['arch'] if env.get('arch') else ''})"),
+        ("driver / CUDA runtime", f"{env.get('driver') or '–'} / {env.get('cuda_runtime') or '–'}"),
+        ("torch / triton / python", f"{env.get('torch')} / {env.get('triton')} / {env.get('python')}"),
+        ("omegaconf / safetensors / pytest", f"{packages.get('omegaconf')} / {packages.get('safetensors')} / "
+                                             f"{packages.get('pytest')}"),
+        ("git", f"{git.get('commit')} dirty={git.get('dirty')} {git.get('note', '')}".strip()),
+        ("install", steps.get("install", {}).get("method") or "–"),
+        ("TRITON_INTERPRET", (env.get("env") or {}).get("TRITON_INTERPRET")),
+    ]))
+    out += ["", "Full record: `environment.json`" + (", `nvidia-smi.txt`" if ctx.device.type == "cuda" else "") + ".", ""]
+
+    tests = steps.get("tests", {})
+    out += ["## Tests", ""]
+    if tests.get("status") == SKIPPED:
+        out.append(f"Not run: {tests.get('reason')}")
+    else:
+        out.append(f"`{tests.get('command', '–')}`: {tests.get('total', 0)} tests, {tests.get('passed', 0)} passed, "
+                   f"{tests.get('failed', 0)} failed, {tests.get('errors', 0)} errors, {tests.get('skipped', 0)} "
+                   f"skipped, {tests.get('unfinished', 0)} unfinished, in {f(tests.get('seconds'), '.0f')} s "
+                   f"(`junit.xml`, `pytest.log`).")
+        if tests.get("reason"):
+            out += ["", f"**{tests['reason']}**"]
+        if tests.get("failures"):
+            out += ["", harness.markdown_table(["failed test", "kind", "message"],
+                                               [(x["test"], x["kind"], x["message"]) for x in tests["failures"]])]
+        if tests.get("skip_reasons"):
+            out += ["", harness.markdown_table(["skipped", "reason"],
+                                               [(n, reason) for reason, n in tests["skip_reasons"].items()])]
+        quick = tests.get("quick_selection")
+        if quick:
+            out += ["", f"The `--quick` test selection collects {quick['collected']} tests"
+                        + (f" (error: {quick['error']})" if quick["error"] else "") + "."]
+    out.append("")
+
+    san = steps.get("sanitizer", {})
+    out += ["## compute-sanitizer (native backend)", ""]
+    if san.get("status") == SKIPPED:
+        out.append(f"Skipped: {san.get('reason')}.")
+    else:
+        out.append(harness.markdown_table(["tool", "verdict", "seconds", "log"], [
+            (name, t["verdict"], t["seconds"], t["log"]) for name, t in san.get("tools", {}).items()]))
+    out.append("")
+
+    out += ["## Benchmark", ""]
+    bench_step = steps.get("bench", {})
+    if bench_step.get("parts"):
+        out.append(harness.markdown_table(["part", "shapes", "backends", "status", "seconds", "detail"], [
+            (p["name"], p["shapes"], ",".join(p["backends"]), p["status"], f(p.get("seconds"), ".0f"),
+             p.get("reason") or "") for p in bench_step["parts"]]))
+        out.append("")
+    if ctx.bench is None:
+        out += [f"No results: {bench_step.get('reason', 'not run')}.", ""]
+    else:
+        out.append(harness.markdown_table(["part", "copy bandwidth GB/s", "buffer MiB"], [
+            (p["name"], f(run["copy_bandwidth"].get("gbps"), ".1f"),
+             f(run["copy_bandwidth"].get("bytes", 0) / 2**20, ".0f"))
+            for p, run in zip([p for p in bench_step["parts"] if p.get("rows") is not None], ctx.bench["runs"])]))
+        out += ["", _bench_legend(ctx), ""]
+        pred_step = steps.get("predictions", {})
+        predictions = {(m["mode"], m["dtype"], m["n"], m["d"], m["h"], m["backend"]): m
+                       for m in pred_step.get("matches", [])}
+        if pred_step.get("status") != OK:
+            out += [f"Predicted column empty: {pred_step.get('reason')}.", ""]
+        else:
+            out += [f"Predictions: `{pred_step['static_report']}`, architecture {pred_step['arch']}; "
+                    f"{_agreement(pred_step['matches'])}", ""]
+        min_elems = ctx.bench["runs"][-1]["config"]["target_min_elems"]
+        for mode in bench_module().MODES:
+            out += [f"### {mode}", "", fused_rows_table(ctx, mode, predictions, min_elems), ""]
+        out += ["### Targets", "", _targets_table(ctx), ""]
+        unmeasured = _unmeasured(ctx, bench_step)
+        if unmeasured:
+            out += ["### Not measured", "", *unmeasured, ""]
+        out += ["Every backend at every point, checks and errors: `bench/report.md`; raw figures: "
+                "`bench/results.json`.", ""]
+    out += ["## Plots", ""]
+    plots = sorted(p.relative_to(ctx.out) for p in ctx.out.rglob("*.png"))
+    out.append("\n\n".join(f"![{p.stem}]({p})" for p in plots) if plots else
+               (f"None: {harness.matplotlib_available()[1] or 'nothing to plot'}."))
+    out.append("")
+    return "\n".join(out)
+
+
+def _bench_legend(ctx: "Context") -> str:
+    min_elems = ctx.bench["runs"][-1]["config"]["target_min_elems"]
+    return (f"Fused backends only (eager and torch.compile rows: `bench/report.md`). ms = median; GB/s = floor "
+            f"bytes / ms (bench/README.md, 'Byte model'); % copy BW = GB/s over the copy bandwidth of the same "
+            f"part; × = speedup (> 1 is faster). Targets (docs/design.md, 'Floors and targets') are marked "
+            f"met / MISSED where N·D ≥ {min_elems}.")
+
+
+def _agreement(matches: Sequence[Dict[str, Any]]) -> str:
+    rated = [m for m in matches if m["within_a_third"] is not None]
+    inside = sum(m["within_a_third"] for m in rated)
+    return (f"{len(matches)} points compared, {inside} of {len(rated)} measured within a third of the prediction "
+            f"(measured / predicted in [{AGREEMENT_BAND[0]:.2f}, {AGREEMENT_BAND[1]:.2f}]).")
+
+
+def _targets_table(ctx: "Context") -> str:
+    bench = bench_module()
+    targets = ctx.bench.get("targets", [])
+    rows = []
+    for t in bench.TARGETS:
+        sel = [r for r in targets if r["target"] == t.name]
+        values = [r["value"] for r in sel if r["value"] is not None]
+        rows.append((t.text, len(sel), sum(r["status"] == "met" for r in sel), sum(r["status"] == "missed" for r in sel),
+                     sum(r["status"] == "not evaluated" for r in sel), harness.fmt(min(values)) if values else "–"))
+    backend = ctx.bench["runs"][-1]["config"]["target_backend"]
+    return (f"On backend `{backend}` (the benchmark's target backend):\n\n"
+            + harness.markdown_table(["target", "points", "met", "missed", "not evaluated", "worst"], rows))
+
+
+def _unmeasured(ctx: "Context", bench_step: Dict[str, Any]) -> List[str]:
+    lines = [f"- part `{p['name']}` ({p['shapes']} shapes, {','.join(p['backends'])}): {p['reason']}"
+             for p in bench_step.get("parts", []) if p["status"] == SKIPPED]
+    budget = [r for r in ctx.bench["rows"] if r["stage"] == "budget"]
+    shapes = sorted({(r["dtype"], r["n"], r["d"], r["h"]) for r in budget})
+    if shapes:
+        lines.append(f"- {len(shapes)} shapes left by the benchmark's time budget: "
+                     + ", ".join(f"{dt} N={n} D={d} H={h}" for dt, n, d, h in shapes))
+    return lines
+
+
+def write_prediction_plot(ctx: "Context", pred: Dict[str, Any]) -> Optional[str]:
+    """Measured and predicted fraction of copy bandwidth against N, one panel per (mode, dtype, D, H)."""
+    panels: Dict[str, Dict[str, List[Tuple[float, float]]]] = {}
+    for m in pred.get("matches", []):
+        panel = panels.setdefault(f"{m['mode']} {m['dtype']} D={m['d']} H={m['h']}", {})
+        if m["measured_fraction"] is not None:
+            panel.setdefault(f"{m['backend']} measured", []).append((m["n"], m["measured_fraction"]))
+        if m["predicted_fraction"] is not None:
+            panel.setdefault(f"{m['backend']} predicted", []).append((m["n"], m["predicted_fraction"]))
+    if not panels:
+        return None
+    written, why = harness.plot_panels(ctx.out / "predicted_vs_measured.png", panels, xlabel="N (tokens)",
+                                       ylabel="fraction of copy bandwidth", logy=False,
+                                       title="static prediction against measurement")
+    return None if written else why
+
+
+def write_archive(out: Path, archive: Path) -> None:
+    """``archive`` (.tar.gz) holding ``out`` as one top-level folder of the same name."""
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    tmp = archive.with_name(archive.name + ".tmp")
+    with tarfile.open(tmp, "w:gz") as tar:
+        tar.add(out, arcname=out.name)
+    tmp.replace(archive)
+
+
+# --------------------------------------------------------------------------------------------
+# driver
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Context:
+    """State shared by the steps."""
+
+    plan: Plan
+    out: Path
+    argv: List[str]
+    device: Any
+    cuda_count: int
+    clock: Clock
+    env: Dict[str, str]
+    environment: Optional[Dict[str, Any]] = None
+    bench: Optional[Dict[str, Any]] = None
+
+
+def default_out_dir(plan: Plan, device_name: str) -> Path:
+    """``bench/results/<YYYY-MM-DD>-<device>[-quick|-dry-run]``; ``-2``, ``-3``... when it is taken."""
+    date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
+    suffix = "" if plan.name == "full" else f"-{plan.name}"
+    base = HERE / "results" / f"{date}-{slug(device_name)}{suffix}"
+    path, i = base, 2
+    while path.exists() and any(path.iterdir()):
+        path, i = base.with_name(f"{base.name}-{i}"), i + 1
+    return path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="See bench/README.md, 'One command for a GPU'.")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="a test subset and one benchmark part (< 3 min on an H100)")
+    mode.add_argument("--dry-run", action="store_true",
+                      help="the same steps on the CPU: Triton interpreter, tiny shapes, a small test subset")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default bench/results/<YYYY-MM-DD>-<device>[-quick|-dry-run])")
+    p.add_argument("--archive", type=Path, default=None, help="also pack the output folder into this .tar.gz")
+    p.add_argument("--wheels", type=Path, default=None, help="folder of wheels for missing pure-Python dependencies")
+    p.add_argument("--install", choices=("auto", "skip"), default="auto",
+                   help="auto: pip install -e . unless the package already imports from this checkout")
+    p.add_argument("--commit", default=None, help="commit to record when the copy has no git repository")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="time budget of the whole run (quick 165, full 540, dry run 600)")
+    p.add_argument("--skip", default="", help="comma list of steps not to run: tests,sanitizer,bench")
+    p.add_argument("--tests", default=None,
+                   help="pytest arguments replacing the mode's selection (one string, shell-split)")
+    p.add_argument("--test-workers", type=int, default=None,
+                   help="pytest-xdist workers (default: half the cores, at most 8, on CUDA when xdist is installed)")
+    p.add_argument("--sanitizer-k", default="small", help="pytest -k expression of the sanitizer's native tests")
+    p.add_argument("--bench-backends", default=None, help="comma list replacing every benchmark part's backends")
+    p.add_argument("--static-report", type=Path, default=DEFAULT_STATIC_REPORT, help="the static report's JSON")
+    p.add_argument("--predict-arch", default=None, help="architecture of the predictions to use (default: the device's)")
+    p.add_argument("--predict-min-elems", type=int, default=None,
+                   help="compare with predictions where N*D >= this (default 2**26; 0 in a dry run)")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    plan = PLANS["dry-run" if args.dry_run else "quick" if args.quick else "full"]
+    if args.dry_run:  # before anything touches CUDA or imports triton
+        os.environ["TRITON_INTERPRET"] = "1"
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    os.environ.pop("FUSEDADAPTERS_BACKEND", None)
+    import torch
+
+    cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    device = torch.device("cuda" if cuda_count else "cpu")
+    clock = Clock(args.budget_s if args.budget_s is not None else plan.budget_s)
+    device_name = torch.cuda.get_device_name(device) if cuda_count else harness._cpu_name()
+    out = (args.out or default_out_dir(plan, device_name)).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    ctx = Context(plan=plan, out=out, argv=argv, device=device, cuda_count=cuda_count, clock=clock, env=env)
+    log(f"{plan.name} run on {device_name}; writing {out}; budget {clock.budget_s:.0f} s")
+
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    unknown = skip - {"tests", "sanitizer", "bench"}
+    if unknown:
+        raise SystemExit(f"--skip: unknown steps {sorted(unknown)}; expected tests, sanitizer, bench")
+    steps: Dict[str, Dict[str, Any]] = {}
+
+    def run_step(name: str, fn) -> None:
+        if name in skip:
+            steps[name] = {"status": SKIPPED, "reason": "--skip"}
+            return
+        started = time.monotonic()
+        log(f"step {name} ({clock.elapsed():.0f} s in)")
+        try:
+            steps[name] = fn(args, ctx)
+        except Exception as exc:  # a broken step is recorded and the run goes on
+            steps[name] = {"status": FAILED, "reason": harness.format_error(exc),
+                           "traceback": harness.format_traceback(exc)}
+        steps[name]["seconds"] = round(time.monotonic() - started, 1)
+        log(f"step {name}: {steps[name]['status']}" + (f" ({steps[name]['reason']})" if steps[name].get("reason") else ""))
+
+    if device.type != "cuda" and not args.dry_run:
+        run_step("environment", step_environment)
+        steps["environment"].update(status=FAILED, reason="no CUDA device: use --dry-run on a machine without a GPU")
+    else:
+        run_step("install", step_install)
+        run_step("environment", step_environment)
+        if steps["install"]["status"] == FAILED:
+            for name in ("tests", "sanitizer", "bench"):
+                steps[name] = {"status": SKIPPED, "reason": "the install step failed"}
+        else:
+            run_step("tests", step_tests)
+            run_step("sanitizer", step_sanitizer)
+            run_step("bench", step_bench)
+            run_step("predictions", step_predictions)
+
+    failures = [f"{name}: {s.get('reason') or 'failed'}" for name, s in steps.items() if s["status"] == FAILED]
+    exit_status = 1 if failures else 0
+    pred = steps.get("predictions", {})
+    if pred.get("status") == OK:
+        why = write_prediction_plot(ctx, pred)
+        if why:
+            pred["plot"] = f"not drawn: {why}"
+    summary = render_summary(ctx, steps, exit_status, failures) if ctx.environment else "# GPU run\n\nNo environment."
+    (out / "summary.md").write_text(summary + "\n")
+    harness.write_json(out / "run.json", {
+        "schema": SCHEMA_VERSION, "mode": plan.name, "command": shlex.join([sys.executable, __file__, *argv]),
+        "out": str(out), "budget_s": clock.budget_s, "wall_s": round(clock.elapsed(), 1),
+        "exit_status": exit_status, "failures": failures, "steps": steps,
+    })
+    if args.archive:
+        write_archive(out, args.archive.resolve())
+        log(f"archive: {args.archive}")
+    print("\n" + summary.split("## Environment")[0] + _bench_tail(summary), flush=True)
+    log(f"done in {clock.elapsed():.0f} s: exit status {exit_status}; {out}")
+    return exit_status
+
+
+def _bench_tail(summary: str) -> str:
+    """The benchmark section of the summary, for the end of the console output."""
+    return "## Benchmark" + summary.split("## Benchmark", 1)[1].split("## Plots")[0] if "## Benchmark" in summary else ""
+
+
+if __name__ == "__main__":
+    sys.exit(main())

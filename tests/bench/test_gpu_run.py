@@ -1,0 +1,244 @@
+"""``bench/gpu_run.py --dry-run`` works end to end on the CPU, and records failures as failures.
+
+Two subprocess runs, as a user starts them: a passing dry run (real test subset, real benchmark parts,
+a synthetic static report so that the prediction column is filled), and a failing one (a test
+selection with a deliberately failing test, a benchmark backend that raises, no static report) that
+must exit non-zero and say why in every file it writes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "bench" / "gpu_run.py"
+MODES = ("forward", "backward", "full")
+JSON_FILES = ("run.json", "environment.json", "tests.json", "predictions.json", "bench/results.json",
+              "bench/parts/core/results.json", "bench/parts/dtypes/results.json")
+TEXT_FILES = ("summary.md", "command.txt", "install.log", "pytest.log", "junit.xml", "bench/report.md")
+
+
+def _load(name: str, path: Path):
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up while the file executes
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def gpu_run():
+    return _load("gpu_run_under_test", SCRIPT)
+
+
+def _prediction(direction, dtype, d, h, arch="sm_90", features="plain", fraction=None, **extra):
+    """A static-report prediction record; its fraction encodes its key, so a test can tell which one matched."""
+    if fraction is None:
+        fraction = round(0.05 + 0.1 * (direction == "backward") + 0.01 * (d // 1024) + 0.001 * h, 4)
+    return dict(direction=direction, norm_position="pre", dtype=dtype, D=d, H=h, N=2**26 // d, features=features,
+                arch=arch, status="ok", predicted_fraction=fraction, **extra)
+
+
+def synthetic_static_report():
+    records = [_prediction(direction, dtype, d, h, arch=arch, features=features)
+               for direction in ("forward", "backward") for dtype in ("fp32", "fp16") for d in (1024, 4096)
+               for h in (16, 64) for arch in ("sm_90", "sm_80") for features in ("plain", "all")]
+    # sm_80 and "all" records get fractions no sm_90 plain record has
+    for r in records:
+        if r["arch"] == "sm_80" or r["features"] == "all":
+            r["predicted_fraction"] = 0.9
+    return {"grid": {"D": [1024, 4096]}, "predictions": records}
+
+
+def _run(out: Path, *extra: str):
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FUSEDADAPTERS_BACKEND")}
+    cmd = [sys.executable, str(SCRIPT), "--dry-run", "--out", str(out), *extra]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    return proc, json.loads((out / "run.json").read_text()), (out / "summary.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gpu_run")
+    report = tmp / "static" / "report.json"
+    report.parent.mkdir()
+    report.write_text(json.dumps(synthetic_static_report()))
+    out = tmp / "run"
+    proc, run, summary = _run(out, "--archive", str(tmp / "run.tar.gz"), "--static-report", str(report))
+    return dict(proc=proc, out=out, run=run, summary=summary, archive=tmp / "run.tar.gz")
+
+
+@pytest.fixture(scope="module")
+def failing_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gpu_run_failing")
+    tests = tmp / "test_deliberate.py"
+    tests.write_text("def test_passes():\n    assert True\n\n\n"
+                     "def test_fails_on_purpose():\n    assert 1 + 1 == 3, 'deliberate failure'\n")
+    out = tmp / "run"
+    proc, run, summary = _run(out, "--tests", str(tests), "--bench-backends", "eager,selftest-raise",
+                              "--static-report", str(tmp / "absent.json"))
+    return dict(proc=proc, out=out, run=run, summary=summary)
+
+
+def _output(run) -> str:
+    return run["proc"].stdout[-4000:] + run["proc"].stderr[-4000:]
+
+
+def test_dry_run_passes_and_writes_the_layout(dry_run):
+    out = dry_run["out"]
+    assert dry_run["proc"].returncode == 0, _output(dry_run)
+    assert dry_run["run"]["exit_status"] == 0 and dry_run["run"]["failures"] == []
+    for name in JSON_FILES:
+        json.loads((out / name).read_text())
+    for name in TEXT_FILES:
+        assert (out / name).read_text().strip(), name
+    steps = dry_run["run"]["steps"]
+    assert {k: steps[k]["status"] for k in steps} == {
+        "install": "ok", "environment": "ok", "tests": "ok", "sanitizer": "skipped", "bench": "ok",
+        "predictions": "ok"}
+    assert "CUDA device" in steps["sanitizer"]["reason"]  # skipped, and says why
+    # the archive holds the whole folder under its own name
+    with tarfile.open(dry_run["archive"]) as tar:
+        names = set(tar.getnames())
+    files = {f"{out.name}/{p.relative_to(out)}" for p in out.rglob("*") if p.is_file()}
+    assert files <= names
+
+
+def test_environment_names_the_cpu(dry_run):
+    env = json.loads((dry_run["out"] / "environment.json").read_text())
+    harness = _load("harness", REPO / "bench" / "harness.py")
+    assert env["device_type"] == "cpu" and env["device_name"] == harness._cpu_name() and env["arch"] is None
+    assert env["env"]["TRITON_INTERPRET"] == "1" and env["mode"] == "dry-run"
+    assert "gpu_run.py" in env["command"] and "--dry-run" in env["command"]
+    assert env["torch"] and env["python"] and env["timestamp_utc"] and "commit" in env["git"]
+    assert (dry_run["out"] / "command.txt").read_text().strip() == env["command"]
+    assert env["device_name"] in dry_run["summary"]
+
+
+def test_tests_step_ran_and_the_quick_selection_resolves(dry_run):
+    tests = json.loads((dry_run["out"] / "tests.json").read_text())
+    assert tests["passed"] > 0 and tests["failed"] == tests["errors"] == tests["unfinished"] == 0
+    assert tests["total"] == tests["passed"] + tests["skipped"]
+    quick = tests["quick_selection"]
+    assert quick["returncode"] == 0 and quick["collected"] > 0, quick["error"]
+    assert f"{tests['passed']} passed" in dry_run["summary"]
+
+
+def test_summary_has_a_row_per_fused_point(dry_run):
+    summary = dry_run["summary"]
+    assert "Dry run on the CPU" in summary
+    results = json.loads((dry_run["out"] / "bench" / "results.json").read_text())
+    triton = [r for r in results["rows"] if r["backend"] == "triton"]
+    assert {(r["mode"], r["dtype"], r["n"]) for r in triton} == {
+        (m, dt, n) for m in MODES for dt, n in (("fp32", 1), ("fp32", 64), ("fp16", 64))}
+    for mode in MODES:
+        section = summary.split(f"### {mode}\n", 1)[1].split("###", 1)[0]
+        for r in (r for r in triton if r["mode"] == mode):
+            assert r["status"] == "ok" and r["ms"] > 0, r
+            assert f"| {r['n']} | {r['d']} | {r['h']} | {r['dtype']} | triton | {r['ms']:.4g} |" in section
+    # the copy bandwidth was measured by each part, in the same run as the kernels
+    assert all(run["copy_bandwidth"]["gbps"] > 0 for run in results["runs"]) and len(results["runs"]) == 2
+
+
+def test_predictions_beside_measurements(dry_run):
+    pred = json.loads((dry_run["out"] / "predictions.json").read_text())
+    assert "stand-in" in pred["arch"]  # no GPU architecture on the CPU: says so
+    results = json.loads((dry_run["out"] / "bench" / "results.json").read_text())
+    triton = {(r["mode"], r["dtype"], r["n"]): r for r in results["rows"] if r["backend"] == "triton"}
+    assert {(m["mode"], m["dtype"], m["n"]) for m in pred["matches"]} == set(triton)
+    expected = {(r["direction"], r["dtype"]): r["predicted_fraction"] for r in synthetic_static_report()["predictions"]
+                if r["arch"] == "sm_90" and r["features"] == "plain" and r["D"] == 1024 and r["H"] == 16}
+    bench = _load("bench_linear_adapter", REPO / "bench" / "bench_linear_adapter.py")
+    for m in pred["matches"]:
+        assert (m["prediction_D"], m["prediction_H"]) == (1024, 16) and "nearest" in m["note"]
+        row = triton[(m["mode"], m["dtype"], m["n"])]
+        if m["mode"] == "full":  # time-weighted: forward and backward bytes at their predicted rates
+            b_f, b_b = (bench.floor_bytes(x, m["n"], 64, 16, 4 if m["dtype"] == "fp32" else 2,
+                                          4 if m["dtype"] == "fp32" else 2) for x in ("forward", "backward"))
+            want = (b_f + b_b) / (b_f / expected[("forward", m["dtype"])] + b_b / expected[("backward", m["dtype"])])
+        else:
+            want = expected[(m["mode"], m["dtype"])]
+        assert m["predicted_fraction"] == pytest.approx(want)
+        assert m["measured_fraction"] == pytest.approx(row["frac_copy_bw"])
+        assert m["measured_over_predicted"] == pytest.approx(row["frac_copy_bw"] / want)
+    forward = next(m for m in pred["matches"] if m["mode"] == "forward")
+    assert f"| {harness_fmt(100 * forward['predicted_fraction'])} | {harness_fmt(forward['measured_over_predicted'])} |" \
+        in dry_run["summary"]
+
+
+def harness_fmt(value):
+    return _load("harness", REPO / "bench" / "harness.py").fmt(value, ".3g")
+
+
+def test_failing_run_exits_non_zero_and_records_why(failing_run):
+    out, run, summary = failing_run["out"], failing_run["run"], failing_run["summary"]
+    assert failing_run["proc"].returncode == 1, _output(failing_run)
+    assert run["exit_status"] == 1 and any(f.startswith("tests:") for f in run["failures"])
+    tests = json.loads((out / "tests.json").read_text())
+    assert (tests["passed"], tests["failed"], tests["status"]) == (1, 1, "failed")
+    assert tests["failures"][0]["test"].endswith("test_fails_on_purpose")
+    assert "deliberate failure" in tests["failures"][0]["message"]
+    assert "Exit status 1" in summary and "test_fails_on_purpose" in summary
+    # the raising benchmark backend is an error row in the raw results and the report, not a time
+    results = json.loads((out / "bench" / "results.json").read_text())
+    raising = [r for r in results["rows"] if r["backend"] == "selftest-raise"]
+    assert raising and all(r["status"] == "error" and r["ms"] is None for r in raising)
+    assert "deliberate failure" in (out / "bench" / "report.md").read_text()
+    # no static report: the prediction column is empty and the summary says why
+    pred = run["steps"]["predictions"]
+    assert pred["status"] == "skipped" and "not found" in pred["reason"]
+    assert "Predicted column empty" in summary and "not found" in summary
+
+
+def test_nearest_prediction():
+    module = gpu_run()
+    records = synthetic_static_report()["predictions"]
+    key = dict(direction="forward", norm="pre", dtype="fp16", arch="sm_90", backend="triton")
+    exact, note = module.nearest_prediction(records, d=4096, h=64, **key)
+    assert (exact["D"], exact["H"], note) == (4096, 64, "exact")
+    near, note = module.nearest_prediction(records, d=8192, h=128, **key)
+    assert (near["D"], near["H"]) == (4096, 64) and note == "nearest: D=4096 H=64"
+    assert module.nearest_prediction(records, d=4096, h=64, **dict(key, dtype="bf16"))[0] is None
+    refused = [dict(records[0], predicted_fraction=None, status="refused", reason="shared memory")]
+    match, why = module.nearest_prediction(refused, d=refused[0]["D"], h=refused[0]["H"],
+                                           **dict(key, dtype=refused[0]["dtype"]))
+    assert match is None and "refused" in why and "shared memory" in why
+    # records anywhere in the report are found; dicts without every field are not records
+    assert len(list(module.prediction_records({"a": [{"b": records[:3]}], "c": {"direction": "forward"}}))) == 3
+
+
+def test_parse_junit_counts_an_interrupted_test_as_unfinished(tmp_path):
+    path = tmp_path / "junit.xml"
+    path.write_text(
+        '<testsuites><testsuite><testcase classname="t" name="a"/>'
+        '<testcase classname="t" name="b"><failure message="boom">x</failure></testcase>'
+        '<testcase classname="t" name="c"><skipped message="needs CUDA"/></testcase>'
+        '<testcase time="0.000"/></testsuite></testsuites>')
+    parsed = gpu_run().parse_junit(path)
+    assert {k: parsed[k] for k in ("total", "passed", "failed", "skipped", "unfinished")} == {
+        "total": 3, "passed": 1, "failed": 1, "skipped": 1, "unfinished": 1}
+    assert parsed["failures"] == [{"test": "t::b", "kind": "failure", "message": "boom"}]
+    assert parsed["skip_reasons"] == {"needs CUDA": 1}
+
+
+def test_bench_time_budget_records_the_shapes_it_left(tmp_path):
+    """The benchmark's --time-budget-s (which gpu_run passes to every part): the first shape always runs,
+    the ones that no longer fit are rows with status skipped and stage budget."""
+    bench = _load("bench_linear_adapter", REPO / "bench" / "bench_linear_adapter.py")
+    status = bench.main(["--device", "cpu", "--cpu-small", "--n", "3,5", "--backends", "eager", "--modes", "forward",
+                         "--rep-ms", "1", "--warmup-ms", "0", "--no-plot", "--time-budget-s", "0",
+                         "--copy-bytes", str(1 << 20), "--out", str(tmp_path)])
+    assert status == 0
+    rows = {r["n"]: r for r in json.loads((tmp_path / "results.json").read_text())["rows"]}
+    assert rows[3]["status"] == "ok" and rows[3]["ms"] > 0 and math.isfinite(rows[3]["gbps"])
+    assert rows[5]["status"] == "skipped" and rows[5]["stage"] == "budget" and "time budget" in rows[5]["error"]
+    assert "time budget" in (tmp_path / "report.md").read_text()
