@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from .routing import ACTIVE_ROUTES, forward_routed
+from .routing import ACTIVE_ROUTES, forward_chained, forward_routed
 from .serialization import CheckpointFileError, read_checkpoint, write_checkpoint
 from .targets import (
     check_buildable_targets,
@@ -489,8 +489,11 @@ class AdapterModuleMixin(ABC):
         routes = ACTIVE_ROUTES.get()
         if routes is not None and id(self) in routes:
             return forward_routed(self, input, routes[id(self)][1])
+        names = self._enabled_adapter_names()
+        if len(names) > 1:  # consecutive fused adapters run as one fused chain
+            return forward_chained(self, input, names)
         layer = self._modules.get("adapter_layer")
-        for adapter_name in self._enabled_adapter_names():
+        for adapter_name in names:
             adapter = layer[adapter_name]
             strategy = getattr(adapter, "adapter_strategy", None)
             if strategy is None:

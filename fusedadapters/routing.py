@@ -9,16 +9,25 @@ under the inner ``module``, the inner one wins).
 
 How a module runs its routed samples:
 
-* fused: when every routed adapter of the module is a fused adapter under the stock residual strategy
-  (it has ``fused_adapter_params(dtype)`` returning ``ops.AdapterParams``, and the strategy can fuse it)
-  and they share activation, norm position, eps and backend, all of them run in one launch of
-  ``ops.routed_adapter`` over the whole batch, with their weights stacked once per weight version;
+* fused: when every routed adapter of the module is fusable and they share activation, norm position,
+  eps and backend, all of them run in one launch of ``ops.routed_adapter`` over the whole batch, with
+  their weights stacked once per weight version. Fusable is a protocol: the adapter has
+  ``fused_adapter_params(dtype)`` returning ``ops.AdapterParams`` (``FusedLinearAdapterMixin`` gives it
+  to this package's and the NeMo ``FusedLinearAdapter``), and its strategy has ``_can_fuse(adapter)``
+  true plus the residual steps ``stochastic_depth``, ``stochastic_depth_scale(like)``,
+  ``_wants_auxiliary_loss(adapter, host)`` and ``_register_l2_loss(row_sq, batch, adapter)`` (this
+  package's ``ResidualAddAdapterStrategy`` and ``fusedadapters.nemo.FusedResidualAddAdapterStrategy``);
 * generic: otherwise each adapter runs through its strategy on its own samples, gathered with
   ``index_select`` and scattered back with ``index_copy`` (both differentiable).
 
 Either way an adapter's gradients come only from its own samples, and a routed adapter's strategy runs
 as if the batch held only that adapter's samples: one stochastic-depth draw per adapter, and the
 residual strategy's ``l2_lambda`` loss is the mean over that adapter's samples.
+
+Fused chains (``forward_chained``, outside any route): when a module has several enabled adapters, each
+stretch of two or more consecutive fusable ones (with the same ``backend`` attribute) runs as one
+``ops.adapter_chain``; any other adapter or strategy splits the chain. The result equals applying them
+one by one, stochastic depth (one draw per adapter) and each adapter's ``l2_lambda`` loss included.
 """
 
 from __future__ import annotations
@@ -31,9 +40,8 @@ import torch
 from torch import nn
 
 from . import ops
-from .adapter_mixin_strategies import ResidualAddAdapterStrategy
 
-__all__ = ["ACTIVE_ROUTES", "Route", "forward_routed", "route_adapters"]
+__all__ = ["ACTIVE_ROUTES", "Route", "forward_chained", "forward_routed", "route_adapters"]
 
 
 class Route:
@@ -122,8 +130,7 @@ def forward_routed(host: nn.Module, input: Any, route: Route) -> Any:
     if not chosen:
         return input
     for name, adapter in chosen:
-        if getattr(adapter, "adapter_strategy", None) is None:
-            raise AttributeError(f"Adapter module `{name}` does not set the value `adapter_strategy` !")
+        _strategy(name, adapter)
     fused = _fused_plan(host, input, chosen)
     if fused is not None:
         return _forward_fused(host, input, route, chosen, *fused)
@@ -149,20 +156,32 @@ def _compute_dtype(input: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else input.dtype
 
 
-def _fused_plan(host: nn.Module, input: torch.Tensor, chosen: List[Tuple[str, nn.Module]]) -> Optional[Tuple[list, torch.dtype]]:
-    """``(params, dtype)`` when every chosen adapter can run in one ``ops.routed_adapter`` launch, else None."""
+def _strategy(name: str, adapter: nn.Module) -> Any:
+    strategy = getattr(adapter, "adapter_strategy", None)
+    if strategy is None:
+        raise AttributeError(
+            f"Adapter module `{name}` does not set the value `adapter_strategy` ! Please set the value of the "
+            f"adapter's strategy with the class {type(adapter).__module__}.{type(adapter).__qualname__}."
+        )
+    return strategy
+
+
+def _host_runs_stock_single(host: nn.Module) -> bool:
     from .adapter_mixins import AdapterModuleMixin
 
-    if input.dim() < 2 or type(host).forward_single_enabled_adapter_ is not AdapterModuleMixin.forward_single_enabled_adapter_:
+    return type(host).forward_single_enabled_adapter_ is AdapterModuleMixin.forward_single_enabled_adapter_
+
+
+def _fusable(adapter: nn.Module) -> bool:
+    """A fused adapter under a residual strategy that fuses it (the protocol in the module docstring)."""
+    can_fuse = getattr(getattr(adapter, "adapter_strategy", None), "_can_fuse", None)
+    return hasattr(adapter, "fused_adapter_params") and can_fuse is not None and can_fuse(adapter)
+
+
+def _fused_plan(host: nn.Module, input: torch.Tensor, chosen: List[Tuple[str, nn.Module]]) -> Optional[Tuple[list, torch.dtype]]:
+    """``(params, dtype)`` when every chosen adapter can run in one ``ops.routed_adapter`` launch, else None."""
+    if input.dim() < 2 or not _host_runs_stock_single(host) or not all(_fusable(a) for _, a in chosen):
         return None
-    for _, adapter in chosen:
-        strategy = adapter.adapter_strategy
-        if not (
-            hasattr(adapter, "fused_adapter_params")
-            and isinstance(strategy, ResidualAddAdapterStrategy)
-            and strategy._can_fuse(adapter)
-        ):
-            return None
     dtype = _compute_dtype(input)
     params = [adapter.fused_adapter_params(dtype) for _, adapter in chosen]
     first = params[0]
@@ -200,4 +219,48 @@ def _forward_fused(
         if wants:
             samples = route.samples(name, x.device)
             strategy._register_l2_loss(row_sq.index_select(0, samples), samples.numel(), adapter)
+    return out
+
+
+def forward_chained(host: nn.Module, input: Any, names: Sequence[str]) -> Any:
+    """``host.forward_enabled_adapters(input)`` for several enabled adapters: stretches of two or more
+    consecutive fusable adapters run as one ``ops.adapter_chain``, the others one by one as usual."""
+    layer = host._modules["adapter_layer"]
+    adapters = [(name, layer[name]) for name in names]
+    fusable = [
+        isinstance(input, torch.Tensor) and _host_runs_stock_single(host) and _fusable(adapter) for _, adapter in adapters
+    ]
+    i = 0
+    while i < len(adapters):
+        j = i + 1
+        backend = getattr(adapters[i][1], "backend", None)
+        while fusable[i] and j < len(adapters) and fusable[j] and getattr(adapters[j][1], "backend", None) == backend:
+            j += 1
+        if j - i >= 2:
+            input = _forward_chain(host, input, [adapter for _, adapter in adapters[i:j]], backend)
+        else:
+            name, adapter = adapters[i]
+            input = host.forward_single_enabled_adapter_(input, adapter, adapter_name=name, adapter_strategy=_strategy(name, adapter))
+        i = j
+    return input
+
+
+def _forward_chain(host: nn.Module, input: torch.Tensor, chain: List[nn.Module], backend: Optional[str]) -> torch.Tensor:
+    dtype = _compute_dtype(input)
+    x = input.to(dtype)
+    strategies = [adapter.adapter_strategy for adapter in chain]
+    scales = [
+        s.stochastic_depth_scale(x) if host.training and s.stochastic_depth != 0.0 else None for s in strategies
+    ]
+    wants_loss = [s._wants_auxiliary_loss(adapter, host) for s, adapter in zip(strategies, chain)]
+    result = ops.adapter_chain(
+        x, [adapter.fused_adapter_params(dtype) for adapter in chain], scales=scales,
+        return_row_sq=any(wants_loss), backend=backend,
+    )
+    if not any(wants_loss):
+        return result
+    out, row_sqs = result
+    for strategy, wants, adapter, row_sq in zip(strategies, wants_loss, chain, row_sqs):
+        if wants:
+            strategy._register_l2_loss(row_sq, x.size(0), adapter)
     return out

@@ -253,3 +253,89 @@ def test_training_l2_loss_and_stochastic_depth_per_adapter(config_cls):
     assert routed == {}  # no other adapter registered a loss
     alone_out, _ = run_alone(model, x, names, torch.ones(len(names), 2, D, dtype=torch.float64))
     torch.testing.assert_close(out.detach(), alone_out, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused chains: consecutive fused adapters of one module run as one ops.adapter_chain
+# ---------------------------------------------------------------------------------------------
+
+CHAIN = (  # name, fused?, options: H differs everywhere; a b share a launch, c (post) its own;
+    ("a", True, dict(dim=5)),  # d (not fused) splits the chain; e f share a launch
+    ("b", True, dict(dim=8)),
+    ("c", True, dict(dim=4, norm_position="post", activation="gelu")),
+    ("d", False, dict(dim=6)),
+    ("e", True, dict(dim=3, norm_position="post", activation="relu")),
+    ("f", True, dict(dim=7, norm_position="post", activation="relu")),
+)
+
+
+def make_chain_pair(strategy=None, backend=None, device="cpu"):
+    """The same block twice: its adapters fused where CHAIN says so, and all eager (one by one)."""
+    models = []
+    for fused_where_said in (True, False):
+        torch.manual_seed(0)
+        block = MLP(D)
+        for name, fused, options in CHAIN:
+            config_cls = FusedLinearAdapterConfig if fused and fused_where_said else LinearAdapterConfig
+            block.add_adapter(name, config_cls(in_features=D, **options))
+        if strategy is not None:
+            for name, adapter in block.adapter_layer.items():
+                adapter.setup_adapter_strategy(strategy(name))
+        models.append(block.to(device))
+    randomize_(adapter_parameters(models[0]), seed=5)
+    models[1].load_state_dict(models[0].state_dict())
+    if backend is not None:
+        for adapter in models[0].adapter_layer.values():
+            if hasattr(adapter, "backend"):
+                adapter.backend = backend
+    return models
+
+
+def run_block(block, x, weights):
+    block.zero_grad()
+    x = x.detach().clone().requires_grad_()
+    out = block(x)
+    loss_of(out, weights).backward()
+    grads = {"x": x.grad, **{n: p.grad for n, p in block.named_parameters() if p.requires_grad}}
+    return out.detach(), {n: g.detach().clone() for n, g in grads.items()}
+
+
+def test_chain_of_fused_adapters_is_one_op_and_equals_one_by_one(monkeypatch):
+    calls = []
+    real = routing.ops.adapter_chain
+    monkeypatch.setattr(routing.ops, "adapter_chain", lambda x, params, **k: calls.append(len(params)) or real(x, params, **k))
+    fused, eager = make_chain_pair()
+    x = torch.randn(3, 5, D)
+    weights = torch.randn(3, 5, D, dtype=torch.float64)
+    assert_same(run_block(fused, x, weights), run_block(eager, x, weights))
+    assert calls == [3, 2]  # a b c | d alone | e f
+
+
+def test_chain_in_training_with_l2_loss_stochastic_depth_and_a_frozen_adapter():
+    def strategy(name):
+        return ResidualAddAdapterStrategyConfig(l2_lambda=0.3, stochastic_depth=1.0 if name == "b" else 0.0)
+
+    fused, eager = make_chain_pair(strategy)
+    for block in (fused, eager):
+        block.train()
+        block.adapter_layer["e"].requires_grad_(False)
+    x = torch.randn(4, D)
+    weights = torch.randn(4, D, dtype=torch.float64)
+    got, want = run_block(fused, x, weights), run_block(eager, x, weights)
+    assert_same(got, want)
+    assert not any(".e." in n for n in got[1])
+    losses = registry_snapshot(fused), registry_snapshot(eager)
+    assert losses[0].keys() == losses[1].keys() == {f"adapter_layer.{n}" for n in "abcdf"}
+    for key in losses[0]:
+        torch.testing.assert_close(losses[0][key]["adapter_loss"][0], losses[1][key]["adapter_loss"][0], msg=key)
+
+
+@pytest.mark.skipif(not backend_mod.triton_available(), reason="needs triton")
+def test_chain_on_the_triton_backend_equals_one_by_one():
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not backend_mod.triton_interpreter_enabled():
+        pytest.skip("triton on the CPU needs TRITON_INTERPRET=1")
+    fused, eager = make_chain_pair(backend="triton", device=device)
+    x = torch.randn(2, 3, D, device=device)
+    weights = torch.randn(2, 3, D, dtype=torch.float64, device=device)
+    assert_same(run_block(fused, x, weights), run_block(eager, x, weights), tol=1e-4)
