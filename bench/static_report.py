@@ -192,6 +192,15 @@ class CompileJob:
     attrs: Dict[Tuple[int, ...], Any]
     options: Dict[str, Any]
 
+    def specialization(self, kernel: triton.JITFunction) -> Dict[str, Any]:
+        """The runtime arguments Triton turned into constants (ints equal to 1) and those it marked
+        divisible by 16 (pointers and ints), by name."""
+        names = kernel.arg_names
+        constants = {names[path[0]]: value for path, value in self.constexprs.items()
+                     if not kernel.params[path[0]].is_constexpr}
+        divisible = [names[path[0]] for path, value in sorted(self.attrs.items()) if ["tt.divisibility", 16] in value]
+        return dict(specialized_constants=constants, divisible_by_16=divisible)
+
     @property
     def key(self) -> str:
         return repr((self.module, self.kernel, self.capability, sorted(self.signature.items()),
@@ -591,7 +600,7 @@ def traffic(launch: Any, resident_programs: Optional[int], gpu: GpuModel) -> Dic
     )
 
 
-def launch_record(point: Point, launch: Any, analysis: Dict[str, Any]) -> Dict[str, Any]:
+def launch_record(point: Point, launch: Any, job: CompileJob, analysis: Dict[str, Any]) -> Dict[str, Any]:
     """One launch of one grid point: its configuration, compiled resources, occupancy, SASS per element,
     traffic and modelled time."""
     gpu = GPU_MODELS[point.arch]
@@ -599,7 +608,7 @@ def launch_record(point: Point, launch: Any, analysis: Dict[str, Any]) -> Dict[s
     record.update(
         launch=launch.name, kernel=launch.kernel.fn.__name__, grid=list(launch.grid),
         programs=math.prod(launch.grid), meta=_constexpr_fields(launch), elements=int(launch.elements),
-        shared_limit=gpu.shared_memory_per_block,
+        shared_limit=gpu.shared_memory_per_block, **job.specialization(launch.kernel),
     )
     resident_programs = None
     if "error" in analysis:
@@ -765,7 +774,7 @@ def build_report(grid: Dict[str, Sequence[Any]], jobs: int, log=print) -> Dict[s
     launch_records, predictions = [], []
     for point in points:
         launches, compile_jobs, refused = planned[point]
-        records = [launch_record(point, l, results[j.key]) for l, j in zip(launches, compile_jobs)]
+        records = [launch_record(point, l, j, results[j.key]) for l, j in zip(launches, compile_jobs)]
         launch_records.extend(records)
         predictions.append(prediction_record(point, records, refused))
     cuda, cuda_skipped = cuda_kernel_records(grid["arch"])

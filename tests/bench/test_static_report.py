@@ -1,0 +1,257 @@
+"""The static kernel report compiles every planned launch for sm_90 and sm_80 and checks it.
+
+One subprocess runs ``bench/static_report.py --quick --check`` as CI and a user run it (without
+``TRITON_INTERPRET``: kernels do not compile under the interpreter). The tests then require a record
+for every launch of every grid point with sane values, and a check verdict that agrees with the
+records. The pieces that decide the verdict (the check, the SASS loop finder, the occupancy
+calculator, the ptxas log parser) are also tested on fabricated inputs whose answers are known.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton.backends.nvidia.compiler")
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "bench" / "static_report.py"
+QUICK = dict(direction=["forward", "backward"], norm=["pre", "post"], dtype=["bf16", "fp16"], D=[4096], H=[16, 64],
+             features=["plain", "all"], arch=["sm_90", "sm_80"])
+
+
+def _load_script():
+    name = "static_report_under_test"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, SCRIPT)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up while the file executes
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """Run the quick grid with --check once; return (exit code, report.json, report.md, stdout)."""
+    out = tmp_path_factory.mktemp("static_report")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, str(SCRIPT), "--quick", "--check", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode in (0, 1), proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    return proc.returncode, report, (out / "report.md").read_text(), proc.stdout
+
+
+def _point(r):
+    return (r["direction"], r["norm_position"], r["dtype"], r["D"], r["H"], r["features"], r["arch"])
+
+
+def test_every_point_has_a_prediction_and_launches(quick_run):
+    _, report, markdown, _ = quick_run
+    expected = set(itertools.product(*QUICK.values()))
+    assert {_point(p) for p in report["predictions"]} == expected
+    assert len(report["predictions"]) == len(expected)
+    launches = {}
+    for r in report["launches"]:
+        launches.setdefault(_point(r), []).append(r["launch"])
+    assert set(launches) == expected
+    for point, names in launches.items():
+        main = {"forward": f"{point[1]}_norm_fwd", "backward": "bwd_cols"}[point[0]]
+        assert main in names, (point, names)
+        if point[0] == "backward":
+            assert f"{point[1]}_norm_bwd_rows" in names, (point, names)
+    for section in ("## Model", "## Predicted fraction of the copy floor", "## Launches", "## CUDA backend",
+                    "## Check"):
+        assert section in markdown
+    assert "static_report.py" in report["environment"]["command"] and "--quick" in report["environment"]["command"]
+
+
+def test_launch_records_are_sane(quick_run):
+    _, report, _, _ = quick_run
+    for r in report["launches"]:
+        assert r["status"] == "ok", r.get("error")
+        assert 0 < r["registers"] <= 255, r
+        assert r["spill_stores"] >= 0 and r["spill_loads"] >= 0 and r["stack_frame"] >= 0
+        assert r["shared_total"] == r["shared_dynamic"] + r["shared_static"] >= 0
+        assert r["num_warps"] == r["meta"]["num_warps"]
+        assert 0 < r["resident_warps_per_sm"] <= 64 and r["resident_warps_per_sm"] % r["num_warps"] == 0
+        assert r["loops"] and all(loop["instructions"] > 0 for loop in r["loops"]), r["launch"]
+        assert r["sass_instructions_per_element"] > 0
+        assert r["hbm_bytes_total"] >= r["hbm_bytes"] > 0 and r["l2_bytes_total"] >= r["l2_bytes"] >= 0
+        assert r["predicted_us"] > 0 and r["bound"] in ("hbm", "l2", "issue")
+        if r["launch"].endswith("_fwd") or r["launch"].endswith("_rows") or r["launch"] == "bwd_cols":
+            assert r["loops"][0]["opcodes"]["global_loads"] > 0  # the main loops stream N·D data
+            assert r["elements"] >= r["N"] * r["D"]
+
+
+def test_launches_compile_with_the_jit_specialisation(quick_run):
+    """Unit strides become constants, shapes divisible by 16 and fresh tensors get the divisibility hint."""
+    _, report, _, _ = quick_run
+    for r in report["launches"]:
+        if r["launch"] in ("pre_norm_fwd", "post_norm_fwd", "bwd_cols"):
+            assert r["specialized_constants"].get("stride_xd") == 1, r["specialized_constants"]
+            assert {"X", "D", "N", "stride_xn"} <= set(r["divisible_by_16"]), r["divisible_by_16"]
+
+
+def test_predictions_are_sane(quick_run):
+    _, report, _, _ = quick_run
+    for p in report["predictions"]:
+        assert p["status"] == "ok", p
+        floor_passes = {"forward": 2, "backward": 3}[p["direction"]]
+        assert p["passes"] >= floor_passes  # no launch plan moves less than the floor
+        assert 0 < p["predicted_fraction"] <= 1
+        tokens_bytes = p["D"] * {"bf16": 2, "fp16": 2}[p["dtype"]]
+        assert p["hbm_bytes_per_token"] == pytest.approx(p["passes"] * tokens_bytes)
+        assert p["l2_bytes_per_token"] >= 0
+
+
+def test_check_verdict_agrees_with_the_records(quick_run):
+    code, report, markdown, stdout = quick_run
+    expected = []
+    for r in report["launches"]:
+        spills = r["dtype"] in ("bf16", "fp16") and (r["spill_stores"] or r["spill_loads"])
+        if spills or r["shared_total"] > r["shared_limit"]:
+            expected.append(r)
+    assert len(report["check_failures"]) == len(expected)
+    assert code == (1 if expected else 0), stdout[-3000:]
+    assert ("**passed**" in markdown) == (not expected)
+
+
+@pytest.mark.xfail(reason="known spills in the bf16/fp16 backward column kernel (issue 8, section 2: rework "
+                          "in progress); remove this mark when the reworked kernels land", strict=False)
+def test_quick_grid_passes_the_check(quick_run):
+    """No bf16/fp16 launch of the quick grid spills, and every block fits its architecture."""
+    code, report, _, _ = quick_run
+    assert not report["check_failures"], "\n".join(report["check_failures"])
+    assert code == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# The check and its parts, on fabricated inputs
+# ----------------------------------------------------------------------------------------------
+
+
+def _record(**changes):
+    record = dict(direction="backward", norm_position="pre", dtype="bf16", D=4096, H=64, features="all",
+                  arch="sm_90", launch="bwd_cols", kernel="_bwd_cols_kernel", status="ok", spill_stores=0,
+                  spill_loads=0, shared_total=40_000, shared_limit=227 * 1024)
+    record.update(changes)
+    return record
+
+
+def test_check_fails_on_half_precision_spills_and_oversized_blocks():
+    script = _load_script()
+    assert script.check_failures([_record(), _record(dtype="fp16")]) == []
+    spilled = script.check_failures([_record(spill_stores=172, spill_loads=120)])
+    assert len(spilled) == 1 and "spills 172 B" in spilled[0] and "bwd_cols" in spilled[0]
+    assert script.check_failures([_record(dtype="fp16", spill_loads=4)])
+    assert script.check_failures([_record(dtype="fp32", spill_stores=44_620, spill_loads=44_620)]) == []
+    too_big = script.check_failures([_record(dtype="fp32", arch="sm_80", shared_total=193 * 1024,
+                                             shared_limit=163 * 1024)])
+    assert len(too_big) == 1 and "shared memory" in too_big[0]
+    broken = script.check_failures([_record(status="error", error="PTXASError: boom")])
+    assert len(broken) == 1 and "did not compile" in broken[0] and "boom" in broken[0]
+    cuda = dict(source="csrc/x.cu", arch="sm_90", status="ok", demangled="void k<__nv_bfloat16>(int)",
+                spill_stores=8, spill_loads=0, static_shared=0, shared_limit=227 * 1024, shared_ok=True)
+    assert script.check_failures([], [cuda]) and not script.check_failures([], [dict(cuda, spill_stores=0)])
+    assert not script.check_failures([], [dict(cuda, demangled="void k<float>(int)")])
+
+
+SASS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   ISETP.GE.AND P0, PT, R0, 0x1, PT ;
+        /*0020*/               @P0 BRA `(.L_x_2) ;
+.L_x_0:
+        /*0030*/                   LDG.E R2, desc[UR4][R4.64] ;
+        /*0040*/                   FADD R3, R3, R2 ;
+.L_x_1:
+        /*0050*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P1, [R6], R7 ;
+        /*0060*/              @!P1 BRA `(.L_x_1) ;
+        /*0070*/                   CALL.REL.NOINC `($__internal_0_slowpath) ;
+        /*0080*/                   NOP ;
+        /*0090*/                   ISETP.NE.AND P2, PT, R8, RZ, PT ;
+        /*00a0*/               @P2 BRA `(.L_x_0) ;
+.L_x_2:
+        /*00b0*/                   STG.E desc[UR4][R4.64], R3 ;
+.L_x_3:
+        /*00c0*/                   LDS R9, [R10] ;
+        /*00d0*/                   MUFU.EX2 R9, R9 ;
+        /*00e0*/               @P3 BRA `(.L_x_3) ;
+        /*00f0*/                   EXIT ;
+.L_x_4:
+        /*0100*/                   BRA `(.L_x_4);
+$__internal_0_slowpath:
+        /*0110*/                   FADD R0, R0, R1 ;
+        /*0120*/               @P0 BRA `($__internal_0_slowpath) ;
+        /*0130*/                   RET.REL.NODEC R2 `(_kernel) ;
+"""
+
+
+def test_sass_loops_are_the_outermost_natural_loops():
+    """Two loops: the first holds a nested wait loop (counted once, inside it), the padding self-loop
+    after EXIT and the called subroutine's loop are unreachable from the entry and left out; NOPs
+    are not counted."""
+    loops = _load_script().sass_loops(SASS)
+    assert [(loop.header, loop.instructions) for loop in loops] == [(0x30, 7), (0xC0, 3)]
+    assert loops[0].opcodes["global_loads"] == 1 and loops[0].opcodes["mufu"] == 0
+    assert loops[1].opcodes["shared"] == 1 and loops[1].opcodes["mufu"] == 1
+
+
+def test_sass_per_element_counts_warps_and_tile():
+    script = _load_script()
+    loops = [dict(instructions=600), dict(instructions=200)]
+    assert script.sass_per_element(loops, dict(BM=64, BD=64), 4) == pytest.approx(800 * 4 / 4096)
+    assert script.sass_per_element(loops, dict(BR=4, BD=256), 4) == pytest.approx(800 * 4 / 1024)
+    assert script.sass_per_element(loops, dict(BLOCK=64), 4) is None
+
+
+def test_occupancy_calculator():
+    script = _load_script()
+    h100, a100 = script.GPU_MODELS["sm_90"], script.GPU_MODELS["sm_80"]
+    # 255 registers: 8192 per warp, 8 warps fit the register file: two 4-warp blocks
+    assert script.occupancy(255, 40_000, 4, h100) == dict(blocks_per_sm=2, resident_warps_per_sm=8,
+                                                          occupancy_limiter="registers")
+    # 32 registers, no shared memory: 16 blocks of 4 warps fill the 64 warp slots
+    assert script.occupancy(32, 0, 4, h100)["resident_warps_per_sm"] == 64
+    # 100 KB of shared memory (+1 KB reserved): two blocks on an H100, one on an A100
+    assert script.occupancy(64, 100 * 1024, 4, h100) == dict(blocks_per_sm=2, resident_warps_per_sm=8,
+                                                             occupancy_limiter="shared_memory")
+    assert script.occupancy(64, 100 * 1024, 4, a100)["blocks_per_sm"] == 1
+    assert script.occupancy(64, 200 * 1024, 4, a100)["blocks_per_sm"] == 0
+
+
+def test_ptxas_log_parser():
+    log = """ptxas info    : 28 bytes gmem
+ptxas info    : Compiling entry function '_bwd_cols_kernel' for 'sm_90a'
+ptxas info    : Function properties for _bwd_cols_kernel
+    976 bytes stack frame, 976 bytes spill stores, 840 bytes spill loads
+ptxas info    : Used 255 registers, used 1 barriers, 1200 bytes smem
+ptxas info    : Compiling entry function '_Z1kPf' for 'sm_80'
+ptxas info    : Function properties for _Z1kPf
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 10 registers, used 1 barriers, 360 bytes cmem[0]
+"""
+    functions = _load_script().parse_ptxas_log(log)
+    assert functions == {
+        "_bwd_cols_kernel": dict(registers=255, stack_frame=976, spill_stores=976, spill_loads=840,
+                                 static_shared=1200),
+        "_Z1kPf": dict(registers=10, stack_frame=0, spill_stores=0, spill_loads=0, static_shared=0),
+    }
+
+
+def test_misaligned_meta_views_lose_the_divisibility_hint():
+    import torch
+
+    script = _load_script()
+    base = torch.empty(64, dtype=torch.bfloat16, device="meta")
+    kernel = types.SimpleNamespace(arg_names=["A", "B", "C", "n"])
+    args = dict(A=base, B=base[8:], C=base[3:], n=64)  # offsets of 16 and 6 bytes
+    assert script._misaligned_meta_pointers(kernel, args) == [(2,)]
