@@ -173,6 +173,10 @@ class Clock:
     def left(self) -> float:
         return self.budget_s - self.elapsed()
 
+    def share(self, plan_cap_s: float, plan_budget_s: float) -> float:
+        """A step's cap, scaled with the budget when ``--budget-s`` changes it."""
+        return plan_cap_s * self.budget_s / plan_budget_s
+
 
 def log(msg: str) -> None:
     print(f"[gpu_run] {msg}", flush=True)
@@ -345,7 +349,8 @@ def step_install(args: argparse.Namespace, ctx: "Context") -> Dict[str, Any]:
     elif args.install == "skip":
         record["method"] = "skipped (--install skip)"
     else:
-        cmd = [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--no-build-isolation", "-e", str(REPO)]
+        cmd = [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--no-build-isolation",
+               "-e", str(REPO)]
         rc, out = capture(cmd, env=ctx.env, timeout=300)
         lines += [f"$ {shlex.join(cmd)}", out]
         location, why = package_location(ctx.env)
@@ -478,7 +483,8 @@ def step_tests(args: argparse.Namespace, ctx: "Context") -> Dict[str, Any]:
            f"--junitxml={junit}", "--durations=25"]
     if workers:
         cmd += ["-n", str(workers)]
-    cap = min(ctx.plan.tests_cap_s, max(ctx.clock.left() - SUMMARY_RESERVE_S - 30.0, 30.0))
+    cap = min(ctx.clock.share(ctx.plan.tests_cap_s, ctx.plan.budget_s),
+              max(ctx.clock.left() - SUMMARY_RESERVE_S - 30.0, 30.0))
     log(f"tests: {shlex.join(cmd[3:])} (up to {cap:.0f} s)")
     proc = run_streamed("pytest", cmd, ctx.out / "pytest.log", cap, ctx.env)
     record: Dict[str, Any] = {"selection": selection or ["(whole suite: testpaths)"], "workers": workers,
@@ -536,7 +542,8 @@ def step_sanitizer(args: argparse.Namespace, ctx: "Context") -> Dict[str, Any]:
         return dict(record, status=SKIPPED, reason=reason)
     failures = []
     for name in ("memcheck", "racecheck"):
-        cap = min(ctx.plan.sanitizer_cap_s / 2, max(ctx.clock.left() - SUMMARY_RESERVE_S - 60.0, 10.0))
+        cap = min(ctx.clock.share(ctx.plan.sanitizer_cap_s, ctx.plan.budget_s) / 2,
+                  max(ctx.clock.left() - SUMMARY_RESERVE_S - 60.0, 10.0))
         cmd = [tool, "--tool", name, "--error-exitcode", "86", "--print-limit", "50",
                sys.executable, "-m", "pytest", *tests, "-q", "-x", "-p", "no:cacheprovider"]
         if args.sanitizer_k:
@@ -698,7 +705,8 @@ def nearest_prediction(records: Sequence[Dict[str, Any]], *, direction: str, nor
     return best, "exact" if exact else f"nearest: D={best['D']} H={best['H']}"
 
 
-def prediction_arch(args: argparse.Namespace, ctx: "Context", records: Sequence[Dict[str, Any]]) -> Tuple[Optional[str], str]:
+def prediction_arch(args: argparse.Namespace, ctx: "Context",
+                    records: Sequence[Dict[str, Any]]) -> Tuple[Optional[str], str]:
     """The architecture whose predictions apply: the device's, else one of the same major version."""
     if args.predict_arch:
         return args.predict_arch, f"{args.predict_arch} (--predict-arch)"
@@ -847,7 +855,8 @@ def render_summary(ctx: "Context", steps: Dict[str, Dict[str, Any]], exit_status
         ("install", steps.get("install", {}).get("method") or "–"),
         ("TRITON_INTERPRET", (env.get("env") or {}).get("TRITON_INTERPRET")),
     ]))
-    out += ["", "Full record: `environment.json`" + (", `nvidia-smi.txt`" if ctx.device.type == "cuda" else "") + ".", ""]
+    smi = ", `nvidia-smi.txt`" if ctx.device.type == "cuda" else ""
+    out += ["", f"Full record: `environment.json`{smi}.", ""]
 
     tests = steps.get("tests", {})
     out += ["## Tests", ""]
@@ -943,8 +952,9 @@ def _targets_table(ctx: "Context") -> str:
     for t in bench.TARGETS:
         sel = [r for r in targets if r["target"] == t.name]
         values = [r["value"] for r in sel if r["value"] is not None]
-        rows.append((t.text, len(sel), sum(r["status"] == "met" for r in sel), sum(r["status"] == "missed" for r in sel),
-                     sum(r["status"] == "not evaluated" for r in sel), harness.fmt(min(values)) if values else "–"))
+        count = lambda status: sum(r["status"] == status for r in sel)  # noqa: E731
+        rows.append((t.text, len(sel), count("met"), count("missed"), count("not evaluated"),
+                     harness.fmt(min(values)) if values else "–"))
     backend = ctx.bench["runs"][-1]["config"]["target_backend"]
     return (f"On backend `{backend}` (the benchmark's target backend):\n\n"
             + harness.markdown_table(["target", "points", "met", "missed", "not evaluated", "worst"], rows))
@@ -1034,7 +1044,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: pip install -e . unless the package already imports from this checkout")
     p.add_argument("--commit", default=None, help="commit to record when the copy has no git repository")
     p.add_argument("--budget-s", type=float, default=None,
-                   help="time budget of the whole run (quick 165, full 540, dry run 600)")
+                   help="time budget of the whole run (quick 165, full 540, dry run 600); the tests' and the "
+                        "sanitizer's shares scale with it")
     p.add_argument("--skip", default="", help="comma list of steps not to run: tests,sanitizer,bench")
     p.add_argument("--tests", default=None,
                    help="pytest arguments replacing the mode's selection (one string, shell-split)")
@@ -1043,7 +1054,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sanitizer-k", default="small", help="pytest -k expression of the sanitizer's native tests")
     p.add_argument("--bench-backends", default=None, help="comma list replacing every benchmark part's backends")
     p.add_argument("--static-report", type=Path, default=DEFAULT_STATIC_REPORT, help="the static report's JSON")
-    p.add_argument("--predict-arch", default=None, help="architecture of the predictions to use (default: the device's)")
+    p.add_argument("--predict-arch", default=None,
+                   help="architecture of the predictions to use (default: the device's)")
     p.add_argument("--predict-min-elems", type=int, default=None,
                    help="compare with predictions where N*D >= this (default 2**26; 0 in a dry run)")
     return p
@@ -1051,7 +1063,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    if skip - {"tests", "sanitizer", "bench"}:
+        parser.error(f"--skip: unknown steps {sorted(skip - {'tests', 'sanitizer', 'bench'})}; "
+                     "expected tests, sanitizer, bench")
     plan = PLANS["dry-run" if args.dry_run else "quick" if args.quick else "full"]
     if args.dry_run:  # before anything touches CUDA or imports triton
         os.environ["TRITON_INTERPRET"] = "1"
@@ -1069,10 +1086,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ctx = Context(plan=plan, out=out, argv=argv, device=device, cuda_count=cuda_count, clock=clock, env=env)
     log(f"{plan.name} run on {device_name}; writing {out}; budget {clock.budget_s:.0f} s")
 
-    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
-    unknown = skip - {"tests", "sanitizer", "bench"}
-    if unknown:
-        raise SystemExit(f"--skip: unknown steps {sorted(unknown)}; expected tests, sanitizer, bench")
     steps: Dict[str, Dict[str, Any]] = {}
 
     def run_step(name: str, fn) -> None:
@@ -1087,7 +1100,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             steps[name] = {"status": FAILED, "reason": harness.format_error(exc),
                            "traceback": harness.format_traceback(exc)}
         steps[name]["seconds"] = round(time.monotonic() - started, 1)
-        log(f"step {name}: {steps[name]['status']}" + (f" ({steps[name]['reason']})" if steps[name].get("reason") else ""))
+        reason = steps[name].get("reason")
+        log(f"step {name}: {steps[name]['status']}" + (f" ({reason})" if reason else ""))
 
     if device.type != "cuda" and not args.dry_run:
         run_step("environment", step_environment)
@@ -1128,7 +1142,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _bench_tail(summary: str) -> str:
     """The benchmark section of the summary, for the end of the console output."""
-    return "## Benchmark" + summary.split("## Benchmark", 1)[1].split("## Plots")[0] if "## Benchmark" in summary else ""
+    if "## Benchmark" not in summary:
+        return ""
+    return "## Benchmark" + summary.split("## Benchmark", 1)[1].split("## Plots")[0]
 
 
 if __name__ == "__main__":

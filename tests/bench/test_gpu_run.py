@@ -171,8 +171,9 @@ def test_predictions_beside_measurements(dry_run):
         assert m["measured_fraction"] == pytest.approx(row["frac_copy_bw"])
         assert m["measured_over_predicted"] == pytest.approx(row["frac_copy_bw"] / want)
     forward = next(m for m in pred["matches"] if m["mode"] == "forward")
-    assert f"| {harness_fmt(100 * forward['predicted_fraction'])} | {harness_fmt(forward['measured_over_predicted'])} |" \
-        in dry_run["summary"]
+    predicted, ratio = forward["predicted_fraction"], forward["measured_over_predicted"]
+    cells = f"| {harness_fmt(100 * predicted)} | {harness_fmt(ratio)} |"
+    assert cells in dry_run["summary"]
 
 
 def harness_fmt(value):
