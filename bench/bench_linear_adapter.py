@@ -37,6 +37,10 @@ Usage (see bench/README.md):
     python bench/bench_linear_adapter.py                       # full sweep on the GPU
     python bench/bench_linear_adapter.py --quick               # a few shapes, for iterating
     TRITON_INTERPRET=1 python bench/bench_linear_adapter.py --device cpu   # CPU-small mode (CI)
+    python bench/bench_linear_adapter.py --sweep chain         # K = 1, 2, 4, 8 adapters in a chain
+    python bench/bench_linear_adapter.py --sweep mixed         # A = 1, 8, 64, 256 adapters in one batch
+
+The chain and mixed-batch sweeps are described in bench/many_adapters.py.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ for _p in (str(_HERE), str(_HERE.parent)):
 import torch  # noqa: E402
 
 import harness  # noqa: E402
+import many_adapters  # noqa: E402
 from fusedadapters.ops import linear_adapter  # noqa: E402
 from fusedadapters.ops.backend import triton_interpreter_enabled  # noqa: E402
 
@@ -808,6 +813,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "would exceed this; the shapes left are recorded as skipped (stage 'budget')")
     p.add_argument("--fail-on-error", action="store_true",
                    help="exit with status 1 when any point of a non-selftest backend failed")
+    many_adapters.add_arguments(p)
     return p
 
 
@@ -849,6 +855,8 @@ def _merge(dirs: Sequence[Path]) -> Dict[str, Any]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.sweep != "op":  # chains and mixed batches: bench/many_adapters.py
+        return many_adapters.main(args, argv, script=str(Path(__file__)))
     out_dir: Path = args.out
     out_dir.mkdir(parents=True, exist_ok=True)
     log = lambda msg: print(msg, flush=True)  # noqa: E731
