@@ -147,17 +147,23 @@ def test_fuse_adapters_refuses_an_activation_the_op_does_not_compute_and_changes
     assert model.cfg.adapters.enc._target_ == LINEAR_PATH
 
 
-def test_save_to_and_restore_from_with_fused_adapters(tmp_path):
-    model = make_model(DIM)
-    model.add_adapter("decoder:a", cfg=FusedLinearAdapterConfig(in_features=DIM, dim=4, activation="silu"))
-    model.add_adapter("enc", cfg=FusedLinearAdapterConfig(in_features=DIM, dim=3, norm_position="post"))
-    randomize_(model.parameters(), seed=4)
+@pytest.mark.parametrize("fused_by", ["config", "fuse_adapters"])
+def test_save_to_and_restore_from_with_fused_adapters(tmp_path, fused_by):
+    if fused_by == "config":
+        model = make_model(DIM)
+        model.add_adapter("decoder:a", cfg=FusedLinearAdapterConfig(in_features=DIM, dim=4, activation="silu"))
+        model.add_adapter("enc", cfg=FusedLinearAdapterConfig(in_features=DIM, dim=3, norm_position="post"))
+        randomize_(model.parameters(), seed=4)
+    else:
+        model = model_full_of_nemo_adapters()
+        fuse_adapters(model)
     x = seeded_input(DIM)
     expected = model.eval()(x)
     model.save_to(str(tmp_path / "model.nemo"))
 
     restored = TutorialModel.restore_from(str(tmp_path / "model.nemo"), map_location="cpu")
-    assert [type(m) for m in adapter_modules_of(restored)] == [FusedLinearAdapter] * (3 + 2)
+    assert [type(m) for m in adapter_modules_of(restored)] == [FusedLinearAdapter] * len(adapter_modules_of(model))
+    assert restored.get_enabled_adapters() == model.get_enabled_adapters()
     torch.testing.assert_close(restored.eval()(x), expected, rtol=0, atol=0)
 
 
