@@ -457,11 +457,18 @@ class _Blocks(NamedTuple):
     num_warps: int
 
 
-def _blocks(h: int, d: int) -> _Blocks:
+def _blocks(h: int, d: int, columns: bool = False) -> _Blocks:
+    """Block sizes of the row-block kernels, or (``columns``) of the backward columns pass, whose
+    programs hold two BH×BD float32 weight-gradient tiles. Under the interpreter row blocks are small,
+    so that tests cover several blocks per segment."""
     bh = max(16, triton.next_power_of_2(h))
-    bm = 16 if triton_interpreter_enabled() else 64 if bh <= 64 else 32 if bh <= 128 else 16
-    bd = 64 if bh <= 128 else 32 if bh <= 256 else 16
-    return _Blocks(bh, bm, min(bd, max(16, triton.next_power_of_2(d))), 4 if bh <= 128 else 8)
+    if columns:
+        bm, bd = 16, (64 if bh <= 32 else 32 if bh <= 128 else 16)
+    else:
+        bm, bd = (64 if bh <= 64 else 32 if bh <= 128 else 16), (64 if bh <= 128 else 32 if bh <= 256 else 16)
+    if triton_interpreter_enabled():
+        bm = 16
+    return _Blocks(bh, bm, min(bd, max(16, triton.next_power_of_2(d))), 4 if bh < 64 else 8)
 
 
 def _dot_f32(dtype: torch.dtype) -> bool:
@@ -565,6 +572,7 @@ def routed_adapter_backward(
             **flags, BM=cfg.BM, BD=cfg.BD, BH=cfg.BH, num_warps=cfg.num_warps,
         )
 
+    cfg = _blocks(h_size, d, columns=True)
     n_col = triton.cdiv(d, cfg.BD)
     chunks = segment_table(index, a_count, _chunk_rows(n, n_col, cfg.BM, x.device))
     n_chunks = chunks.table.shape[0]
@@ -579,7 +587,7 @@ def routed_adapter_backward(
             chunks.perm, chunks.table, seed, scale_arg, probs, keep, dx, dwd, dwu, dlnw, dlnb,
             n, d, h_size, x2.stride(0), x2.stride(1), g2.stride(0), g2.stride(1), q_stride,
             **flags, RESIDUAL=residual, NEED_DX=need_dx, NEED_DLN=need_dln, NEED_DWD=need_dwd, NEED_DWU=need_dwu,
-            BM=cfg.BM, BD=cfg.BD, BH=cfg.BH, num_warps=cfg.num_warps,
+            BM=cfg.BM, BD=cfg.BD, BH=cfg.BH, num_warps=cfg.num_warps, num_stages=1,
         )
 
     def per_adapter(partial: torch.Tensor, like: torch.Tensor, needed: bool) -> torch.Tensor:
