@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from torch import nn
 
@@ -217,7 +217,7 @@ def _to_fused(adapter: nn.Module, where: str) -> FusedLinearAdapter:
     return fused
 
 
-def _to_nemo(adapter: FusedLinearAdapter, where: str) -> nn.Module:
+def _to_nemo(adapter: FusedLinearAdapter, _where: str) -> nn.Module:
     plain = _recast(adapter, nemo_adapter_modules.LinearAdapter)
     for attribute in ("activation", "in_features", "backend"):
         plain.__dict__.pop(attribute, None)
@@ -244,8 +244,11 @@ def _rewrite_targets(node: Any, renames: Dict[type, type]) -> None:
             _rewrite_targets(value, renames)
 
 
-def _swap(model: nn.Module, source: type, convert: Any, renames: Dict[type, type]) -> int:
-    """Replace every submodule of exactly type ``source`` by ``convert(it, name)``; rewrite the configs."""
+def _swap(
+    model: nn.Module, source: type, convert: Callable[[nn.Module, str], nn.Module], renames: Dict[type, type]
+) -> int:
+    """Replace every submodule of exactly type ``source`` by ``convert(submodule, its qualified name)``, after
+    converting them all (a refusal changes nothing); point the configs' ``_target_``s at the new classes."""
     if type(model) is source:
         raise TypeError(f"pass the module that holds the {source.__name__}, not the adapter itself")
     planned: List[Tuple[nn.Module, str, nn.Module]] = []
