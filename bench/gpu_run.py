@@ -126,7 +126,8 @@ DRY_RUN_TESTS = ("tests/ops/test_linear_adapter.py::test_dtypes", "tests/test_ad
 PLANS = {
     "dry-run": Plan(
         name="dry-run", budget_s=600.0, tests=DRY_RUN_TESTS, tests_cap_s=240.0, sanitizer_cap_s=60.0,
-        bench_args=("--device", "cpu", "--cpu-small", "--rep-ms", "5", "--warmup-ms", "1"),
+        # targets evaluated at every point, so that the dry run exercises their marking too
+        bench_args=("--device", "cpu", "--cpu-small", "--rep-ms", "5", "--warmup-ms", "1", "--target-min-elems", "1"),
         parts=(
             BenchPart("core", n=(1, 64), d=(64,), h=(16,), dtypes=("fp32",), min_s=0.0),
             BenchPart("dtypes", n=(64,), d=(64,), h=(16,), dtypes=("fp16",), backends=("eager", "fused"), min_s=0.0),

@@ -145,6 +145,12 @@ def test_summary_has_a_row_per_fused_point(dry_run):
         for r in (r for r in triton if r["mode"] == mode):
             assert r["status"] == "ok" and r["ms"] > 0, r
             assert f"| {r['n']} | {r['d']} | {r['h']} | {r['dtype']} | triton | {r['ms']:.4g} |" in section
+    # the dry run evaluates the targets at every point (a GPU run from N·D = 2**26): each cell says met or missed
+    forward = summary.split("### forward\n", 1)[1].split("###", 1)[0]
+    assert forward.count(" ≥ 85 %)") == sum(r["mode"] == "forward" for r in triton)
+    assert forward.count(" ≥ 3×)") == sum(r["mode"] == "forward" for r in triton)
+    targets = {t["target"] for t in results["targets"]}
+    assert targets == {"fwd-bandwidth", "fwd-vs-eager", "fwd-vs-compile", "bwd-bandwidth", "bwd-vs-eager"}
     # the copy bandwidth was measured by each part, in the same run as the kernels
     assert all(run["copy_bandwidth"]["gbps"] > 0 for run in results["runs"]) and len(results["runs"]) == 2
 
