@@ -524,7 +524,9 @@ def _compile_all_for_sm90(dtype: str) -> None:
     from fusedadapters.ops.triton import linear_adapter as kernels
 
     features = dict(ACT="gelu", HAS_DROPOUT=True, HAS_SCALE=True, DOT_F32=dtype == "fp32")
-    row_cfg, col_cfg = kernels._row_config(64, 4096, kernels.H100), kernels._col_config(64, 4096, kernels.H100)
+    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    row_cfg = kernels._row_config(64, 4096, torch_dtype, kernels.H100)
+    col_cfg = kernels._col_config(64, 4096, torch_dtype, kernels.H100)
     variants = [
         (kernels._pre_norm_fwd_kernel, row_cfg, dict(RESIDUAL=True, STORE_ROW_SQ=True)),
         (kernels._post_norm_fwd_kernel, row_cfg, dict(RESIDUAL=True, STORE_ROW_SQ=True)),

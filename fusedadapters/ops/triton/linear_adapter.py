@@ -715,30 +715,48 @@ def _clamp_bd(bd: int, d: int) -> int:
     return min(bd, max(16, triton.next_power_of_2(d)))
 
 
-def _row_config(h: int, d: int, limits: DeviceLimits) -> _Config:
-    """Forward and backward rows pass: 64-row blocks up to H = 256 (a BM×BH float32 accumulator in
-    registers), narrower D chunks as H grows, and no software pipelining where three stages of
-    BM×BH tiles would not fit the block's shared memory."""
+def _register_pressure(dtype: torch.dtype, limits: DeviceLimits) -> int:
+    """2 where dot operands cost twice the registers: float32 (tf32x3 splits each operand in two) and
+    GPUs before sm_90 (mma.sync takes its operands from registers, wgmma from shared memory)."""
+    return 2 if dtype == torch.float32 or limits.capability < (9, 0) else 1
+
+
+def _row_config(h: int, d: int, dtype: torch.dtype, limits: DeviceLimits, tiles: int = 2) -> _Config:
+    """Forward and backward rows pass. A program keeps ``tiles`` BM×BH float32 tiles live through its
+    loop over D (forward: h and a; pre-norm backward rows: h, a, da; post-norm: four); BM is the
+    largest power of two from 16 to 64 that keeps them within a register budget a thread (128 in the
+    forward, 96 in the backward, halved under register pressure). D chunks narrow as H grows, and
+    software pipelining goes where its stages would not fit the block's shared memory."""
     bh = _padded_hidden(h)
-    bm = 64 if bh <= 256 else 32
-    bd = 64 if bh <= 128 else 32
-    warps = 4 if bh <= 64 else 8
+    pressure = _register_pressure(dtype, limits)
+    warps = 4 if bh <= (64 if tiles <= 2 else 32) else 8
+    budget = (128 if tiles <= 2 else 96) // pressure
+    bm = 64
+    while bm > 16 and tiles * bm * bh > budget * 32 * warps:
+        bm //= 2
+    bd = (64 if bh <= 128 else 32) // (2 if dtype == torch.float32 and bh >= 64 else 1)
     stages = 3 if bh <= 128 else 2 if bh <= 256 else 1
     if limits.shared_memory_per_block < 128 * 1024 and bh >= 256:
         stages = 1
     return _Config(bh, bm, _clamp_bd(bd, d), warps, stages)
 
 
-def _col_config(h: int, d: int, limits: DeviceLimits) -> _Config:
-    """Backward columns pass: wide D slices (the h-sized tiles are re-read once per slice), narrower
-    as H grows so that the BH×BD weight-gradient accumulators stay in registers."""
+def _col_config(h: int, d: int, dtype: torch.dtype, limits: DeviceLimits) -> _Config:
+    """Backward columns pass: wide D slices (the h-sized tiles are re-read once per slice), narrower as
+    H grows so that the float32 accumulators (dWd and dWu, BH×BD each) stay in registers; 16-row steps
+    under register pressure. Chosen by compiling the grid of the static kernel report for spills."""
     bh = _padded_hidden(h)
-    bm = 32 if bh <= 128 else 16
+    pressure = _register_pressure(dtype, limits)
+    bm = 16 if pressure > 1 or bh > 128 else 32
     bd = 128 if bh <= 64 else 64 if bh <= 128 else 32 if bh <= 256 else 16
+    if pressure > 1 and bh >= 256:
+        bd = 16
+    if dtype == torch.float32 and bh >= 64:
+        bd = min(bd, 64)
     stages = 2 if bh <= 256 else 1
     if limits.shared_memory_per_block < 128 * 1024 and bh >= 256:
         stages = 1
-    return _Config(bh, bm, _clamp_bd(bd, d), 8 if bh >= 64 else 4, stages)
+    return _Config(bh, bm, _clamp_bd(bd, d), 8, stages)
 
 
 def _dot_f32(dtype: torch.dtype, limits: DeviceLimits) -> bool:
@@ -832,7 +850,7 @@ def plan_forward(
             l2_bytes=0, elements=h_size * d,
         ))
     has_dropout, p, keep_scale = _dropout_args(dropout_p)
-    cfg = _row_config(h_size, d, limits)
+    cfg = _row_config(h_size, d, x.dtype, limits)
     programs = triton.cdiv(n, cfg.BM)
     meta = _meta(cfg, ACT=activation, HAS_DROPOUT=has_dropout, HAS_SCALE=scale is not None, RESIDUAL=residual,
                  STORE_ROW_SQ=compute_row_sq, DOT_F32=_dot_f32(x.dtype, limits))
@@ -910,7 +928,7 @@ def plan_backward(
     need_rows = need_dx or need_dwd or (need_dln if pre else need_dwu)
     need_acts = need_dwu or (not pre and need_dln)
     if (need_rows or need_acts) and n > 0:
-        cfg = _row_config(h_size, d, limits)
+        cfg = _row_config(h_size, d, x.dtype, limits, tiles=3 if pre else 4)
         programs = triton.cdiv(n, cfg.BM)
         tail = (acts, dh, k, n, d, h_size, g2.stride(0), g2.stride(1), q_stride, p, keep_scale)
         meta = _meta(cfg, ACT=activation, **flags)
@@ -925,7 +943,7 @@ def plan_backward(
             reread_bytes=0, live_bytes_per_program=0, l2_bytes=programs * h_size * d * e, elements=n * d,
         ))
 
-    cfg = _col_config(h_size, d, limits)
+    cfg = _col_config(h_size, d, x.dtype, limits)
     n_col = triton.cdiv(d, cfg.BD)
     splits, rows_per_split = _row_splits(n, n_col, cfg.BM, limits)
     dx = x.new_empty(x.shape if need_dx else (0,))
