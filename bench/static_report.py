@@ -58,8 +58,8 @@ Nominal figures (assumptions, see ``GPU_MODELS``): H100 SXM (sm_90): B_hbm = 3.0
 device-to-device copy reaches, the class of the 3.35 TB/s peak), B_l2 = 2.5 × B_hbm, f = 1.755 GHz,
 S = 132; A100 SXM 80 GB (sm_80): B_hbm = 1.75 TB/s, B_l2 = 2.5 × B_hbm, f = 1.41 GHz, S = 108;
 t_launch = 2 µs. Not modelled: memory latency at low occupancy (the model is optimistic there), bank
-conflicts, tensor-core throughput (far from the bound at these intensities), the weight-gradient
-reduction done by PyTorch after the backward kernels.
+conflicts, the local-memory traffic of spills, tensor-core throughput (far from the bound at these
+intensities), the weight-gradient reduction done by PyTorch after the backward kernels.
 
 CUDA backend: every ``csrc/*.cu`` (if any) is compiled with ``nvcc -cubin -Xptxas -v`` for sm_90a and
 sm_80, and the registers, spills and shared memory of each kernel are reported.
@@ -88,6 +88,7 @@ import itertools
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -636,7 +637,8 @@ def prediction_record(point: Point, records: List[Dict[str, Any]], refused: Opti
     gpu = GPU_MODELS[point.arch]
     elem_bytes = DTYPES[point.dtype].itemsize
     floor_us = FLOOR_PASSES[point.direction] * point.N * point.D * elem_bytes / (gpu.hbm_gbps * 1e3)
-    record = dict(point.as_fields(), gpu=gpu.gpu, floor_us=floor_us, launches=[r["launch"] for r in records])
+    record = dict(point.as_fields(), backend="triton", gpu=gpu.gpu, floor_us=floor_us,
+                  launches=[r["launch"] for r in records])
     if refused is not None:
         return dict(record, status="refused", reason=refused, predicted_fraction=None, predicted_us=None)
     hbm = sum(r["hbm_bytes_total"] for r in records)
@@ -668,22 +670,22 @@ def _demangle(names: Iterable[str]) -> Dict[str, str]:
     return {n: n for n in names}
 
 
-def cuda_kernel_records(archs: Sequence[str]) -> Tuple[List[Dict[str, Any]], Optional[str]]:
+def cuda_kernel_records(archs: Sequence[str], csrc: Path = REPO / "csrc") -> Tuple[List[Dict[str, Any]], Optional[str]]:
     """Resources of every kernel in ``csrc/*.cu`` per arch; ``(records, reason)`` with the reason for
     skipping when there is nothing to compile or no nvcc."""
-    sources = sorted((REPO / "csrc").glob("*.cu"))
+    sources = sorted(csrc.glob("*.cu"))
     if not sources:
-        return [], "no csrc/*.cu files"
-    nvcc = harness._run(["which", "nvcc"])
+        return [], f"no {csrc.name}/*.cu files"
+    nvcc = shutil.which("nvcc")
     if not nvcc:
         return [], "nvcc not found"
     records = []
     for source, arch in itertools.product(sources, archs):
         gpu = GPU_MODELS[arch]
-        base = dict(source=str(source.relative_to(REPO)), arch=arch, shared_limit=gpu.shared_memory_per_block)
+        base = dict(source=f"{csrc.name}/{source.name}", arch=arch, shared_limit=gpu.shared_memory_per_block)
         with tempfile.TemporaryDirectory() as tmp:
             cmd = [nvcc, f"-arch={_NVCC_ARCHS[arch]}", "-cubin", "-O3", "-std=c++17", "-Xptxas", "-v",
-                   "-I", str(REPO / "csrc"), str(source), "-o", str(Path(tmp) / "out.cubin")]
+                   "-I", str(csrc), str(source), "-o", str(Path(tmp) / "out.cubin")]
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if proc.returncode != 0:
             records.append(dict(base, status="error", error=(proc.stderr or proc.stdout)[-2000:]))

@@ -255,3 +255,43 @@ def test_misaligned_meta_views_lose_the_divisibility_hint():
     kernel = types.SimpleNamespace(arg_names=["A", "B", "C", "n"])
     args = dict(A=base, B=base[8:], C=base[3:], n=64)  # offsets of 16 and 6 bytes
     assert script._misaligned_meta_pointers(kernel, args) == [(2,)]
+
+
+CUDA_SOURCE = r"""
+#include <cuda_bf16.h>
+template <typename T>
+__global__ void scale_rows(const T* x, T* out, float s, int n) {
+    __shared__ float tile[300];
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    tile[threadIdx.x % 300] = i < n ? static_cast<float>(x[i]) : 0.f;
+    __syncthreads();
+    if (i < n) out[i] = static_cast<T>(tile[(threadIdx.x + 1) % 300] * s);
+}
+template __global__ void scale_rows<__nv_bfloat16>(const __nv_bfloat16*, __nv_bfloat16*, float, int);
+template __global__ void scale_rows<float>(const float*, float*, float, int);
+"""
+
+
+def test_cuda_sources_are_compiled_and_reported(tmp_path):
+    """A .cu file is compiled for both architectures; each kernel instantiation gets its registers,
+    spills and static shared memory, named readably; an empty folder is skipped with its reason."""
+    import shutil
+
+    script = _load_script()
+    assert script.cuda_kernel_records(["sm_90"], tmp_path) == ([], f"no {tmp_path.name}/*.cu files")
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc not installed")
+    (tmp_path / "scale.cu").write_text(CUDA_SOURCE)
+    records, skipped = script.cuda_kernel_records(["sm_90", "sm_80"], tmp_path)
+    assert skipped is None
+    assert {(r["arch"], r["status"]) for r in records} == {("sm_90", "ok"), ("sm_80", "ok")}
+    assert len(records) == 4
+    for r in records:
+        assert "scale_rows" in r["demangled"] and r["registers"] > 0 and r["static_shared"] == 1200
+        assert r["shared_ok"] and r["spill_stores"] == 0
+    assert sum("bfloat16" in r["demangled"] for r in records) == 2
+    assert script.check_failures([], records) == []
+    (tmp_path / "broken.cu").write_text("__global__ void k() { undefined_name; }\n")
+    records, _ = script.cuda_kernel_records(["sm_80"], tmp_path)
+    failures = script.check_failures([], records)
+    assert len(failures) == 1 and "broken.cu" in failures[0] and "nvcc failed" in failures[0]
