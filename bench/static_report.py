@@ -815,6 +815,24 @@ CONFIG_KEYS = ("BM", "BR", "BD", "BH", "num_warps", "num_stages")
 POINT_HEADERS = ["dir", "norm", "dtype", "D", "H", "features", "arch"]
 
 
+HEADLINE = dict(D=4096, arch="sm_90")
+
+
+def headline_tables(predictions: List[Dict[str, Any]]) -> List[str]:
+    """Predicted fraction at D = 4096 on sm_90, one row per (direction, norm, dtype, features), H across."""
+    chosen = [p for p in predictions if all(p[k] == v for k, v in HEADLINE.items())]
+    if not chosen:
+        return []
+    hs = sorted({p["H"] for p in chosen})
+    rows: Dict[Tuple, Dict[int, Any]] = {}
+    for p in chosen:
+        rows.setdefault((p["direction"], p["norm_position"], p["dtype"], p["features"]), {})[p["H"]] = p
+    table = [[*key, *(_pct(cells[h]["predicted_fraction"]) if h in cells else "–" for h in hs)]
+             for key, cells in rows.items()]
+    return ["## Headline: predicted fraction of the copy floor, D = 4096, sm_90 (H100)", "",
+            harness.markdown_table(["direction", "norm", "dtype", "features", *(f"H={h}" for h in hs)], table), ""]
+
+
 def render_markdown(report: Dict[str, Any]) -> str:
     env = report["environment"]
     lines = [
@@ -827,7 +845,7 @@ def render_markdown(report: Dict[str, Any]) -> str:
         f"- command: `{env['command']}`",
         f"- commit: {env['git']['commit']} (dirty: {env['git']['dirty']}), {env['timestamp_utc']}",
         f"- triton {env['triton']}, ptxas: {report['tools']['ptxas']}",
-        f"- grid: " + ", ".join(f"{k} {'/'.join(map(str, v))}" for k, v in report["grid"].items())
+        "- grid: " + ", ".join(f"{k} {'/'.join(map(str, v))}" for k, v in report["grid"].items())
         + f"; N = 2^{int(math.log2(report['elements_per_point']))} / D",
         f"- check: **{'passed' if not report['check_failures'] else 'FAILED'}**"
         + ("" if not report["check_failures"] else f" ({len(report['check_failures'])} reasons below)"),
@@ -842,10 +860,11 @@ def render_markdown(report: Dict[str, Any]) -> str:
         harness.markdown_table(
             ["arch", "GPU", "SMs", "B_hbm GB/s", "B_l2 GB/s", "clock GHz", "smem/SM KB", "smem/block KB",
              "t_launch µs"],
-            [[a, m["gpu"], m["limits"]["sm_count"], fmt(m["hbm_gbps"]), fmt(m["l2_gbps"]), m["clock_ghz"],
+            [[a, m["gpu"], m["limits"]["sm_count"], fmt(m["hbm_gbps"], ".0f"), fmt(m["l2_gbps"], ".0f"), m["clock_ghz"],
               _kb(m["shared_memory_per_sm"]), _kb(m["limits"]["shared_memory_per_block"]), m["launch_us"]]
              for a, m in report["model"].items()]),
         "",
+        *headline_tables(report["predictions"]),
         "## Predicted fraction of the copy floor",
         "",
         "Per grid point: HBM and L2 bytes per token (row of x) summed over the point's launches, passes over "
