@@ -23,6 +23,7 @@ from fusedadapters import (
     route_adapters,
 )
 from fusedadapters import routing
+from fusedadapters import demo
 from fusedadapters.demo import MLP
 from fusedadapters.ops import backend as backend_mod
 from helpers import adapter_parameters, randomize_
@@ -339,3 +340,15 @@ def test_chain_on_the_triton_backend_equals_one_by_one():
     x = torch.randn(2, 3, D, device=device)
     weights = torch.randn(2, 3, D, dtype=torch.float64, device=device)
     assert_same(run_block(fused, x, weights), run_block(eager, x, weights), tol=1e-4)
+
+
+@pytest.mark.parametrize("adapter", ["linear", "fused"])
+def test_main_job_serves_a_mixed_batch(adapter, capsys):
+    report = demo.run(steps=40, dim=16, hidden=4, adapter=adapter)
+    mixed = report["mixed_batch"]
+    assert set(mixed["names"]) == {"adapter_1", "adapter_2", None}
+    assert mixed["max_abs_diff_to_alone"] < 1e-5
+    losses = mixed["task_losses"]
+    assert losses["none"] < 1e-9  # base-model samples get the base model's outputs
+    assert 0.0 < losses["adapter_1"] < report["initial_eval_loss"] and 0.0 < losses["adapter_2"] < report["initial_eval_loss"]
+    assert "served one mixed batch" in capsys.readouterr().out
