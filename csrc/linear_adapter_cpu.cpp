@@ -6,7 +6,13 @@
 // matrices of H rows whose length D is padded to a whole number of vectors, so that the two matrix
 // kernels below run full vectors without tails: padding is zero in every operand they read.
 #include <algorithm>
+#include <cstring>
+#include <type_traits>
 #include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include "linear_adapter.h"
 
@@ -14,73 +20,67 @@ namespace fa {
 namespace {
 
 constexpr int64_t kLanes = 16;
+
+// Marks an elementwise loop over a row as free of loop-carried dependences, so that the compiler
+// vectorises it without checking whether the row pointers overlap (needs -fopenmp-simd).
+#define FA_SIMD _Pragma("omp simd")
 // GCC/Clang vector of 16 floats: AVX-512 registers where available, split by the compiler elsewhere.
 typedef float VecF __attribute__((vector_size(kLanes * sizeof(float)), aligned(sizeof(float)), __may_alias__));
 
 inline VecF load(const float* p) { return *reinterpret_cast<const VecF*>(p); }
 inline void store(float* p, VecF v) { *reinterpret_cast<VecF*>(p) = v; }
-inline VecF splat(float s) { return VecF{} + s; }
+// One broadcast (vbroadcastss from memory where AVX-512 exists: it keeps the FMA ports free).
+inline VecF splat(float s) {
+#if defined(__AVX512F__)
+  return (VecF)_mm512_set1_ps(s);
+#else
+  return VecF{} + s;
+#endif
+}
+
+// Σ of the lanes, as a tree (lane l plus lane l + 8, then + 4, ...): a fixed order, short chains.
+typedef float Vec8 __attribute__((vector_size(8 * sizeof(float))));
+typedef float Vec4 __attribute__((vector_size(4 * sizeof(float))));
 
 inline float horizontal_sum(VecF v) {
-  float s = 0.0f;
-  for (int64_t l = 0; l < kLanes; ++l) s += v[l];
-  return s;
+  Vec8 lo8, hi8;
+  std::memcpy(&lo8, &v, sizeof lo8);
+  std::memcpy(&hi8, reinterpret_cast<const char*>(&v) + sizeof lo8, sizeof hi8);
+  const Vec8 sum8 = lo8 + hi8;
+  Vec4 lo4, hi4;
+  std::memcpy(&lo4, &sum8, sizeof lo4);
+  std::memcpy(&hi4, reinterpret_cast<const char*>(&sum8) + sizeof lo4, sizeof hi4);
+  const Vec4 sum4 = lo4 + hi4;
+  return (sum4[0] + sum4[2]) + (sum4[1] + sum4[3]);
 }
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
 // ---------------------------------------------------------------------------------------------
-// Matrix kernels on float. K and widths are multiples of kLanes.
+// The matrix kernel on float: C (+)= A B with B's rows, C's rows and their widths padded to whole
+// vectors, and A read through strides (so that Aᵀ costs nothing).
 // ---------------------------------------------------------------------------------------------
-
-// C[i][j] = Σ_k A[i][k] B[j][k] for an R×J tile (rows of A and B are contiguous along k).
-template <int R, int J>
-void dot_tile(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t k, float* c, int64_t ldc) {
-  VecF acc[R][J] = {};
-  for (int64_t kk = 0; kk < k; kk += kLanes) {
-    VecF av[R], bv[J];
-    for (int r = 0; r < R; ++r) av[r] = load(a + r * lda + kk);
-    for (int j = 0; j < J; ++j) bv[j] = load(b + j * ldb + kk);
-    for (int r = 0; r < R; ++r)
-      for (int j = 0; j < J; ++j) acc[r][j] += av[r] * bv[j];
-  }
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < J; ++j) c[r * ldc + j] = horizontal_sum(acc[r][j]);
-}
-
-template <int R>
-void dot_rows(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t n, int64_t k, float* c, int64_t ldc) {
-  int64_t j = 0;
-  for (; j + 4 <= n; j += 4) dot_tile<R, 4>(a, lda, b + j * ldb, ldb, k, c + j, ldc);
-  switch (n - j) {
-    case 3: dot_tile<R, 3>(a, lda, b + j * ldb, ldb, k, c + j, ldc); break;
-    case 2: dot_tile<R, 2>(a, lda, b + j * ldb, ldb, k, c + j, ldc); break;
-    case 1: dot_tile<R, 1>(a, lda, b + j * ldb, ldb, k, c + j, ldc); break;
-    default: break;
-  }
-}
-
-// C (m×n) = A (m×k) Bᵀ with B (n×k): the products of rows with the H rows of a weight matrix.
-void gemm_nt(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
-             int64_t ldc) {
-  int64_t i = 0;
-  for (; i + 4 <= m; i += 4) dot_rows<4>(a + i * lda, lda, b, ldb, n, k, c + i * ldc, ldc);
-  switch (m - i) {
-    case 3: dot_rows<3>(a + i * lda, lda, b, ldb, n, k, c + i * ldc, ldc); break;
-    case 2: dot_rows<2>(a + i * lda, lda, b, ldb, n, k, c + i * ldc, ldc); break;
-    case 1: dot_rows<1>(a + i * lda, lda, b, ldb, n, k, c + i * ldc, ldc); break;
-    default: break;
-  }
-}
 
 // A small matrix with arbitrary strides: A(i, k) = data[i * row_stride + k * col_stride].
 struct Strided {
   const float* data;
   int64_t row_stride, col_stride;
   float operator()(int64_t i, int64_t k) const { return data[i * row_stride + k * col_stride]; }
+  Strided rows_from(int64_t i) const { return Strided{data + i * row_stride, row_stride, col_stride}; }
 };
 
-// C[i][:] (+)= Σ_k A(i, k) B[k][:] for an R×(V·kLanes) tile.
+// Walks a byte range a few cache lines per step, so that loading the next block of rows from memory
+// overlaps with the arithmetic on this one.
+struct Prefetch {
+  const char* next = nullptr;
+  const char* end = nullptr;
+  int64_t lines_per_step = 0;
+  void step() {
+    for (int64_t l = 0; l < lines_per_step && next < end; ++l, next += 64) __builtin_prefetch(next, 0, 2);
+  }
+};
+
+// C[i][:] (+)= Σ_k A(i, k) B[k][:] for an R×(V·kLanes) tile, kept in registers for the whole sum.
 template <int R, int V>
 void axpy_tile(Strided a, int64_t k, const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
   VecF acc[R][V];
@@ -98,32 +98,41 @@ void axpy_tile(Strided a, int64_t k, const float* b, int64_t ldb, float* c, int6
     for (int v = 0; v < V; ++v) store(c + r * ldc + v * kLanes, acc[r][v]);
 }
 
-template <int R>
-void axpy_rows(Strided a, int64_t k, const float* b, int64_t ldb, int64_t width, float* c, int64_t ldc,
-               bool accumulate) {
-  constexpr int64_t kChunk = 4 * kLanes;
-  int64_t col = 0;
-  for (; col + kChunk <= width; col += kChunk) axpy_tile<R, 4>(a, k, b + col, ldb, c + col, ldc, accumulate);
-  switch ((width - col) / kLanes) {
-    case 3: axpy_tile<R, 3>(a, k, b + col, ldb, c + col, ldc, accumulate); break;
-    case 2: axpy_tile<R, 2>(a, k, b + col, ldb, c + col, ldc, accumulate); break;
-    case 1: axpy_tile<R, 1>(a, k, b + col, ldb, c + col, ldc, accumulate); break;
-    default: break;
+constexpr int kTileRows = 8;
+
+// One V·kLanes wide column strip of C, all m rows (B's strip stays in L1 across the row tiles).
+template <int V>
+void axpy_strip(int64_t m, Strided a, int64_t k, const float* b, int64_t ldb, float* c, int64_t ldc,
+                bool accumulate) {
+  int64_t i = 0;
+  for (; i + kTileRows <= m; i += kTileRows)
+    axpy_tile<kTileRows, V>(a.rows_from(i), k, b, ldb, c + i * ldc, ldc, accumulate);
+  const Strided rest = a.rows_from(i);
+  float* c_rest = c + i * ldc;
+  switch (m - i) {
+    case 7: return axpy_tile<7, V>(rest, k, b, ldb, c_rest, ldc, accumulate);
+    case 6: return axpy_tile<6, V>(rest, k, b, ldb, c_rest, ldc, accumulate);
+    case 5: return axpy_tile<5, V>(rest, k, b, ldb, c_rest, ldc, accumulate);
+    case 4: return axpy_tile<4, V>(rest, k, b, ldb, c_rest, ldc, accumulate);
+    case 3: return axpy_tile<3, V>(rest, k, b, ldb, c_rest, ldc, accumulate);
+    case 2: return axpy_tile<2, V>(rest, k, b, ldb, c_rest, ldc, accumulate);
+    case 1: return axpy_tile<1, V>(rest, k, b, ldb, c_rest, ldc, accumulate);
+    default: return;
   }
 }
 
-// C (m×width) (+)= A (m×k) B (k×width): rows times a weight matrix, or a rank-k update of one.
+// C (m×width) (+)= A (m×k) B (k×width): rows times a weight matrix, or a rank-k update of one. Each
+// tile of C stays in registers for the whole sum over k: no horizontal sums. `prefetch` (optional)
+// steps once per column strip.
 void gemm_nn(int64_t m, int64_t k, Strided a, const float* b, int64_t ldb, int64_t width, float* c, int64_t ldc,
-             bool accumulate) {
-  auto rows_from = [&](int64_t i) { return Strided{a.data + i * a.row_stride, a.row_stride, a.col_stride}; };
-  int64_t i = 0;
-  for (; i + 4 <= m; i += 4) axpy_rows<4>(rows_from(i), k, b, ldb, width, c + i * ldc, ldc, accumulate);
-  switch (m - i) {
-    case 3: axpy_rows<3>(rows_from(i), k, b, ldb, width, c + i * ldc, ldc, accumulate); break;
-    case 2: axpy_rows<2>(rows_from(i), k, b, ldb, width, c + i * ldc, ldc, accumulate); break;
-    case 1: axpy_rows<1>(rows_from(i), k, b, ldb, width, c + i * ldc, ldc, accumulate); break;
-    default: break;
+             bool accumulate, Prefetch* prefetch = nullptr) {
+  constexpr int64_t kStrip = 2 * kLanes;
+  int64_t col = 0;
+  for (; col + kStrip <= width; col += kStrip) {
+    axpy_strip<2>(m, a, k, b + col, ldb, c + col, ldc, accumulate);
+    if (prefetch) prefetch->step();
   }
+  if (col < width) axpy_strip<1>(m, a, k, b + col, ldb, c + col, ldc, accumulate);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -137,32 +146,75 @@ void load_rows(const T* src, int64_t stride_row, int64_t stride_col, int64_t m, 
     const T* row = src + i * stride_row;
     float* out = dst + i * ldd;
     if (stride_col == 1) {
+      FA_SIMD
       for (int64_t c = 0; c < d; ++c) out[c] = to_float(row[c]);
     } else {
+      FA_SIMD
       for (int64_t c = 0; c < d; ++c) out[c] = to_float(row[c * stride_col]);
     }
   }
 }
 
-// Statistics of one padded row v[0, d): lane l of the vectors holds the part {l, l + 16, ...} of the
-// row, whose exact mean and M2 come from two vector passes; the 16 parts then merge in lane order.
-RowStats row_stats(const float* v, int64_t d, int64_t width) {
-  VecF sum = {};
-  for (int64_t k = 0; k < width; k += kLanes) sum += load(v + k);  // the padding is zero
-  VecF count, keep_last;
+// m float rows of a strided N×D matrix and their row stride: the matrix itself when it is float with
+// unit column stride, else an upcast copy in `buffer` (row stride `width`).
+struct Rows {
+  const float* data;
+  int64_t stride;
+  const float* row(int64_t i) const { return data + i * stride; }
+};
+
+template <typename T>
+Rows float_rows(const T* src, int64_t stride_row, int64_t stride_col, int64_t m, int64_t d, float* buffer,
+                int64_t width) {
+  if constexpr (std::is_same<T, float>::value) {
+    if (stride_col == 1) return Rows{src, stride_row};
+  }
+  load_rows(src, stride_row, stride_col, m, d, buffer, width);
+  return Rows{buffer, width};
+}
+
+// out[0, d) = v[0, d) in T. (Streaming stores were slower here: the outputs fit the large L3.)
+template <typename T>
+void store_row(T* out, const float* v, int64_t d) {
+  FA_SIMD
+  for (int64_t c = 0; c < d; ++c) out[c] = from_float<T>(v[c]);
+}
+
+// A Prefetch of rows [r, r + m) of an N×D matrix that is contiguous (nothing otherwise), spread over
+// `steps` steps.
+template <typename T>
+Prefetch prefetch_rows(const T* base, int64_t stride_row, int64_t stride_col, int64_t d, int64_t r, int64_t m,
+                       int64_t steps) {
+  Prefetch p;
+  if (m > 0 && stride_col == 1 && stride_row == d) {
+    p.next = reinterpret_cast<const char*>(base + r * d);
+    p.end = reinterpret_cast<const char*>(base + (r + m) * d);
+    p.lines_per_step = (p.end - p.next) / 64 / steps + 1;
+  }
+  return p;
+}
+
+// Statistics of one row v[0, d): lane l of the vectors holds the part {l, l + 16, ...} of the row,
+// whose exact mean and M2 come from two vector passes; the 16 parts then merge in lane order.
+RowStats row_stats(const float* v, int64_t d) {
+  const int64_t full = d / kLanes * kLanes, rest = d - full;
+  VecF tail = {};
+  std::memcpy(&tail, v + full, rest * sizeof(float));
+  VecF sum = tail;
+  for (int64_t k = 0; k < full; k += kLanes) sum += load(v + k);
+  VecF count, in_tail;
   for (int64_t l = 0; l < kLanes; ++l) {
-    count[l] = static_cast<float>(d / kLanes + (l < d % kLanes ? 1 : 0));
-    keep_last[l] = (d % kLanes == 0 || l < d % kLanes) ? 1.0f : 0.0f;
+    count[l] = static_cast<float>(full / kLanes + (l < rest ? 1 : 0));
+    in_tail[l] = l < rest ? 1.0f : 0.0f;
   }
   VecF mean;
   for (int64_t l = 0; l < kLanes; ++l) mean[l] = count[l] > 0.0f ? sum[l] / count[l] : 0.0f;
-  VecF m2 = {};
-  for (int64_t k = 0; k + kLanes < width; k += kLanes) {
+  const VecF c_tail = (tail - mean) * in_tail;
+  VecF m2 = c_tail * c_tail;
+  for (int64_t k = 0; k < full; k += kLanes) {
     const VecF c = load(v + k) - mean;
     m2 += c * c;
   }
-  const VecF c_last = (load(v + width - kLanes) - mean) * keep_last;
-  m2 += c_last * c_last;
   RowStats stats{0.0f, 0.0f, 0.0f};
   for (int64_t l = 0; l < kLanes; ++l) stats = merge_stats(stats, RowStats{count[l], mean[l], m2[l]});
   return stats;
@@ -174,52 +226,62 @@ inline float dot(const float* a, const float* b, int64_t width) {
   return horizontal_sum(acc);
 }
 
-// Float copies of the parameters, rows padded to `width` with zeros.
+// Float copies of the parameters in the layouts the matrix kernel reads, zero-padded: D to `width`
+// and H to `hwidth` columns. The forward uses down_t and up_t, the backward down, up and up_t.
 struct Weights {
-  int64_t width = 0;
+  int64_t width = 0, hwidth = 0;
   std::vector<float> gamma, beta;  // (width)
-  std::vector<float> down;         // Wd (H × width); Wd∘γ for the pre-norm forward
+  std::vector<float> down_t;       // forward: (Wd∘γ)ᵀ for pre norm, Wdᵀ for post norm (D × hwidth)
+  std::vector<float> down;         // backward: Wd (H × width)
   std::vector<float> up_t;         // Wuᵀ (H × width)
+  std::vector<float> up;           // backward: Wu (D × hwidth)
 };
 
 template <typename T>
 Weights upcast_weights(const AdapterShape& s, const T* ln_weight, const T* ln_bias, const T* down_weight,
-                       const T* up_weight, bool fold_gamma, const ParallelFor& parallel_for) {
+                       const T* up_weight, bool for_forward, const ParallelFor& parallel_for) {
   Weights w;
   w.width = round_up(s.d, kLanes);
+  w.hwidth = round_up(s.h, kLanes);
   w.gamma.assign(w.width, 0.0f);
   w.beta.assign(w.width, 0.0f);
   for (int64_t c = 0; c < s.d; ++c) {
     w.gamma[c] = to_float(ln_weight[c]);
     w.beta[c] = to_float(ln_bias[c]);
   }
-  w.down.assign(s.h * w.width, 0.0f);
+  const bool fold_gamma = for_forward && s.pre_norm;
   w.up_t.assign(s.h * w.width, 0.0f);
+  (for_forward ? w.down_t : w.up).assign(s.d * w.hwidth, 0.0f);
+  if (!for_forward) w.down.assign(s.h * w.width, 0.0f);
   parallel_for(s.h, [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j) {
-      float* down = w.down.data() + j * w.width;
-      float* up_t = w.up_t.data() + j * w.width;
+    for (int64_t j = begin; j < end; ++j)
       for (int64_t c = 0; c < s.d; ++c) {
-        down[c] = to_float(down_weight[j * s.d + c]) * (fold_gamma ? w.gamma[c] : 1.0f);
-        up_t[c] = to_float(up_weight[c * s.h + j]);
+        const float wd = to_float(down_weight[j * s.d + c]), wu = to_float(up_weight[c * s.h + j]);
+        w.up_t[j * w.width + c] = wu;
+        if (for_forward) {
+          w.down_t[c * w.hwidth + j] = fold_gamma ? wd * w.gamma[c] : wd;
+        } else {
+          w.down[j * w.width + c] = wd;
+          w.up[c * w.hwidth + j] = wu;
+        }
       }
-    }
   });
   return w;
 }
 
-// Rows per block: as many as keep one block buffer within 64 KiB (at least 4, at most 64).
+// Rows per block: as many as keep one block buffer within 128 KiB (at least 4, at most 64), so that
+// the buffers, the weights and the backward's partial sums stay within a 2 MiB L2 at H = 64.
 int64_t block_rows(int64_t width) {
-  return std::min<int64_t>(64, std::max<int64_t>(4, (16384 / width) / 4 * 4));
+  return std::min<int64_t>(64, std::max<int64_t>(4, (32768 / width) / 4 * 4));
 }
 
 // Per-block buffers of one worker, allocated once per range of blocks; padding stays zero.
 struct Buffers {
   std::vector<float> rows[5];
   std::vector<float> hidden, act, act_grad, dh, c1, c2, q;
-  Buffers(int64_t bm, int64_t width, int64_t h) {
+  Buffers(int64_t bm, int64_t width, int64_t hwidth) {
     for (auto& r : rows) r.assign(bm * width, 0.0f);
-    for (auto* v : {&hidden, &act, &act_grad, &dh}) v->assign(bm * h, 0.0f);
+    for (auto* v : {&hidden, &act, &act_grad, &dh}) v->assign(bm * hwidth, 0.0f);
     for (auto* v : {&c1, &c2, &q}) v->assign(bm, 0.0f);
   }
   float* row(int i) { return rows[i].data(); }
@@ -233,9 +295,12 @@ inline uint32_t row_hash_of(const AdapterShape& s, int64_t row) {
 
 // v[c] *= s m for one row (c < d).
 inline void apply_drop_scale(const DropScale& ds, uint32_t row_hash, float* v, int64_t d) {
+  if (!ds.has_dropout && ds.scale == 1.0f) return;
   if (!ds.has_dropout) {
+    FA_SIMD
     for (int64_t c = 0; c < d; ++c) v[c] *= ds.scale;
   } else {
+    FA_SIMD
     for (int64_t c = 0; c < d; ++c) v[c] *= ds.factor(row_hash, c);
   }
 }
@@ -248,41 +313,49 @@ template <typename T>
 void forward_block(const ForwardArgs<T>& a, const Weights& w, const float* b_proj, int64_t r0, int64_t m,
                    Buffers& buf) {
   const AdapterShape& s = a.shape;
-  const int64_t d = s.d, h = s.h, width = w.width;
-  float* xs = buf.row(0);  // x (float)
+  const int64_t d = s.d, h = s.h, width = w.width, hw = w.hwidth;
   float* t = buf.row(1);   // x̂ (pre) or u, then û (post)
   float* y = buf.row(2);
   float* hid = buf.hidden.data();
   float* act = buf.act.data();
-  load_rows(a.x + r0 * a.x_stride_row, a.x_stride_row, a.x_stride_col, m, d, xs, width);
+  const Rows xs = float_rows(a.x + r0 * a.x_stride_row, a.x_stride_row, a.x_stride_col, m, d, buf.row(0), width);
 
   if (s.pre_norm) {
     for (int64_t i = 0; i < m; ++i) {
-      const RowStats st = row_stats(xs + i * width, d, width);
+      const float* x = xs.row(i);
+      const RowStats st = row_stats(x, d);
       const float r = inv_std(st, s.eps);
       a.mean[r0 + i] = st.mean;
       a.mean[s.n + r0 + i] = 0.0f;
       a.rstd[r0 + i] = r;
-      for (int64_t c = 0; c < d; ++c) t[i * width + c] = (xs[i * width + c] - st.mean) * r;
+      FA_SIMD
+      for (int64_t c = 0; c < d; ++c) t[i * width + c] = (x[c] - st.mean) * r;
     }
-    gemm_nt(m, h, width, t, width, w.down.data(), width, hid, h);  // x̂ (Wd∘γ)ᵀ
+    gemm_nn(m, d, Strided{t, width, 1}, w.down_t.data(), hw, hw, hid, hw, false);  // x̂ (Wd∘γ)ᵀ
     for (int64_t i = 0; i < m; ++i)
-      for (int64_t j = 0; j < h; ++j) hid[i * h + j] += b_proj[j];
+      for (int64_t j = 0; j < h; ++j) hid[i * hw + j] += b_proj[j];
   } else {
-    gemm_nt(m, h, width, xs, width, w.down.data(), width, hid, h);
+    gemm_nn(m, d, Strided{xs.data, xs.stride, 1}, w.down_t.data(), hw, hw, hid, hw, false);  // x Wdᵀ
   }
-  for (int64_t e = 0; e < m * h; ++e) act[e] = activate(s.activation, hid[e]);
-  std::copy(hid, hid + m * h, a.hidden + r0 * h);
+  for (int64_t i = 0; i < m; ++i) {
+    FA_SIMD
+    for (int64_t j = 0; j < h; ++j) act[i * hw + j] = activate(s.activation, hid[i * hw + j]);
+    std::copy(hid + i * hw, hid + i * hw + h, a.hidden + (r0 + i) * h);
+  }
 
-  gemm_nn(m, h, Strided{act, h, 1}, w.up_t.data(), width, width, s.pre_norm ? y : t, width, false);
+  // The next block's x comes from memory during the up-projection.
+  Prefetch next_x = prefetch_rows(a.x, a.x_stride_row, a.x_stride_col, d, r0 + m, std::min(m, s.n - r0 - m),
+                                  width / 32 + 1);
+  gemm_nn(m, h, Strided{act, hw, 1}, w.up_t.data(), width, width, s.pre_norm ? y : t, width, false, &next_x);
   if (!s.pre_norm) {
     for (int64_t i = 0; i < m; ++i) {
       const float* u = t + i * width;
-      const RowStats st = row_stats(u, d, width);
+      const RowStats st = row_stats(u, d);
       const float r = inv_std(st, s.eps);
       a.mean[r0 + i] = st.mean;
       a.mean[s.n + r0 + i] = 0.0f;
       a.rstd[r0 + i] = r;
+      FA_SIMD
       for (int64_t c = 0; c < d; ++c) y[i * width + c] = (u[c] - st.mean) * r * w.gamma[c] + w.beta[c];
     }
   }
@@ -291,14 +364,11 @@ void forward_block(const ForwardArgs<T>& a, const Weights& w, const float* b_pro
   for (int64_t i = 0; i < m; ++i) {
     float* z = y + i * width;
     apply_drop_scale(ds, row_hash_of(s, r0 + i), z, d);
-    const float* x = xs + i * width;
-    T* out = a.out + (r0 + i) * d;
-    float sq = 0.0f;
-    for (int64_t c = 0; c < d; ++c) {
-      sq += z[c] * z[c];
-      out[c] = from_float<T>(output_value(x[c], z[c], s.residual));
-    }
-    if (a.row_sq) a.row_sq[r0 + i] = sq;
+    if (a.row_sq) a.row_sq[r0 + i] = dot(z, z, width);  // the padding of z is zero
+    const float* x = xs.row(i);
+    FA_SIMD
+    for (int64_t c = 0; c < d; ++c) z[c] = output_value(x[c], z[c], s.residual);
+    store_row(a.out + (r0 + i) * d, z, d);
   }
 }
 
@@ -318,136 +388,159 @@ template <typename T>
 void backward_block(const BackwardArgs<T>& a, const Weights& w, int64_t r0, int64_t m, Buffers& buf,
                     const Partials& p) {
   const AdapterShape& s = a.shape;
-  const int64_t d = s.d, h = s.h, width = w.width, n = s.n;
+  const int64_t d = s.d, h = s.h, width = w.width, hw = w.hwidth, n = s.n;
   const DropScale ds = drop_scale_of(s);
-  float* g = buf.row(0);   // dout
   float* t = buf.row(1);   // pre: x̂ then x̂γ + β;  post: û then dx before the store
   float* dy = buf.row(2);  // y, then dy
   float* e = buf.row(3);   // pre: dh Wd;  post: du
-  float* xs = buf.row(4);  // post: x
+  float* xs = buf.row(4);  // pre: dx before the store;  post: x
   const float* hid = a.hidden + r0 * h;
   float *act = buf.act.data(), *act_grad = buf.act_grad.data(), *dh = buf.dh.data();
   float *c1 = buf.c1.data(), *c2 = buf.c2.data(), *q = buf.q.data();
   const bool need_ln = a.d_ln_weight != nullptr, need_dwd = a.d_down != nullptr, need_dwu = a.d_up != nullptr;
 
-  load_rows(a.grad_out + r0 * a.g_stride_row, a.g_stride_row, a.g_stride_col, m, d, g, width);
-  for (int64_t e2 = 0; e2 < m * h; ++e2) {
-    act[e2] = activate(s.activation, hid[e2]);
-    act_grad[e2] = activate_grad(s.activation, hid[e2]);
-  }
+  const Rows g = float_rows(a.grad_out + r0 * a.g_stride_row, a.g_stride_row, a.g_stride_col, m, d, buf.row(0), width);
+  // The next block's dout and x come from memory during this block's matrix products.
+  const int64_t next_m = std::min(m, n - r0 - m), steps = width / 32 + 1;
+  Prefetch next_g = prefetch_rows(a.grad_out, a.g_stride_row, a.g_stride_col, d, r0 + m, next_m, steps);
+  Prefetch next_x = prefetch_rows(a.x, a.x_stride_row, a.x_stride_col, d, r0 + m, next_m, steps);
+  for (int64_t i = 0; i < m; ++i)
+    FA_SIMD
+    for (int64_t j = 0; j < h; ++j) {
+      act[i * hw + j] = activate(s.activation, hid[i * h + j]);
+      act_grad[i * hw + j] = activate_grad(s.activation, hid[i * h + j]);
+    }
   for (int64_t i = 0; i < m; ++i) q[i] = a.grad_row_sq ? a.grad_row_sq[r0 + i] : 0.0f;
 
-  auto normalize = [&](const float* v, float* out, int64_t i) {  // ((v - c) - (μ - c)) r
+  auto normalize = [&](const float* v, float* out, int64_t i) {  // ((v - c) - (μ - c)) r, post norm
     const float shift = a.mean[r0 + i], mean_c = a.mean[n + r0 + i], r = a.rstd[r0 + i];
+    FA_SIMD
     for (int64_t c = 0; c < d; ++c) out[c] = ((v[c] - shift) - mean_c) * r;
   };
   // dy = s m (dout + 2 q z), z = s m y; y (in dy) is read only when q is present.
   auto output_grad = [&](int64_t i) {
     const uint32_t rh = row_hash_of(s, r0 + i);
     float* row = dy + i * width;
-    const float* go = g + i * width;
+    const float* go = g.row(i);
     if (a.grad_row_sq) {
       apply_drop_scale(ds, rh, row, d);
+      FA_SIMD
       for (int64_t c = 0; c < d; ++c) row[c] = grad_z(go[c], q[i], row[c]);
     } else {
       std::copy(go, go + d, row);
     }
     apply_drop_scale(ds, rh, row, d);
   };
-  auto store_dx = [&](const float* v, int64_t i) {
-    T* out = a.dx + (r0 + i) * d;
-    const float* go = g + i * width;
-    for (int64_t c = 0; c < d; ++c) out[c] = from_float<T>(s.residual ? go[c] + v[c] : v[c]);
+  auto store_dx = [&](float* v, int64_t i) {  // post norm: dx = [dout +] v
+    const float* go = g.row(i);
+    if (s.residual) {
+      FA_SIMD
+      for (int64_t c = 0; c < d; ++c) v[c] += go[c];
+    }
+    store_row(a.dx + (r0 + i) * d, v, d);
   };
 
   if (s.pre_norm) {
     const float* gvec = a.proj;     // Wd γ
     const float* bvec = a.proj + h;  // Wd β
-    if (a.grad_row_sq) gemm_nn(m, h, Strided{act, h, 1}, w.up_t.data(), width, width, dy, width, false);
+    if (a.grad_row_sq) gemm_nn(m, h, Strided{act, hw, 1}, w.up_t.data(), width, width, dy, width, false);
     for (int64_t i = 0; i < m; ++i) output_grad(i);
-    gemm_nt(m, h, width, dy, width, w.up_t.data(), width, dh, h);  // da = dy Wu
+    gemm_nn(m, d, Strided{dy, width, 1}, w.up.data(), hw, hw, dh, hw, false);  // da = dy Wu
     for (int64_t i = 0; i < m; ++i) {
       float s1 = 0.0f, s2 = 0.0f;
       for (int64_t j = 0; j < h; ++j) {
-        const int64_t k = i * h + j;
+        const int64_t k = i * hw + j;
         dh[k] *= act_grad[k];
         s1 += dh[k] * gvec[j];
-        s2 += dh[k] * (hid[k] - bvec[j]);
+        s2 += dh[k] * (hid[i * h + j] - bvec[j]);
       }
       c1[i] = s1;
       c2[i] = s2;
     }
     const bool need_e = a.dx || need_ln;
-    if (need_e) gemm_nn(m, h, Strided{dh, h, 1}, w.down.data(), width, width, e, width, false);  // dh Wd
-    if (need_e || need_dwd) {
-      load_rows(a.x + r0 * a.x_stride_row, a.x_stride_row, a.x_stride_col, m, d, t, width);
-      for (int64_t i = 0; i < m; ++i) normalize(t + i * width, t + i * width, i);
-    }
-    const float inv_d = 1.0f / static_cast<float>(d);
-    for (int64_t i = 0; i < m; ++i) {
+    if (need_e) gemm_nn(m, h, Strided{dh, hw, 1}, w.down.data(), width, width, e, width, false, &next_g);  // dh Wd
+    // One pass per row over x̂ = ((x - c) - (μ - c)) r and e = dh Wd: dx = [dout +] r (eγ - (c1 + x̂ c2)/D),
+    // dγ += e x̂, dβ += e, and x̂γ + β (into t) for dWd.
+    const float inv_d = 1.0f / static_cast<float>(d), keep_dout = s.residual ? 1.0f : 0.0f;
+    const Rows xr = (need_e || need_dwd)
+        ? float_rows(a.x + r0 * a.x_stride_row, a.x_stride_row, a.x_stride_col, m, d, t, width) : Rows{};
+    for (int64_t i = 0; need_e || need_dwd ? i < m : false; ++i) {
+      const float* x = xr.row(i);
       const float* ei = e + i * width;
-      const float* xh = t + i * width;
-      if (a.dx) {
-        const float r = a.rstd[r0 + i], k1 = c1[i] * inv_d, k2 = c2[i] * inv_d;
-        float* dxi = xs + i * width;  // scratch for the row of dx
-        for (int64_t c = 0; c < d; ++c) dxi[c] = r * (ei[c] * w.gamma[c] - (k1 + xh[c] * k2));
-        store_dx(dxi, i);
-      }
-      if (need_ln) {
+      const float* go = g.row(i);
+      const float shift = a.mean[r0 + i], mean_c = a.mean[n + r0 + i], r = a.rstd[r0 + i];
+      const float k1 = c1[i] * inv_d, k2 = c2[i] * inv_d;
+      float* xn = t + i * width;
+      float* dxi = xs + i * width;
+      auto row_pass = [&](auto with_dx, auto with_ln) {  // compile-time flags: branch-free inner loop
+        FA_SIMD
         for (int64_t c = 0; c < d; ++c) {
-          p.d_gamma[c] += ei[c] * xh[c];
-          p.d_beta[c] += ei[c];
+          const float xh = ((x[c] - shift) - mean_c) * r;
+          if constexpr (decltype(with_dx)::value) dxi[c] = keep_dout * go[c] + r * (ei[c] * w.gamma[c] - (k1 + xh * k2));
+          if constexpr (decltype(with_ln)::value) {
+            p.d_gamma[c] += ei[c] * xh;
+            p.d_beta[c] += ei[c];
+          }
+          xn[c] = xh * w.gamma[c] + w.beta[c];
         }
-      }
+      };
+      using Yes = std::true_type;
+      using No = std::false_type;
+      if (a.dx && need_ln) row_pass(Yes{}, Yes{});
+      else if (a.dx) row_pass(Yes{}, No{});
+      else if (need_ln) row_pass(No{}, Yes{});
+      else row_pass(No{}, No{});
+      if (a.dx) store_row(a.dx + (r0 + i) * d, dxi, d);
     }
-    if (need_dwd) {
-      for (int64_t i = 0; i < m; ++i)
-        for (int64_t c = 0; c < d; ++c) t[i * width + c] = t[i * width + c] * w.gamma[c] + w.beta[c];
-      gemm_nn(h, m, Strided{dh, 1, h}, t, width, width, p.d_down, width, true);  // += dhᵀ (x̂γ + β)
-    }
-    if (need_dwu) gemm_nn(h, m, Strided{act, 1, h}, dy, width, width, p.d_up_t, width, true);  // += aᵀ dy
+    if (need_dwd) gemm_nn(h, m, Strided{dh, 1, hw}, t, width, width, p.d_down, width, true, &next_x);  // += dhᵀ (x̂γ + β)
+    if (need_dwu) gemm_nn(h, m, Strided{act, 1, hw}, dy, width, width, p.d_up_t, width, true);  // += aᵀ dy
     return;
   }
 
   // Post norm.
-  gemm_nn(m, h, Strided{act, h, 1}, w.up_t.data(), width, width, t, width, false);  // u
+  gemm_nn(m, h, Strided{act, hw, 1}, w.up_t.data(), width, width, t, width, false, &next_g);  // u
   for (int64_t i = 0; i < m; ++i) {
     float* uh = t + i * width;
     normalize(uh, uh, i);
     if (a.grad_row_sq) {
       float* yi = dy + i * width;
+      FA_SIMD
       for (int64_t c = 0; c < d; ++c) yi[c] = uh[c] * w.gamma[c] + w.beta[c];
     }
     output_grad(i);
     // dû = dy γ,  c1 = Σ dû,  c2 = Σ dû û,  du = r (dû - (c1 + û c2)/D)
     const float* dyi = dy + i * width;
-    float s1 = 0.0f, s2 = 0.0f;
-    for (int64_t c = 0; c < d; ++c) {
-      const float duh = dyi[c] * w.gamma[c];
-      s1 += duh;
-      s2 += duh * uh[c];
+    float* duh = e + i * width;  // dû, then du in place
+    FA_SIMD
+    for (int64_t c = 0; c < d; ++c) duh[c] = dyi[c] * w.gamma[c];
+    VecF v1 = {}, v2 = {};
+    for (int64_t k = 0; k < width; k += kLanes) {  // the padding of dû is zero
+      v1 += load(duh + k);
+      v2 += load(duh + k) * load(uh + k);
     }
+    const float s1 = horizontal_sum(v1), s2 = horizontal_sum(v2);
     const float r = a.rstd[r0 + i], k1 = s1 / static_cast<float>(d), k2 = s2 / static_cast<float>(d);
-    float* du = e + i * width;
-    for (int64_t c = 0; c < d; ++c) du[c] = r * (dyi[c] * w.gamma[c] - (k1 + uh[c] * k2));
+    FA_SIMD
+    for (int64_t c = 0; c < d; ++c) duh[c] = r * (duh[c] - (k1 + uh[c] * k2));
     if (need_ln) {
+      FA_SIMD
       for (int64_t c = 0; c < d; ++c) {
         p.d_gamma[c] += dyi[c] * uh[c];
         p.d_beta[c] += dyi[c];
       }
     }
   }
-  gemm_nt(m, h, width, e, width, w.up_t.data(), width, dh, h);  // da = du Wu
-  for (int64_t k = 0; k < m * h; ++k) dh[k] *= act_grad[k];
+  gemm_nn(m, d, Strided{e, width, 1}, w.up.data(), hw, hw, dh, hw, false);  // da = du Wu
+  for (int64_t k = 0; k < m * hw; ++k) dh[k] *= act_grad[k];
   if (a.dx) {
-    gemm_nn(m, h, Strided{dh, h, 1}, w.down.data(), width, width, t, width, false);  // dh Wd
+    gemm_nn(m, h, Strided{dh, hw, 1}, w.down.data(), width, width, t, width, false, &next_x);  // dh Wd
     for (int64_t i = 0; i < m; ++i) store_dx(t + i * width, i);
   }
   if (need_dwd) {
     load_rows(a.x + r0 * a.x_stride_row, a.x_stride_row, a.x_stride_col, m, d, xs, width);
-    gemm_nn(h, m, Strided{dh, 1, h}, xs, width, width, p.d_down, width, true);  // += dhᵀ x
+    gemm_nn(h, m, Strided{dh, 1, hw}, xs, width, width, p.d_down, width, true);  // += dhᵀ x
   }
-  if (need_dwu) gemm_nn(h, m, Strided{act, 1, h}, e, width, width, p.d_up_t, width, true);  // += aᵀ du
+  if (need_dwu) gemm_nn(h, m, Strided{act, 1, hw}, e, width, width, p.d_up_t, width, true);  // += aᵀ du
 }
 
 constexpr int64_t kMaxRowGroups = 16;
@@ -458,23 +551,19 @@ template <typename T>
 void linear_adapter_forward_cpu(const ForwardArgs<T>& a, const ParallelFor& parallel_for) {
   const AdapterShape& s = a.shape;
   if (s.n == 0) return;
-  const Weights w = upcast_weights(s, a.ln_weight, a.ln_bias, a.down_weight, a.up_weight, s.pre_norm, parallel_for);
+  const Weights w = upcast_weights(s, a.ln_weight, a.ln_bias, a.down_weight, a.up_weight, true, parallel_for);
   if (s.pre_norm) {  // g = Wd γ and b = Wd β, from the unfolded weights
+    std::vector<float> row(w.width, 0.0f);
     for (int64_t j = 0; j < s.h; ++j) {
-      float g = 0.0f, b = 0.0f;
-      for (int64_t c = 0; c < s.d; ++c) {
-        const float wd = to_float(a.down_weight[j * s.d + c]);
-        g += wd * w.gamma[c];
-        b += wd * w.beta[c];
-      }
-      a.proj[j] = g;
-      a.proj[s.h + j] = b;
+      for (int64_t c = 0; c < s.d; ++c) row[c] = to_float(a.down_weight[j * s.d + c]);
+      a.proj[j] = dot(row.data(), w.gamma.data(), w.width);
+      a.proj[s.h + j] = dot(row.data(), w.beta.data(), w.width);
     }
   }
   const int64_t bm = block_rows(w.width);
   const int64_t blocks = (s.n + bm - 1) / bm;
   parallel_for(blocks, [&](int64_t begin, int64_t end) {
-    Buffers buf(bm, w.width, s.h);
+    Buffers buf(bm, w.width, w.hwidth);
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t r0 = blk * bm;
       forward_block(a, w, s.pre_norm ? a.proj + s.h : nullptr, r0, std::min(bm, s.n - r0), buf);
@@ -495,7 +584,7 @@ void linear_adapter_backward_cpu(const BackwardArgs<T>& a, const ParallelFor& pa
   std::vector<float> partials(groups * stride, 0.0f);
 
   parallel_for(groups, [&](int64_t begin, int64_t end) {
-    Buffers buf(bm, width, h);
+    Buffers buf(bm, width, w.hwidth);
     for (int64_t grp = begin; grp < end; ++grp) {
       float* base = partials.data() + grp * stride;
       const Partials p{base, base + h * width, base + 2 * h * width, base + 2 * h * width + width};

@@ -52,8 +52,8 @@ HOW_TO_BUILD = (
     "build it with `python -m fusedadapters.build` (needs a C++17 compiler and ninja: "
     "`apt-get install g++`, `pip install ninja`), or install with `FUSEDADAPTERS_BUILD_NATIVE=1 pip install .`"
 )
-JIT_CFLAGS = ["-O3", "-march=native", "-ffp-contract=fast"]
-PORTABLE_CFLAGS = ["-O3", "-ffp-contract=fast"]
+JIT_CFLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp-simd"]
+PORTABLE_CFLAGS = ["-O3", "-ffp-contract=fast", "-fopenmp-simd"]
 
 _PACKAGE_DIR = Path(__file__).resolve().parents[1]
 _loaded_from: Optional[Path] = None
@@ -76,15 +76,21 @@ def sources() -> List[Path]:
     return [src / "binding.cpp", src / "linear_adapter_cpu.cpp"]
 
 
-def _source_hash() -> str:
+@functools.lru_cache(maxsize=None)
+def _sources_digest() -> str:
     digest = hashlib.sha256()
-    src = source_dir()
-    for path in sorted(src.glob("*")):
+    for path in sorted(source_dir().glob("*")):
         if path.suffix in (".h", ".cpp", ".cu"):
             digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()[:12]
+    return digest.hexdigest()
 
 
+def _source_hash() -> str:
+    """A hash of the sources and the compiler flags: changing either builds into a new folder."""
+    return hashlib.sha256((_sources_digest() + " ".join(cflags())).encode()).hexdigest()[:12]
+
+
+@functools.lru_cache(maxsize=None)
 def _cpu_tag() -> str:
     """The CPU the JIT build targets (it compiles with -march=native): a hash of its model and flags."""
     identity = platform.processor()
@@ -97,7 +103,6 @@ def _cpu_tag() -> str:
     return hashlib.sha256(identity.encode()).hexdigest()[:8]
 
 
-@functools.lru_cache(maxsize=None)
 def cache_key() -> str:
     """``torch<ver>-<cpu|cu<ver>>-<machine>-<cpu hash>-py<ver>-<source hash>``."""
     device = f"cu{torch.version.cuda}" if torch.version.cuda else "cpu"
