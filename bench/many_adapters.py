@@ -34,7 +34,6 @@ import argparse
 import dataclasses
 import math
 import time
-from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -355,7 +354,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace, argv: Sequence[str], script: str) -> int:
     """Run ``args.sweep`` and write results.json and report.md to ``args.out`` (default
     bench/results/<op>); returns the exit status."""
-    from bench_linear_adapter import DTYPES, TOLERANCES, TimingConfig, _configure_dynamo  # noqa: F401
+    from bench_linear_adapter import TOLERANCES, TimingConfig
 
     sweep = args.sweep
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -29,7 +29,15 @@ import triton.language as tl
 from ..backend import triton_interpreter_enabled
 from . import fix_interpreter_scalar_index
 from .linear_adapter import _load_scale, _row_hash
-from .routed_adapter import _adapter_rows_fwd, _blocks, _dot_f32, _dropout_tensors, _ln_projections, routed_adapter_backward
+from .routed_adapter import (
+    _adapter_rows_fwd,
+    _blocks,
+    _dot_f32,
+    _dropout_tensors,
+    _launch,
+    _ln_projections,
+    routed_adapter_backward,
+)
 
 __all__ = ["adapter_chain_backward", "adapter_chain_forward"]
 
@@ -105,7 +113,8 @@ def adapter_chain_forward(
     if n > 0:
         cfg = _blocks(h_size, d)
         has_dropout, probs, keep = _dropout_tensors(dropout_p, x.device)
-        _chain_fwd_kernel[(triton.cdiv(n, cfg.BM),)](
+        _launch(
+            _chain_fwd_kernel, (triton.cdiv(n, cfg.BM),),
             x2, out, xs, row_sq, hidden, mean, rstd,
             *(t.contiguous() for t in (ln_weight, ln_bias, down_weight, up_weight)),
             dropout_seeds if dropout_seeds is not None else probs, scales if scales is not None else probs,

@@ -25,7 +25,9 @@ fixed order. No atomics: deterministic. Adapters no row chose get zero gradients
 
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional, Tuple
+import contextlib
+import contextvars
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -47,7 +49,7 @@ from .linear_adapter import (
     _store_stats,
 )
 
-__all__ = ["routed_adapter_backward", "routed_adapter_forward", "segment_table"]
+__all__ = ["KernelLaunch", "record_launches", "routed_adapter_backward", "routed_adapter_forward", "segment_table"]
 
 if triton_interpreter_enabled():
     fix_interpreter_scalar_index()
@@ -416,6 +418,41 @@ def _segment_sum_kernel(PARTIAL, OUT, FIRST_CHUNK, SIZE, BLOCK: tl.constexpr):
 # ----------------------------------------------------------------------------------------------
 
 
+class KernelLaunch(NamedTuple):
+    """One kernel launch as a launcher makes it: ``kernel[grid](*args, **meta)``."""
+
+    name: str
+    kernel: Any
+    grid: Tuple[int, ...]
+    args: Tuple[Any, ...]
+    meta: Dict[str, Any]
+
+
+_RECORDING: "contextvars.ContextVar[Optional[List[KernelLaunch]]]" = contextvars.ContextVar(
+    "fusedadapters_record_launches", default=None
+)
+
+
+@contextlib.contextmanager
+def record_launches() -> Iterator[List[KernelLaunch]]:
+    """Inside, the launchers of the routed and chain kernels append their launches to the yielded list
+    instead of running them (their outputs stay uninitialised): the static kernel report compiles them."""
+    launches: List[KernelLaunch] = []
+    token = _RECORDING.set(launches)
+    try:
+        yield launches
+    finally:
+        _RECORDING.reset(token)
+
+
+def _launch(kernel: Any, grid: Tuple[int, ...], *args: Any, **meta: Any) -> None:
+    launches = _RECORDING.get()
+    if launches is None:
+        kernel[grid](*args, **meta)
+    else:
+        launches.append(KernelLaunch(kernel.fn.__name__, kernel, tuple(grid), args, meta))
+
+
 class Segments(NamedTuple):
     """Rows grouped by adapter: ``perm`` (N,) int32, ``table`` (G, 3) int32 rows of (adapter, first,
     end) for G = ``cdiv(N, block) + A + 1`` programs (the spare ones at the end have no rows), and
@@ -525,7 +562,8 @@ def routed_adapter_forward(
     cfg = _blocks(h_size, d)
     seg = segment_table(adapter_index.reshape(-1), a_count, cfg.BM)
     has_dropout, probs, keep = _dropout_tensors(dropout_p, x.device)
-    _routed_fwd_kernel[(seg.table.shape[0],)](
+    _launch(
+        _routed_fwd_kernel, (seg.table.shape[0],),
         x2, out, row_sq, hidden, mean, rstd, ln_weight, ln_bias, down_weight, up_weight, seg.perm, seg.table,
         dropout_seed if dropout_seed is not None else seg.perm, scale if scale is not None else probs, probs, keep,
         n, d, h_size, x2.stride(0), x2.stride(1), eps,
@@ -566,7 +604,8 @@ def routed_adapter_backward(
     c2 = torch.empty((n,), **f32)
     if n > 0 and (need_dx or need_dwd or (need_dln if pre else need_dwu)):
         seg = segment_table(index, a_count, cfg.BM)
-        _routed_bwd_rows_kernel[(seg.table.shape[0],)](
+        _launch(
+            _routed_bwd_rows_kernel, (seg.table.shape[0],),
             g2, q_arg, hidden, mean, rstd, proj, ln_weight, ln_bias, up_weight, seg.perm, seg.table, seed, scale_arg,
             probs, keep, dh, c1, c2, n, d, h_size, g2.stride(0), g2.stride(1), q_stride,
             **flags, BM=cfg.BM, BD=cfg.BD, BH=cfg.BH, num_warps=cfg.num_warps,
@@ -582,7 +621,8 @@ def routed_adapter_backward(
     dlnw = torch.empty((n_chunks, d) if need_dln else (0,), **f32)
     dlnb = torch.empty((n_chunks, d) if need_dln else (0,), **f32)
     if n > 0 and (need_dx or need_dln or need_dwd or need_dwu):
-        _routed_bwd_cols_kernel[(n_col, n_chunks)](
+        _launch(
+            _routed_bwd_cols_kernel, (n_col, n_chunks),
             x2, g2, q_arg, hidden, dh, mean, rstd, c1, c2, ln_weight, ln_bias, down_weight, up_weight,
             chunks.perm, chunks.table, seed, scale_arg, probs, keep, dx, dwd, dwu, dlnw, dlnb,
             n, d, h_size, x2.stride(0), x2.stride(1), g2.stride(0), g2.stride(1), q_stride,
@@ -598,8 +638,8 @@ def routed_adapter_backward(
         if n == 0:
             return total.zero_().reshape(like.shape).to(like.dtype)
         block = 1024
-        _segment_sum_kernel[(a_count, triton.cdiv(size, block))](
-            partial, total, chunks.first_chunk, size, BLOCK=block)
+        _launch(_segment_sum_kernel, (a_count, triton.cdiv(size, block)), partial, total, chunks.first_chunk, size,
+                BLOCK=block)
         return total.reshape(like.shape).to(like.dtype)
 
     return (
