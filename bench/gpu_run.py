@@ -223,15 +223,24 @@ def run_streamed(label: str, cmd: Sequence[str], log_path: Path, timeout_s: floa
         except subprocess.TimeoutExpired:
             interrupted = True
             log(f"{label}: {timeout_s:.0f} s spent; interrupting (SIGINT)")
-            os.killpg(proc.pid, signal.SIGINT)
+            signal_group(proc.pid, signal.SIGINT)
             try:
                 proc.wait(timeout=INTERRUPT_GRACE_S)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+                pass
+        signal_group(proc.pid, signal.SIGKILL)  # whatever the command left behind (workers, compilers)
+        proc.wait()
         reader.join(timeout=10)
     return {"returncode": proc.returncode, "seconds": round(time.monotonic() - start, 1),
             "interrupted": interrupted, "log": log_path.name}
+
+
+def signal_group(pgid: int, sig: int) -> None:
+    """Send ``sig`` to the process group a command of this run was started in, if any of it is left."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def capture(cmd: Sequence[str], env: Optional[Dict[str, str]] = None, cwd: Optional[Path] = None,
@@ -312,66 +321,78 @@ def package_location(env: Dict[str, str]) -> Tuple[Optional[str], str]:
     return (out.splitlines()[-1], "") if rc == 0 and out else (None, out[-600:])
 
 
-def step_install(args: argparse.Namespace, ctx: "Context") -> Dict[str, Any]:
-    """Missing pure-Python dependencies from ``--wheels``, then the package (editable, no network)."""
-    lines: List[str] = []
-    record: Dict[str, Any] = {"method": None}
-    try:
-        reqs = project_requirements(REPO / "pyproject.toml")
-        missing = missing_requirements(reqs)
-    except Exception as exc:  # no tomllib (Python < 3.11), no packaging: say so, go on
-        reqs, missing = [], {}
-        record["requirements_error"] = harness.format_error(exc)
-    record["requirements"] = reqs
-    record["missing_before"] = missing
-    lines.append(f"requirements: {reqs}; missing: {missing or 'none'}")
+def install_wheels(folder: Path, ctx: "Context", lines: List[str]) -> Dict[str, Any]:
+    """Install the wheels in ``folder`` whose project is not installed into a private folder, put on
+    PYTHONPATH here and for every command the run starts."""
+    wheels = sorted(p for p in folder.glob("*.whl") if not is_installed(wheel_project(p)))
+    record: Dict[str, Any] = {"wheels_installed": [p.name for p in wheels]}
+    if not wheels:
+        lines.append(f"{folder}: no wheel of a project that is not installed")
+        return record
+    site = Path(tempfile.gettempdir()) / "fusedadapters-gpu-run-site"
+    cmd = [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir",
+           "--upgrade", "--target", str(site), *map(str, wheels)]
+    rc, out = capture(cmd, env=ctx.env, timeout=300)
+    lines += [f"$ {shlex.join(cmd)}", out]
+    if rc == 0:
+        prepend_path(ctx.env, "PYTHONPATH", site)
+        sys.path.insert(0, str(site))
+    record["wheels_returncode"] = rc
+    return record
 
-    if args.wheels:
-        wheels = sorted(p for p in Path(args.wheels).glob("*.whl") if not is_installed(wheel_project(p)))
-        record["wheels_installed"] = [p.name for p in wheels]
-        if wheels:
-            site = Path(tempfile.gettempdir()) / "fusedadapters-gpu-run-site"
-            cmd = [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--no-compile",
-                   "--no-cache-dir", "--upgrade", "--target", str(site), *map(str, wheels)]
-            rc, out = capture(cmd, env=ctx.env, timeout=300)
-            lines += [f"$ {shlex.join(cmd)}", out]
-            if rc == 0:
-                prepend_path(ctx.env, "PYTHONPATH", site)
-                sys.path.insert(0, str(site))
-            record["wheels_returncode"] = rc
-    elif missing:
-        lines.append("no --wheels folder given: missing dependencies stay missing")
-    missing = missing_requirements(reqs) if reqs else {}
-    record["missing_after"] = missing
 
+def from_checkout(location: Optional[str]) -> bool:
+    return location is not None and Path(location).resolve() == (REPO / "fusedadapters").resolve()
+
+
+def install_package(how: str, ctx: "Context", lines: List[str]) -> Tuple[str, Optional[str], str]:
+    """Make ``import fusedadapters`` resolve to this checkout from anywhere: (method, location, why not)."""
     location, why = package_location(ctx.env)
-    if location and Path(location).resolve() == (REPO / "fusedadapters").resolve():
-        record["method"] = "already installed from this checkout"
-    elif args.install == "skip":
-        record["method"] = "skipped (--install skip)"
-    else:
+    if from_checkout(location):
+        return "already installed from this checkout", location, why
+    method = "PYTHONPATH (--install pythonpath)"
+    if how == "auto":
         cmd = [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--no-build-isolation",
                "-e", str(REPO)]
         rc, out = capture(cmd, env=ctx.env, timeout=300)
         lines += [f"$ {shlex.join(cmd)}", out]
         location, why = package_location(ctx.env)
-        if rc == 0 and location and Path(location).resolve() == (REPO / "fusedadapters").resolve():
-            record["method"] = "pip install --no-index --no-deps --no-build-isolation -e ."
-        else:
-            prepend_path(ctx.env, "PYTHONPATH", REPO)
-            record["method"] = f"PYTHONPATH={REPO} (pip install -e failed with status {rc})"
-            location, why = package_location(ctx.env)
+        if rc == 0 and from_checkout(location):
+            return "pip install --no-index --no-deps --no-build-isolation -e .", location, why
+        method = f"PYTHONPATH (pip install -e failed with status {rc})"
+    prepend_path(ctx.env, "PYTHONPATH", REPO)
+    location, why = package_location(ctx.env)
+    return method, location, why
+
+
+def step_install(args: argparse.Namespace, ctx: "Context") -> Dict[str, Any]:
+    """Missing pure-Python dependencies from ``--wheels``, then the package (editable, no network)."""
+    lines: List[str] = []
+    record: Dict[str, Any] = {}
+    try:
+        reqs = project_requirements(REPO / "pyproject.toml")
+        record["missing_before"] = missing_requirements(reqs)
+    except Exception as exc:  # no tomllib (Python < 3.11) or no packaging: say so, go on
+        reqs = []
+        record["requirements_error"] = harness.format_error(exc)
+    record["requirements"] = reqs
+    lines.append(f"requirements: {reqs}; missing: {record.get('missing_before') or 'none'}")
+    if args.wheels:
+        record.update(install_wheels(Path(args.wheels), ctx, lines))
+    missing = missing_requirements(reqs) if reqs else {}
+    record["missing_after"] = missing
+    if missing and not args.wheels:
+        lines.append("no --wheels folder given: the missing dependencies stay missing")
+
+    method, location, why = install_package(args.install, ctx, lines)
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
-    record["package_location"] = location
-    lines.append(f"package: {record['method']}; import resolves to {location or why}")
+    record.update(method=method, package_location=location)
+    lines.append(f"package: {method}; import resolves to {location or why}")
     (ctx.out / "install.log").write_text("\n".join(lines) + "\n")
 
-    problems = []
-    if location is None:
-        problems.append(f"import fusedadapters fails: {why}")
-    if missing:
-        problems.append("missing: " + "; ".join(missing.values()))
+    problems = ([] if location else [f"import fusedadapters fails: {why}"]) + (
+        ["missing: " + "; ".join(missing.values())] if missing else [])
     record.update(status=FAILED if problems else OK, reason="; ".join(problems) or None)
     return record
 
@@ -411,7 +432,8 @@ def step_environment(args: argparse.Namespace, ctx: "Context") -> Dict[str, Any]
     tools = {}
     for name, flag in (("nvcc", "--version"), ("compute-sanitizer", "--version"), ("nvidia-smi", "--version")):
         path = shutil.which(name)
-        tools[name] = {"path": path, "version": capture([path, flag])[1].splitlines()[-1:] if path else None}
+        version = capture([path, flag])[1].splitlines() if path else []
+        tools[name] = {"path": path, "version": version[-1] if version else None}
     env["tools"] = tools
     if ctx.device.type == "cuda":
         import torch
@@ -1041,8 +1063,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output folder (default bench/results/<YYYY-MM-DD>-<device>[-quick|-dry-run])")
     p.add_argument("--archive", type=Path, default=None, help="also pack the output folder into this .tar.gz")
     p.add_argument("--wheels", type=Path, default=None, help="folder of wheels for missing pure-Python dependencies")
-    p.add_argument("--install", choices=("auto", "skip"), default="auto",
-                   help="auto: pip install -e . unless the package already imports from this checkout")
+    p.add_argument("--install", choices=("auto", "pythonpath"), default="auto",
+                   help="auto: pip install -e . unless the package already imports from this checkout (PYTHONPATH "
+                        "if that fails); pythonpath: PYTHONPATH only")
     p.add_argument("--commit", default=None, help="commit to record when the copy has no git repository")
     p.add_argument("--budget-s", type=float, default=None,
                    help="time budget of the whole run (quick 165, full 540, dry run 600); the tests' and the "

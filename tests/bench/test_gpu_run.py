@@ -249,3 +249,15 @@ def test_bench_time_budget_records_the_shapes_it_left(tmp_path):
     assert rows[3]["status"] == "ok" and rows[3]["ms"] > 0 and math.isfinite(rows[3]["gbps"])
     assert rows[5]["status"] == "skipped" and rows[5]["stage"] == "budget" and "time budget" in rows[5]["error"]
     assert "time budget" in (tmp_path / "report.md").read_text()
+
+
+def test_a_command_past_its_time_is_interrupted_and_its_output_kept(tmp_path):
+    """What the test and benchmark steps rely on: SIGINT at the deadline (pytest then writes its report),
+    the output up to then in the log, and the status that says it was cut short."""
+    code = "import time\nprint('started', flush=True)\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n" \
+           "    print('interrupted', flush=True)\n    raise SystemExit(3)\n"
+    record = gpu_run().run_streamed("sleeper", [sys.executable, "-c", code], tmp_path / "sleeper.log", 2.0,
+                                    dict(os.environ))
+    assert record["interrupted"] and record["returncode"] == 3 and record["seconds"] < 30
+    log = (tmp_path / "sleeper.log").read_text()
+    assert "started" in log and "interrupted" in log
