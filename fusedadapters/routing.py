@@ -207,7 +207,7 @@ def _forward_fused(
         scales = torch.cat([s.stochastic_depth_scale(one) if s.stochastic_depth != 0.0 else one for s in strategies])
     wants_loss = [s._wants_auxiliary_loss(adapter, host) for s, (_, adapter) in zip(strategies, chosen)]
     result = ops.routed_adapter(
-        x, index, *ops.stack_adapter_params(params, dtype),
+        x, index, *ops.stack_adapter_params(params, dtype, cache=host.__dict__.setdefault("_routed_weight_stack", {})),
         activation=params[0].activation, norm_position=params[0].norm_position, eps=params[0].eps,
         dropout_p=[p.dropout_p for p in params], scale=scales, residual=True, return_row_sq=any(wants_loss),
         backend=getattr(chosen[0][1], "backend", None),

@@ -69,8 +69,9 @@ def routed_adapter(
     (that would synchronise); the caller builds them.
     """
     a_count = _check_shapes(x, adapter_index, ln_weight, ln_bias, down_weight, up_weight)
-    reference.check_options(activation, norm_position)
     probs = _dropout_list(dropout_p, a_count)
+    for p in probs:
+        reference.check_options(activation, norm_position, p)
     if any(p > 0.0 for p in probs) and dropout_seed is None:
         dropout_seed = reference.draw_dropout_seed(x.device)
     if scale is not None and (scale.shape != (a_count,) or scale.device != x.device):
@@ -98,8 +99,6 @@ def _dropout_list(dropout_p: Union[float, Sequence[float]], a_count: int) -> Lis
     probs = [float(dropout_p)] * a_count if isinstance(dropout_p, (int, float)) else [float(p) for p in dropout_p]
     if len(probs) != a_count:
         raise ValueError(f"dropout_p has {len(probs)} entries for {a_count} adapters")
-    if not all(p >= 0.0 for p in probs):
-        raise ValueError(f"dropout_p must be >= 0, got {probs}")
     return probs
 
 
@@ -182,13 +181,16 @@ def _stack(adapters: Sequence[AdapterParams], dtype: torch.dtype) -> Tuple[Tenso
     return ln_w, ln_b, down, up
 
 
-def stack_adapter_params(adapters: Sequence[AdapterParams], dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, ...]:
+def stack_adapter_params(
+    adapters: Sequence[AdapterParams], dtype: Optional[torch.dtype] = None, cache: Optional[dict] = None
+) -> Tuple[Tensor, ...]:
     """``(ln_weight (A, D), ln_bias (A, D), down_weight (A, H, D), up_weight (A, D, H))`` in ``dtype``.
 
     ``H`` is the largest hidden size; smaller adapters are padded with zeros (exact, see
-    ``reference_multi``). The stack is built once per weight version and reused (a small cache keyed
-    by the tensors' identity, ``_version``, dtype and device); autograd sends each adapter the
-    gradient of its own slice.
+    ``reference_multi``). The stack is built once per weight version and reused: it is cached, keyed by
+    the tensors' identity, ``_version``, dtype and device, in ``cache`` when given (a dict the caller
+    owns, e.g. one per module, which keeps only its latest stack) or else in a small module-wide LRU
+    cache. Autograd sends each adapter the gradient of its own slice.
     """
     if not adapters:
         raise ValueError("stack_adapter_params needs at least one adapter")
@@ -201,13 +203,17 @@ def stack_adapter_params(adapters: Sequence[AdapterParams], dtype: Optional[torc
                              f"{tuple(p.up_weight.shape)} do not fit D = {d}")
     key = (tuple(id(t) for t in tensors), dtype, tensors[0].device)
     versions = tuple(t._version for t in tensors)
-    entry = _STACKS.get(key)
+    stacks = _STACKS if cache is None else cache
+    entry = stacks.get(key)
     if entry is not None and entry[1] == versions and all(r() is t for r, t in zip(entry[0], tensors)):
-        _STACKS.move_to_end(key)
         stacked = entry[2]
+        if cache is None:
+            _STACKS.move_to_end(key)
     else:
         stacked = _stack(adapters, dtype)
-        _STACKS[key] = ([weakref.ref(t) for t in tensors], versions, stacked)
+        if cache is not None:
+            cache.clear()
+        stacks[key] = ([weakref.ref(t) for t in tensors], versions, stacked)
         while len(_STACKS) > _STACK_CACHE_SIZE:
             _STACKS.popitem(last=False)
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):

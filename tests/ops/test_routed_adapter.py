@@ -178,3 +178,13 @@ def test_bad_arguments_raise():
         routed_adapter(x, torch.zeros(4, dtype=torch.int64), *stacked, dropout_p=[0.1, 0.2])
     with pytest.raises(ValueError, match="fit D"):
         stack_adapter_params(adapters + make_adapters(7, (2,)))
+
+
+def test_stack_with_a_caller_cache_keeps_only_its_latest_stack():
+    adapters, others = make_adapters(6, (2, 4)), make_adapters(6, (3,))
+    cache = {}
+    first = stack_adapter_params(adapters, cache=cache)
+    assert stack_adapter_params(adapters, cache=cache)[2].data_ptr() == first[2].data_ptr()
+    stack_adapter_params(others, cache=cache)
+    assert len(cache) == 1
+    assert stack_adapter_params(adapters, cache=cache)[2].data_ptr() != first[2].data_ptr()
