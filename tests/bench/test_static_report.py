@@ -125,8 +125,6 @@ def test_check_verdict_agrees_with_the_records(quick_run):
     assert ("**passed**" in markdown) == (not expected)
 
 
-@pytest.mark.xfail(reason="known spills in the bf16/fp16 backward column kernel (issue 8, section 2: rework "
-                          "in progress); remove this mark when the reworked kernels land", strict=False)
 def test_quick_grid_passes_the_check(quick_run):
     """No bf16/fp16 launch of the quick grid spills, and every block fits its architecture."""
     code, report, _, _ = quick_run
