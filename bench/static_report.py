@@ -764,7 +764,11 @@ def build_report(grid: Dict[str, Sequence[Any]], jobs: int, log=print) -> Dict[s
         with concurrent.futures.ProcessPoolExecutor(jobs) as pool:
             futures = {pool.submit(analyse_job, job): key for key, job in unique.items()}
             for i, future in enumerate(concurrent.futures.as_completed(futures), 1):
-                results[futures[future]] = future.result()
+                try:
+                    results[futures[future]] = future.result()
+                except Exception as exc:  # a compiler process that died (e.g. a crash inside Triton)
+                    results[futures[future]] = dict(error=harness.format_error(exc),
+                                                    traceback=harness.format_traceback(exc))
                 if i % 20 == 0 or i == len(futures):
                     log(f"  compiled {i}/{len(futures)} ({time.perf_counter() - started:.0f} s)")
     else:
