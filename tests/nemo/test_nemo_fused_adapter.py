@@ -11,7 +11,6 @@ pytest.importorskip("nemo.core", reason='needs nemo-toolkit: pip install -e ".[t
 
 import torch  # noqa: E402
 from nemo.collections.common.parts.adapter_modules import LinearAdapter, LinearAdapterConfig  # noqa: E402
-from nemo.core.classes.mixins import access_mixins  # noqa: E402
 from nemo.core.classes.mixins import adapter_mixin_strategies as nemo_strategies  # noqa: E402
 from nemo.core.classes.mixins.access_mixins import AccessMixin  # noqa: E402
 
@@ -34,16 +33,6 @@ VARIANTS = [("pre", "swish"), ("post", "gelu"), ("pre", "hardtanh"), ("post", "r
 
 def tolerance(backend):
     return dict(rtol=0.0, atol=0.0) if backend == "reference" else dict(rtol=2e-5, atol=2e-5)
-
-
-@pytest.fixture(autouse=True)
-def clean_access_state():
-    """NeMo keeps access settings and the enabled flag in module globals: restore them after each test."""
-    cfg, enabled = access_mixins._ACCESS_CFG.copy(), dict(access_mixins._ACCESS_ENABLED)
-    yield
-    access_mixins._ACCESS_CFG = cfg
-    access_mixins._ACCESS_ENABLED.clear()
-    access_mixins._ACCESS_ENABLED.update(enabled)
 
 
 def twin_blocks(backend, *, seed=0, **adapter_kwargs):

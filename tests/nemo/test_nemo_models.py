@@ -14,6 +14,7 @@ pytest.importorskip("nemo.core", reason='needs nemo-toolkit: pip install -e ".[t
 import torch  # noqa: E402
 from nemo.collections.common.parts.adapter_modules import LinearAdapter, LinearAdapterConfig  # noqa: E402
 from nemo.core.classes.mixins import adapter_mixin_strategies as nemo_strategies  # noqa: E402
+from nemo.core.classes.mixins.access_mixins import AccessMixin  # noqa: E402
 
 from fusedadapters.nemo import (  # noqa: E402
     FusedLinearAdapter,
@@ -89,8 +90,20 @@ def test_fuse_adapters_in_place_and_unfuse_back():
     model.train()
     model.decoder.layers[0].adapter_layer["dec"].eval()  # a mixed training state must survive
     x = seeded_input(DIM)
-    torch.manual_seed(7)
-    expected = model(x)
+
+    def run_and_collect_losses():
+        """The output, and what NeMo's training loop would collect: the access flags and the loss registry."""
+        AccessMixin.reset_registry(model)
+        torch.manual_seed(7)
+        out = model(x)
+        flags = (AccessMixin.is_access_enabled(), AccessMixin.is_access_enabled(model.model_guid))
+        registry = {name: {key: [t.detach() for t in ts] for key, ts in entry.items()}
+                    for name, entry in AccessMixin.get_module_registry(model).items()}
+        AccessMixin.reset_registry(model)
+        return out, flags, registry
+
+    expected, expected_flags, expected_losses = run_and_collect_losses()
+    assert sorted(expected_losses) == ["decoder.layers.0.adapter_layer.dec", "decoder.layers.1.adapter_layer.dec"]
     named_params = [(name, id(p), p.dtype, p.device) for name, p in model.named_parameters()]
     before = {name: (m.training, m.adapter_strategy.__dict__.copy()) for name, m in model.named_modules()
               if isinstance(m, LinearAdapter)}
@@ -108,8 +121,11 @@ def test_fuse_adapters_in_place_and_unfuse_back():
     assert {name: cfg._target_ for name, cfg in model.cfg.adapters.items() if name != "global_cfg"} == {
         "enc": FUSED_PATH, "dec": FUSED_PATH, "off": FUSED_PATH}
     assert model.cfg.adapters.dec.adapter_strategy._target_.startswith("nemo.")  # strategies stay NeMo's
-    torch.manual_seed(7)
-    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    out, flags, losses = run_and_collect_losses()
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert flags == expected_flags and losses.keys() == expected_losses.keys()
+    for name in losses:
+        torch.testing.assert_close(losses[name], expected_losses[name], rtol=1e-5, atol=1e-7, msg=name)
     assert fuse_adapters(model) == 0  # nothing left to fuse
 
     assert unfuse_adapters(model) == 7
@@ -118,8 +134,7 @@ def test_fuse_adapters_in_place_and_unfuse_back():
     assert all(type(m.adapter_strategy) is nemo_strategies.ResidualAddAdapterStrategy for m in unfused.values())
     assert model.cfg.adapters.enc._target_ == LINEAR_PATH
     assert [(n, id(p), p.dtype, p.device) for n, p in model.named_parameters()] == named_params
-    torch.manual_seed(7)
-    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    torch.testing.assert_close(run_and_collect_losses()[0], expected, rtol=0, atol=0)
 
 
 def test_fuse_adapters_in_a_plain_module():
