@@ -1,7 +1,8 @@
 """Fused adapters inside NeMo itself: NeMo's mixins, strategies, losses and checkpoints, this package's kernels.
 
 Needs ``nemo-toolkit`` (``pip install "fusedadapters[nemo]"``); nothing else in ``fusedadapters``
-imports NeMo. One line at the top of a NeMo training script fuses every ``LinearAdapter`` of a model::
+imports NeMo. One line in a NeMo training script, once the model is built or restored, fuses every
+``LinearAdapter`` in it::
 
     from fusedadapters.nemo import fuse_adapters
     fuse_adapters(model)          # returns how many adapters now run on the fused op
