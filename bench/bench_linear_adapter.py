@@ -73,7 +73,7 @@ EAGER = "eager"
 COMPILE_MAX = "compile-max-autotune"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 GRAD_NAMES = ("dx", "dln_weight", "dln_bias", "ddown_weight", "dup_weight")
-# Relative-error bounds of the pre-timing check (DESIGN.md §6 asks ~1e-5 / ~1e-2 of the parity
+# Relative-error bounds of the pre-timing check (docs/design.md, 'Numerics policy', asks ~1e-5 / ~1e-2 of the parity
 # tests; the benchmark gate is looser so that it only ever rejects a wrong kernel, not rounding).
 TOLERANCES = {"fp32": 1e-4, "bf16": 2e-2, "fp16": 1e-2}
 
@@ -525,7 +525,7 @@ def derive(rows: List[Dict[str, Any]], runs: List[Dict[str, Any]]) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """A DESIGN.md §5 target: ``field >= threshold`` for ``mode`` rows of the target backend."""
+    """A target of docs/design.md, 'Floors and targets': ``field >= threshold`` for ``mode`` rows of the target backend."""
 
     name: str
     mode: str
@@ -621,7 +621,7 @@ def render_report(data: Dict[str, Any], plot_note: str) -> str:
 
     cfg = runs[-1]["config"]
     tb, min_elems = cfg["target_backend"], cfg["target_min_elems"]
-    out.append("## Targets (DESIGN.md §5)")
+    out.append("## Targets (docs/design.md, 'Floors and targets')")
     out.append("")
     out.append(f"Evaluated on backend `{tb}` at every measured point with N·D ≥ {min_elems} "
                f"(2^{math.log2(min_elems):.0f}); speedups at smaller N are in the tables below.")
@@ -801,7 +801,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-flush-l2", action="store_true", help="do not flush the L2 cache before each repeat")
     p.add_argument("--copy-bytes", type=_ints, default=None, help="copy-bandwidth buffer size (1 GiB GPU, 16 MiB CPU)")
     p.add_argument("--tol", type=float, default=None, help=f"max relative error of the check (default {TOLERANCES})")
-    p.add_argument("--target-backend", default="triton", help="backend the DESIGN.md targets are evaluated on")
+    p.add_argument("--target-backend", default="triton", help="backend the targets of docs/design.md are evaluated on")
     p.add_argument("--target-min-elems", type=_ints, default=[2**26], help="targets apply where N*D >= this")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cpu-threads", type=int, default=1, help="torch threads on CPU (default 1: steadier on CI)")

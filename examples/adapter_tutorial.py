@@ -1,6 +1,6 @@
 """NeMo's adapter tutorial, ported to fusedadapters by changing its imports and nothing else.
 
-The code cells of the tutorial in ``seed/`` in order, with ``nemo``/``hydra`` imports pointed at
+The code cells of NeMo's adapter tutorial notebook (NVIDIA/NeMo, ``tutorials/``) in order, with ``nemo``/``hydra`` imports pointed at
 ``fusedadapters`` and the notebook's shell lines (``!pip``, ``!ls``, ``!du``) dropped. It writes
 ``full_model.nemo`` and ``adapters.pt`` to the current directory. Run it with
 ``python examples/adapter_tutorial.py``; ``tests/test_tutorial.py`` runs it and checks each claim.

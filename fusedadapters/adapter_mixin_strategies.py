@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from abc import ABC
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -64,6 +64,11 @@ class ReturnResultAdapterStrategyConfig:
     _target_: str = class_path(ReturnResultAdapterStrategy)
 
 
+_RESIDUAL_STEPS = ("compute_output", "apply_stochastic_depth", "compute_auxiliary_losses")
+_FUSED, _STOCK, _CUSTOM = "fused", "stock", "custom"
+_MODES: Dict[Tuple[type, type], str] = {}  # (strategy class, adapter class) -> ResidualAddAdapterStrategy._mode
+
+
 class ResidualAddAdapterStrategy(AbstractAdapterStrategy):
     """``input + s · adapter(input)``, with stochastic depth and an optional L2 auxiliary loss.
 
@@ -81,8 +86,17 @@ class ResidualAddAdapterStrategy(AbstractAdapterStrategy):
         self.l2_lambda = l2_lambda
 
     def forward(self, input: torch.Tensor, adapter: torch.nn.Module, *, module: torch.nn.Module) -> torch.Tensor:
-        if self._can_fuse(adapter):
+        mode = _MODES.get((type(self), type(adapter))) or self._mode(adapter)
+        if mode is _FUSED:
             return self._fused_forward(input, adapter, module=module)
+        if mode is _STOCK:  # the stock steps below, without the calls that would do nothing
+            out = adapter(input)
+            if module.training and self.stochastic_depth != 0.0:
+                out = self.apply_stochastic_depth(out, input, adapter, module=module)
+            result = input + out
+            if module.training and self.l2_lambda > 0.0:
+                self.compute_auxiliary_losses(result, input, adapter, module=module)
+            return result
         out = self.compute_output(input, adapter, module=module)
         if module.training and self.stochastic_depth != 0.0:
             out = self.apply_stochastic_depth(out, input, adapter, module=module)
@@ -129,15 +143,20 @@ class ResidualAddAdapterStrategy(AbstractAdapterStrategy):
             row_sq = (output - input).square().reshape(input.size(0), -1).sum(dim=-1)
             self._register_l2_loss(row_sq, input.size(0), adapter)
 
-    def _can_fuse(self, adapter: torch.nn.Module) -> bool:
-        # A subclass that overrides a step keeps its override: only the stock steps are fused.
+    def _mode(self, adapter: torch.nn.Module) -> str:
+        """How ``forward`` runs ``adapter``: fused (the adapter has ``fused_residual_forward`` and this
+        strategy's class keeps the stock steps: a subclass that overrides a step keeps its override),
+        stock (the stock steps, inlined) or custom (the steps, overridden). Decided once per pair of
+        classes: both are class attributes."""
         cls = type(self)
-        return (
-            hasattr(adapter, "fused_residual_forward")
-            and cls.compute_output is ResidualAddAdapterStrategy.compute_output
-            and cls.apply_stochastic_depth is ResidualAddAdapterStrategy.apply_stochastic_depth
-            and cls.compute_auxiliary_losses is ResidualAddAdapterStrategy.compute_auxiliary_losses
-        )
+        stock = all(getattr(cls, step) is getattr(ResidualAddAdapterStrategy, step) for step in _RESIDUAL_STEPS)
+        fused = stock and hasattr(type(adapter), "fused_residual_forward")
+        mode = _MODES[(cls, type(adapter))] = _FUSED if fused else _STOCK if stock else _CUSTOM
+        return mode
+
+    def _can_fuse(self, adapter: torch.nn.Module) -> bool:
+        """Whether ``forward`` computes ``adapter`` and the residual in one fused pass."""
+        return (_MODES.get((type(self), type(adapter))) or self._mode(adapter)) is _FUSED
 
     def _fused_forward(self, input: torch.Tensor, adapter: torch.nn.Module, *, module: torch.nn.Module) -> torch.Tensor:
         scale: Optional[torch.Tensor] = None

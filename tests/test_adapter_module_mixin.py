@@ -146,6 +146,86 @@ def test_forward_single_enabled_adapter_is_the_override_point():
     assert calls == ["a", "b"]
 
 
+# The dispatch skips hops a class keeps as they are; everything a user can override or hook still runs.
+
+
+def _random_adapter_block(*names, **cfg_kwargs):
+    block = Block()
+    for i, name in enumerate(names):
+        block.add_adapter(name, cfg=linear_cfg(**cfg_kwargs))
+        randomize_(block.get_adapter_module(name).parameters(), seed=10 + i)
+    return block
+
+
+def test_dispatch_runs_an_overridden_strategy_call():
+    calls = []
+
+    class CountingCall(strategies.ResidualAddAdapterStrategy):
+        def __call__(self, *args, **kwargs):
+            calls.append(1)
+            return super().__call__(*args, **kwargs)
+
+    block = _random_adapter_block("a")
+    adapter = block.get_adapter_module("a")
+    adapter.adapter_strategy = CountingCall()  # replaced by hand, after the dispatch cache was built
+    x = torch.randn(3, D)
+    with torch.no_grad():
+        h = block.fc(x)
+        torch.testing.assert_close(block(x), h + adapter(h))
+    assert calls == [1]
+
+
+def test_dispatch_sees_an_adapter_replaced_in_the_layer():
+    block = _random_adapter_block("a")
+    x = torch.randn(3, D)
+    replacement = adapter_modules.LinearAdapter(D, 3)
+    randomize_(replacement.parameters(), seed=99)
+    block.adapter_layer["a"] = replacement
+    with torch.no_grad():
+        h = block.fc(x)
+        torch.testing.assert_close(block(x), h + replacement(h))
+
+
+def test_dispatch_runs_adapter_hooks():
+    block = _random_adapter_block("a", "b")
+    seen = []
+    for name in ("a", "b"):
+        block.get_adapter_module(name).register_forward_hook(lambda mod, args, out, name=name: seen.append(name))
+    block(torch.randn(3, D))
+    assert seen == ["a", "b"]
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_residual_strategy_in_training_keeps_stochastic_depth_and_l2(fused):
+    torch.manual_seed(0)
+    block = Block()
+    cfg = linear_cfg(adapter_strategy=strategies.ResidualAddAdapterStrategyConfig(stochastic_depth=0.5, l2_lambda=0.1))
+    if fused:
+        cfg = adapter_modules.FusedLinearAdapterConfig(**dataclasses.asdict(cfg))
+    block.add_adapter("a", cfg=cfg)
+    adapter = block.get_adapter_module("a")
+    randomize_(adapter.parameters(), seed=4)
+    block.train()
+    x = torch.randn(16, D)
+    h = block.fc(x).detach()
+    with torch.no_grad():
+        kept_delta = 2 * adapter(h)  # a kept adapter output is scaled by 1 / (1 - p)
+    kept_loss = 0.1 * kept_delta.square().sum(dim=-1).mean()
+    dropped = kept = 0
+    for _ in range(40):
+        delta = (block(x) - h).detach()
+        (loss,) = adapter.get_module_registry(block)["adapter_layer.a"]["adapter_loss"]
+        if torch.count_nonzero(delta) == 0:
+            dropped += 1
+            assert loss.item() == 0.0
+        else:
+            kept += 1
+            torch.testing.assert_close(delta, kept_delta, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(loss.detach(), kept_loss, rtol=1e-4, atol=1e-6)
+        adapter.reset_registry()
+    assert dropped > 0 and kept > 0
+
+
 def test_adapter_without_strategy_is_an_error():
     block = Block()
     block.add_adapter("a", cfg=linear_cfg())

@@ -159,7 +159,7 @@ def test_byte_model():
 
 
 def test_targets_are_marked_met_or_missed():
-    """Synthetic rows: the DESIGN.md §5 targets are evaluated at N·D ≥ 2**26 on the triton rows only."""
+    """Synthetic rows: the targets of docs/design.md, 'Floors and targets', are evaluated at N·D ≥ 2**26 on the triton rows only."""
     script = _load_script()
     runs = [{"copy_bandwidth": {"gbps": 1000.0}}]
     rows = []
