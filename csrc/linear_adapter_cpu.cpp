@@ -194,26 +194,30 @@ Prefetch prefetch_rows(const T* base, int64_t stride_row, int64_t stride_col, in
   return p;
 }
 
-// Statistics of one row v[0, d): lane l of the vectors holds the part {l, l + 16, ...} of the row,
-// whose exact mean and M2 come from two vector passes; the 16 parts then merge in lane order.
-RowStats row_stats(const float* v, int64_t d) {
+// Statistics of one row v[0, d) shifted by `shift` (the row's first element, so that a mean that is
+// large next to the spread costs no precision): lane l of the vectors holds the part
+// {l, l + 16, ...} of the row, whose mean and M2 come from two vector passes; the 16 parts then merge
+// in lane order.
+RowStats row_stats(const float* v, int64_t d, float shift) {
   const int64_t full = d / kLanes * kLanes, rest = d - full;
-  VecF tail = {};
-  std::memcpy(&tail, v + full, rest * sizeof(float));
-  VecF sum = tail;
-  for (int64_t k = 0; k < full; k += kLanes) sum += load(v + k);
+  const VecF c = splat(shift);
   VecF count, in_tail;
   for (int64_t l = 0; l < kLanes; ++l) {
     count[l] = static_cast<float>(full / kLanes + (l < rest ? 1 : 0));
     in_tail[l] = l < rest ? 1.0f : 0.0f;
   }
+  VecF tail = {};
+  std::memcpy(&tail, v + full, rest * sizeof(float));
+  tail = (tail - c) * in_tail;
+  VecF sum = tail;
+  for (int64_t k = 0; k < full; k += kLanes) sum += load(v + k) - c;
   VecF mean;
   for (int64_t l = 0; l < kLanes; ++l) mean[l] = count[l] > 0.0f ? sum[l] / count[l] : 0.0f;
   const VecF c_tail = (tail - mean) * in_tail;
   VecF m2 = c_tail * c_tail;
   for (int64_t k = 0; k < full; k += kLanes) {
-    const VecF c = load(v + k) - mean;
-    m2 += c * c;
+    const VecF centred = (load(v + k) - c) - mean;
+    m2 += centred * centred;
   }
   RowStats stats{0.0f, 0.0f, 0.0f};
   for (int64_t l = 0; l < kLanes; ++l) stats = merge_stats(stats, RowStats{count[l], mean[l], m2[l]});
@@ -234,7 +238,7 @@ struct Weights {
   std::vector<float> down_t;       // forward: (Wd∘γ)ᵀ for pre norm, Wdᵀ for post norm (D × hwidth)
   std::vector<float> down;         // backward: Wd (H × width)
   std::vector<float> up_t;         // Wuᵀ (H × width)
-  std::vector<float> up;           // backward: Wu (D × hwidth)
+  std::vector<float> up;           // backward: Wu (D × hwidth), less its column means for post norm
 };
 
 template <typename T>
@@ -253,8 +257,14 @@ Weights upcast_weights(const AdapterShape& s, const T* ln_weight, const T* ln_bi
   w.up_t.assign(s.h * w.width, 0.0f);
   (for_forward ? w.down_t : w.up).assign(s.d * w.hwidth, 0.0f);
   if (!for_forward) w.down.assign(s.h * w.width, 0.0f);
+  // The post-norm backward multiplies Wu by du, whose sum over D is zero: Wu less its column means
+  // gives the same product without the cancellation that a large mean of Wu would cause.
+  const bool centre_up = !for_forward && !s.pre_norm;
   parallel_for(s.h, [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j)
+    for (int64_t j = begin; j < end; ++j) {
+      double up_sum = 0.0;
+      for (int64_t c = 0; c < s.d && centre_up; ++c) up_sum += to_float(up_weight[c * s.h + j]);
+      const float up_mean = static_cast<float>(up_sum / static_cast<double>(s.d));
       for (int64_t c = 0; c < s.d; ++c) {
         const float wd = to_float(down_weight[j * s.d + c]), wu = to_float(up_weight[c * s.h + j]);
         w.up_t[j * w.width + c] = wu;
@@ -262,9 +272,10 @@ Weights upcast_weights(const AdapterShape& s, const T* ln_weight, const T* ln_bi
           w.down_t[c * w.hwidth + j] = fold_gamma ? wd * w.gamma[c] : wd;
         } else {
           w.down[j * w.width + c] = wd;
-          w.up[c * w.hwidth + j] = wu;
+          w.up[c * w.hwidth + j] = wu - up_mean;
         }
       }
+    }
   });
   return w;
 }
@@ -323,13 +334,13 @@ void forward_block(const ForwardArgs<T>& a, const Weights& w, const float* b_pro
   if (s.pre_norm) {
     for (int64_t i = 0; i < m; ++i) {
       const float* x = xs.row(i);
-      const RowStats st = row_stats(x, d);
+      const RowStats st = row_stats(x, d, x[0]);
       const float r = inv_std(st, s.eps);
-      a.mean[r0 + i] = st.mean;
-      a.mean[s.n + r0 + i] = 0.0f;
+      a.mean[r0 + i] = x[0];
+      a.mean[s.n + r0 + i] = st.mean;
       a.rstd[r0 + i] = r;
       FA_SIMD
-      for (int64_t c = 0; c < d; ++c) t[i * width + c] = (x[c] - st.mean) * r;
+      for (int64_t c = 0; c < d; ++c) t[i * width + c] = ((x[c] - x[0]) - st.mean) * r;
     }
     gemm_nn(m, d, Strided{t, width, 1}, w.down_t.data(), hw, hw, hid, hw, false);  // x̂ (Wd∘γ)ᵀ
     for (int64_t i = 0; i < m; ++i)
@@ -350,13 +361,13 @@ void forward_block(const ForwardArgs<T>& a, const Weights& w, const float* b_pro
   if (!s.pre_norm) {
     for (int64_t i = 0; i < m; ++i) {
       const float* u = t + i * width;
-      const RowStats st = row_stats(u, d);
+      const RowStats st = row_stats(u, d, u[0]);
       const float r = inv_std(st, s.eps);
-      a.mean[r0 + i] = st.mean;
-      a.mean[s.n + r0 + i] = 0.0f;
+      a.mean[r0 + i] = u[0];
+      a.mean[s.n + r0 + i] = st.mean;
       a.rstd[r0 + i] = r;
       FA_SIMD
-      for (int64_t c = 0; c < d; ++c) y[i * width + c] = (u[c] - st.mean) * r * w.gamma[c] + w.beta[c];
+      for (int64_t c = 0; c < d; ++c) y[i * width + c] = ((u[c] - u[0]) - st.mean) * r * w.gamma[c] + w.beta[c];
     }
   }
 

@@ -8,6 +8,8 @@ compiler. Building again when nothing changed is a quick no-op.
 from __future__ import annotations
 
 import argparse
+import json
+import platform
 import sys
 import time
 from typing import Optional, Sequence
@@ -18,6 +20,7 @@ from .ops import native
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fusedadapters.build", description=__doc__.splitlines()[0])
     parser.add_argument("--verbose", action="store_true", help="show the compiler's commands and output")
+    parser.add_argument("--json", metavar="PATH", help="also write what was built and how long it took to PATH")
     args = parser.parse_args(argv)
     print(f"building the native backend into {native.cache_dir()} ...", flush=True)
     start = time.perf_counter()
@@ -26,8 +29,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except native.NativeBuildError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(f"built {library} in {time.perf_counter() - start:.1f} s", flush=True)
+    seconds = time.perf_counter() - start
+    print(f"built {library} in {seconds:.1f} s", flush=True)
+    if args.json:
+        import torch
+
+        record = {
+            "library": str(library), "seconds": round(seconds, 2), "cflags": native.cflags(),
+            "torch": torch.__version__, "cuda": torch.version.cuda, "machine": platform.machine(),
+            "processor": _processor_name(), "command": "python -m fusedadapters.build " + " ".join(argv or sys.argv[1:]),
+        }
+        with open(args.json, "w") as f:
+            json.dump(record, f, indent=2)
     return 0
+
+
+def _processor_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return platform.processor()
 
 
 if __name__ == "__main__":

@@ -105,6 +105,11 @@ def _cpu_tag() -> str:
 
 def cache_key() -> str:
     """``torch<ver>-<cpu|cu<ver>>-<machine>-<cpu hash>-py<ver>-<source hash>``."""
+    return _cache_key(os.environ.get(CFLAGS_ENV_VAR, ""))
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_key(_cflags_env: str) -> str:
     device = f"cu{torch.version.cuda}" if torch.version.cuda else "cpu"
     python = f"py{sys.version_info.major}{sys.version_info.minor}"
     torch_version = torch.__version__.replace("+", "_")
@@ -123,19 +128,25 @@ def _packaged_library() -> Optional[Path]:
     return found[0] if found else None
 
 
+@functools.lru_cache(maxsize=None)
+def _is_file(path: Path) -> bool:  # looked up once per path (build() forgets the answers)
+    return path.is_file()
+
+
 def _built_library() -> Optional[Path]:
     packaged = _packaged_library()
     if packaged is not None:
         return packaged
     cached = cache_dir() / f"{LIBRARY_NAME}.so"
-    return cached if cached.is_file() else None
+    return cached if _is_file(cached) else None
 
 
 @torch.compiler.assume_constant_result
 def is_built() -> bool:
-    """Whether the library is loaded, or built and loadable without compiling anything (one file
-    lookup; ``torch.compile`` takes the answer as a constant of the compiled graph)."""
-    return _loaded_from is not None or _built_library() is not None
+    """Whether the library is built for this torch, CUDA, CPU and source version, in the package or
+    in the cache that ``$FUSEDADAPTERS_CACHE`` names, so that it loads without compiling anything
+    (``torch.compile`` takes the answer as a constant of the compiled graph)."""
+    return _built_library() is not None
 
 
 def _check_toolchain() -> None:
@@ -168,6 +179,7 @@ def build(verbose: bool = False) -> Path:
                                "fresh process (`python -m fusedadapters.build`)")
     target = cache_dir()
     target.mkdir(parents=True, exist_ok=True)
+    _is_file.cache_clear()
     try:
         cpp_extension.load(
             name=LIBRARY_NAME,
@@ -181,6 +193,7 @@ def build(verbose: bool = False) -> Path:
         )
     except Exception as error:  # the compiler's output is in the message
         raise NativeBuildError(f"building the native backend in {target} failed: {error}") from error
+    _is_file.cache_clear()
     _loaded(target / f"{LIBRARY_NAME}.so")
     return target / f"{LIBRARY_NAME}.so"
 

@@ -88,11 +88,11 @@ def as_float64(x, params, kw):
     return x64, p64, kw64
 
 
-def check(x, params, *, grad_row_sq=True, **kw):
-    """Output, row_sq and every gradient of the triton backend within TOL of the float64 reference."""
+def check(x, params, *, grad_row_sq=True, backend="triton", **kw):
+    """Output, row_sq and every gradient of ``backend`` within TOL of the float64 reference."""
     _RANDN.clear()
     tol = TOL[x.dtype]
-    out, row_sq, grads = run(x, params, backend="triton", grad_row_sq=grad_row_sq, **kw)
+    out, row_sq, grads = run(x, params, backend=backend, grad_row_sq=grad_row_sq, **kw)
     x64, p64, kw64 = as_float64(x, params, kw)
     ref_out, ref_sq, ref_grads = run(x64, p64, backend="reference", grad_row_sq=grad_row_sq, **kw64)
     assert out.shape == x.shape and out.dtype == x.dtype
