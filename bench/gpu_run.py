@@ -70,7 +70,7 @@ PREDICTION_FIELDS = ("direction", "norm_position", "dtype", "D", "H", "features"
 BASELINE_BACKENDS = ("eager", "compile", "compile-max-autotune", "compile-max-autotune-no-cudagraphs")
 # a prediction and a measurement "differ by more than a third" outside this band of measured / predicted
 AGREEMENT_BAND = (2 / 3, 4 / 3)
-INTERRUPT_GRACE_S = 30.0  # after SIGINT, how long a child gets to write its reports before SIGKILL
+INTERRUPT_GRACE_S = 20.0  # after SIGINT, how long a child gets to write its reports before SIGKILL
 SUMMARY_RESERVE_S = 15.0  # kept back from the steps for merging, the summary and the archive
 
 
@@ -95,8 +95,12 @@ class BenchPart:
     backends: Tuple[str, ...] = ("eager", "compile", "fused")
     min_s: float = 30.0
 
+    def shapes(self) -> List[Tuple[str, int, int, int]]:
+        """(dtype, N, D, H) of every shape, in the benchmark's order."""
+        return [(dt, n, d, h) for dt in self.dtypes for d in self.d for h in self.h for n in self.n]
+
     def shape_count(self) -> int:
-        return len(self.n) * len(self.d) * len(self.h) * len(self.dtypes)
+        return len(self.shapes())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -628,9 +632,9 @@ def step_bench(args: argparse.Namespace, ctx: "Context") -> Dict[str, Any]:
         record: Dict[str, Any] = {"name": part.name, "shapes": part.shape_count(), "backends": backends,
                                   "n": part.n, "d": part.d, "h": part.h, "dtypes": part.dtypes}
         left = ctx.clock.left() - SUMMARY_RESERVE_S
-        if left < part.min_s or left <= 5:
+        if left < max(part.min_s, 5.0):
             parts.append(dict(record, status=SKIPPED, reason=f"time budget: {max(left, 0):.0f} s left, "
-                                                              f"the part needs about {part.min_s:.0f} s"))
+                                                              f"the part needs about {max(part.min_s, 5.0):.0f} s"))
             log(f"bench part {part.name}: skipped ({parts[-1]['reason']})")
             continue
         out = parts_dir / part.name
@@ -642,11 +646,16 @@ def step_bench(args: argparse.Namespace, ctx: "Context") -> Dict[str, Any]:
         record.update(proc, command=shlex.join(cmd))
         results = out / "results.json"
         if not results.exists():
-            record.update(status=FAILED, reason=f"no results.json (exit status {proc['returncode']})")
+            why = "interrupted at its time budget" if proc["interrupted"] else f"exit status {proc['returncode']}"
+            record.update(status=FAILED, reason=f"no shape finished ({why})", unmeasured_shapes=[
+                f"{dt} N={n} D={d} H={h}" for dt, n, d, h in part.shapes()])
         else:
             rows = json.loads(results.read_text())["rows"]
             record["rows"] = len(rows)
             record["budget_skipped_rows"] = sum(r["stage"] == "budget" for r in rows)
+            measured_shapes = {(r["dtype"], r["n"], r["d"], r["h"]) for r in rows if r["stage"] != "budget"}
+            record["unmeasured_shapes"] = [f"{dt} N={n} D={d} H={h}" for dt, n, d, h in part.shapes()
+                                           if (dt, n, d, h) not in measured_shapes]
             record["error_rows"] = sum(r["status"] == "error" and not r["backend"].startswith("selftest") for r in rows)
             if proc["returncode"] != 0 and not proc["interrupted"]:
                 record.update(status=FAILED, reason=f"exit status {proc['returncode']}")
@@ -936,6 +945,12 @@ def render_summary(ctx: "Context", steps: Dict[str, Dict[str, Any]], exit_status
         else:
             out += [f"Predictions: `{pred_step['static_report']}`, architecture {pred_step['arch']}; "
                     f"{_agreement(pred_step['matches'])}", ""]
+            unmatched: Dict[str, int] = {}
+            for m in pred_step["matches"]:
+                if m["predicted_fraction"] is None:
+                    unmatched[m["note"]] = unmatched.get(m["note"], 0) + 1
+            out += [f"- without a prediction ({n} points): {note}" for note, n in unmatched.items()]
+            out += [""] if unmatched else []
         min_elems = ctx.bench["runs"][-1]["config"]["target_min_elems"]
         for mode in bench_module().MODES:
             out += [f"### {mode}", "", fused_rows_table(ctx, mode, predictions, min_elems), ""]
@@ -984,13 +999,13 @@ def _targets_table(ctx: "Context") -> str:
 
 
 def _unmeasured(ctx: "Context", bench_step: Dict[str, Any]) -> List[str]:
-    lines = [f"- part `{p['name']}` ({p['shapes']} shapes, {','.join(p['backends'])}): {p['reason']}"
-             for p in bench_step.get("parts", []) if p["status"] == SKIPPED]
-    budget = [r for r in ctx.bench["rows"] if r["stage"] == "budget"]
-    shapes = sorted({(r["dtype"], r["n"], r["d"], r["h"]) for r in budget})
-    if shapes:
-        lines.append(f"- {len(shapes)} shapes left by the benchmark's time budget: "
-                     + ", ".join(f"{dt} N={n} D={d} H={h}" for dt, n, d, h in shapes))
+    lines = []
+    for p in bench_step.get("parts", []):
+        if p["status"] == SKIPPED:
+            lines.append(f"- part `{p['name']}` ({p['shapes']} shapes, {','.join(p['backends'])}): {p['reason']}")
+        elif p.get("unmeasured_shapes"):
+            lines.append(f"- part `{p['name']}`, {len(p['unmeasured_shapes'])} of {p['shapes']} shapes "
+                         f"({p['reason'] or p['status']}): " + ", ".join(p["unmeasured_shapes"]))
     return lines
 
 
