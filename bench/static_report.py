@@ -14,9 +14,10 @@ the launches it would make on that device, and for every launch:
    alignment loses the attribute, as the real pointer would. The resulting signature, constants and
    attributes are compiled with ``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` (sm_90a) or
    ``GPUTarget("cuda", 80, 32)`` (sm_80).
-2. **Resources.** Triton's ``ptxas`` runs again on the kernel's PTX with Triton's flags plus ``-v``;
-   its log gives registers per thread, spill stores and loads, the stack frame and the static shared
-   memory. Shared memory per block is Triton's dynamic allocation (``metadata.shared``) plus that static
+2. **Resources.** Triton's ``ptxas`` runs again on the kernel's PTX with Triton's flags plus ``-v``
+   (its cubin must disassemble to the same SASS as Triton's, or the launch is an error); its log gives
+   registers per thread, spill stores and loads, the stack frame and the static shared memory.
+   Shared memory per block is Triton's dynamic allocation (``metadata.shared``) plus that static
    part; it is checked against what the architecture gives one block (the 1 KB the system reserves per
    block is not part of it; ``cuobjdump -res-usage`` counts it in on sm_90, ptxas does not).
 3. **Occupancy** (resident warps per SM), as the CUDA occupancy calculator computes it: registers are
@@ -274,15 +275,18 @@ def parse_ptxas_log(log: str) -> Dict[str, Dict[str, int]]:
     return functions
 
 
-def ptxas_resources(ptx: str, capability: int) -> Dict[str, int]:
-    """Registers, stack frame and spills of the (single) entry function of ``ptx``, from ``ptxas -v`` run
-    with the flags Triton's own ptxas call uses (``-lineinfo``, fmad on)."""
+def ptxas_resources(ptx: str, capability: int, sass: str) -> Dict[str, int]:
+    """Registers, stack frame, spills and static shared memory of the (single) entry function of ``ptx``,
+    from ``ptxas -v`` run with the flags Triton's own ptxas call uses (``-lineinfo``, fmad on). Raises
+    unless the cubin it makes disassembles to ``sass`` (Triton's), so the log describes that code."""
     arch = sm_arch_from_capability(capability)
     with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "kernel.ptx"
+        src, cubin = Path(tmp) / "kernel.ptx", Path(tmp) / "kernel.cubin"
         src.write_text(ptx)
         log = _run_tool([get_ptxas(capability).path, "-lineinfo", "-v", f"--gpu-name={arch}", str(src),
-                         "-o", str(Path(tmp) / "kernel.cubin")])
+                         "-o", str(cubin)])
+        if disassemble(cubin) != sass:
+            raise RuntimeError("ptxas -v made different SASS from the PTX than Triton's cubin holds")
     functions = parse_ptxas_log(log)
     if len(functions) != 1:
         raise RuntimeError(f"expected one function in the ptxas log, found {sorted(functions)}:\n{log[-2000:]}")
@@ -454,11 +458,12 @@ def analyse_job(job: CompileJob) -> Dict[str, Any]:
         kernel = getattr(importlib.import_module(job.module), job.kernel)
         compiled = triton.compile(ASTSource(kernel, job.signature, job.constexprs, job.attrs),
                                   target=GPUTarget("cuda", job.capability, 32), options=job.options)
-        resources = ptxas_resources(compiled.asm["ptx"], job.capability)
         with tempfile.TemporaryDirectory() as tmp:
             cubin = Path(tmp) / "kernel.cubin"
             cubin.write_bytes(compiled.asm["cubin"])
-            loops = sass_loops(disassemble(cubin))
+            sass = disassemble(cubin)
+        resources = ptxas_resources(compiled.asm["ptx"], job.capability, sass)
+        loops = sass_loops(sass)
         return dict(
             registers=resources["registers"], spill_stores=resources["spill_stores"],
             spill_loads=resources["spill_loads"], stack_frame=resources["stack_frame"],
