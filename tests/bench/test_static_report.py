@@ -293,3 +293,11 @@ def test_cuda_sources_are_compiled_and_reported(tmp_path):
     records, _ = script.cuda_kernel_records(["sm_80"], tmp_path)
     failures = script.check_failures([], records)
     assert len(failures) == 1 and "broken.cu" in failures[0] and "nvcc failed" in failures[0]
+
+
+def test_refuses_to_run_under_the_interpreter(tmp_path):
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(tmp_path)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "unset TRITON_INTERPRET" in proc.stdout
+    assert not (tmp_path / "report.json").exists()
