@@ -12,6 +12,7 @@ What is measured, for every point (mode, dtype, N tokens, D model size, H hidden
 Backends: ``eager`` (the pure-PyTorch reference, ``backend='reference'``), ``compile`` and
 ``compile-max-autotune`` (``torch.compile`` of that same reference call, modes default and
 ``max-autotune``, compiled afresh per shape with static shapes), ``triton`` (``backend='triton'``),
+``native`` (``backend='native'``, the compiled kernels of csrc/; built first when it is not),
 and two self-test backends used by the tests (``selftest-raise`` raises, ``selftest-wrong`` returns a
 wrong result), which exist to prove that failures are recorded instead of hidden.
 
@@ -235,6 +236,22 @@ def _triton_skip_reason(device: torch.device) -> Optional[str]:
     return None
 
 
+def _build_native(cfg: OpConfig, seed: torch.Tensor) -> AdapterFn:
+    return _op_fn(cfg, seed, "native")
+
+
+def _native_skip_reason(device: torch.device) -> Optional[str]:
+    """Why the native backend cannot run here (it is built first when it is not: that takes a while)."""
+    from fusedadapters.ops import native
+
+    try:
+        native.ensure_loaded()
+    except native.NativeBuildError as error:
+        return str(error)
+    supported, why_not = native.supports_device(device)
+    return None if supported else why_not
+
+
 def _build_selftest_raise(cfg: OpConfig, seed: torch.Tensor) -> AdapterFn:
     def fn(*args):
         raise RuntimeError("selftest-raise: deliberate failure, to check that the sweep records errors")
@@ -263,6 +280,7 @@ BACKENDS: Dict[str, Backend] = {
             _build_compiled("max-autotune-no-cudagraphs"),
         ),
         Backend("triton", "fused Triton kernels (backend='triton')", _build_triton, _triton_skip_reason),
+        Backend("native", "compiled C++/CUDA kernels of csrc/ (backend='native')", _build_native, _native_skip_reason),
         Backend("selftest-raise", "self-test: raises on every call", _build_selftest_raise),
         Backend("selftest-wrong", "self-test: returns 1.5x the reference", _build_selftest_wrong),
     )
@@ -271,8 +289,8 @@ BACKENDS: Dict[str, Backend] = {
 
 def default_backends(device: torch.device) -> List[str]:
     if device.type == "cpu":
-        return [EAGER, "compile", "triton"]
-    return [EAGER, "compile", COMPILE_MAX, "triton"]
+        return [EAGER, "compile", "triton", "native"]
+    return [EAGER, "compile", COMPILE_MAX, "triton", "native"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -782,8 +800,8 @@ def build_parser() -> argparse.ArgumentParser:
     preset.add_argument("--cpu-small", action="store_true",
                         help=f"tiny CI sweep {PRESETS['cpu-small']} (the default on CPU)")
     p.add_argument("--backends", type=_names, default=None,
-                   help=f"comma list from {list(BACKENDS)} (default: eager,compile,compile-max-autotune,triton; "
-                        "on CPU eager,compile,triton)")
+                   help=f"comma list from {list(BACKENDS)} (default: eager,compile,compile-max-autotune,triton,"
+                        "native; on CPU eager,compile,triton,native)")
     p.add_argument("--modes", type=_names, default=list(MODES), help="comma list of forward,backward,full")
     p.add_argument("--n", type=_ints, default=None, help="token counts, e.g. 1,16,2**16 (overrides the preset)")
     p.add_argument("--d", type=_ints, default=None, help="model sizes D (overrides the preset)")

@@ -287,15 +287,28 @@ int64_t block_rows(int64_t width) {
 }
 
 // Per-block buffers of one worker, allocated once per range of blocks; padding stays zero.
+// `count` zeroed floats of the calling thread's scratch memory `slot`, kept from call to call (fresh
+// allocations of this size cost a page fault per 4 KiB).
+float* thread_scratch(int slot, int64_t count) {
+  thread_local std::vector<float> pool[2];
+  std::vector<float>& v = pool[slot];
+  if (static_cast<int64_t>(v.size()) < count) v.resize(count);
+  std::fill(v.begin(), v.begin() + count, 0.0f);
+  return v.data();
+}
+
+// Per-block buffers of one worker (its scratch slot 0).
 struct Buffers {
-  std::vector<float> rows[5];
-  std::vector<float> hidden, act, act_grad, dh, c1, c2, q;
+  float* rows[5];
+  float *hidden, *act, *act_grad, *dh, *c1, *c2, *q;
   Buffers(int64_t bm, int64_t width, int64_t hwidth) {
-    for (auto& r : rows) r.assign(bm * width, 0.0f);
-    for (auto* v : {&hidden, &act, &act_grad, &dh}) v->assign(bm * hwidth, 0.0f);
-    for (auto* v : {&c1, &c2, &q}) v->assign(bm, 0.0f);
+    float* next = thread_scratch(0, 5 * bm * width + 4 * bm * hwidth + 3 * bm);
+    auto take = [&](int64_t count) { float* p = next; next += count; return p; };
+    for (auto& r : rows) r = take(bm * width);
+    for (auto* v : {&hidden, &act, &act_grad, &dh}) *v = take(bm * hwidth);
+    for (auto* v : {&c1, &c2, &q}) *v = take(bm);
   }
-  float* row(int i) { return rows[i].data(); }
+  float* row(int i) { return rows[i]; }
 };
 
 DropScale drop_scale_of(const AdapterShape& s) { return make_drop_scale(s.dropout_p, s.scale ? *s.scale : 1.0f); }
@@ -327,8 +340,8 @@ void forward_block(const ForwardArgs<T>& a, const Weights& w, const float* b_pro
   const int64_t d = s.d, h = s.h, width = w.width, hw = w.hwidth;
   float* t = buf.row(1);   // x̂ (pre) or u, then û (post)
   float* y = buf.row(2);
-  float* hid = buf.hidden.data();
-  float* act = buf.act.data();
+  float* hid = buf.hidden;
+  float* act = buf.act;
   const Rows xs = float_rows(a.x + r0 * a.x_stride_row, a.x_stride_row, a.x_stride_col, m, d, buf.row(0), width);
 
   if (s.pre_norm) {
@@ -377,9 +390,9 @@ void forward_block(const ForwardArgs<T>& a, const Weights& w, const float* b_pro
     apply_drop_scale(ds, row_hash_of(s, r0 + i), z, d);
     if (a.row_sq) a.row_sq[r0 + i] = dot(z, z, width);  // the padding of z is zero
     const float* x = xs.row(i);
+    T* out = a.out + (r0 + i) * d;
     FA_SIMD
-    for (int64_t c = 0; c < d; ++c) z[c] = output_value(x[c], z[c], s.residual);
-    store_row(a.out + (r0 + i) * d, z, d);
+    for (int64_t c = 0; c < d; ++c) out[c] = from_float<T>(output_value(x[c], z[c], s.residual));
   }
 }
 
@@ -404,10 +417,10 @@ void backward_block(const BackwardArgs<T>& a, const Weights& w, int64_t r0, int6
   float* t = buf.row(1);   // pre: x̂ then x̂γ + β;  post: û then dx before the store
   float* dy = buf.row(2);  // y, then dy
   float* e = buf.row(3);   // pre: dh Wd;  post: du
-  float* xs = buf.row(4);  // pre: dx before the store;  post: x
+  float* xs = buf.row(4);  // post: x
   const float* hid = a.hidden + r0 * h;
-  float *act = buf.act.data(), *act_grad = buf.act_grad.data(), *dh = buf.dh.data();
-  float *c1 = buf.c1.data(), *c2 = buf.c2.data(), *q = buf.q.data();
+  float *act = buf.act, *act_grad = buf.act_grad, *dh = buf.dh;
+  float *c1 = buf.c1, *c2 = buf.c2, *q = buf.q;
   const bool need_ln = a.d_ln_weight != nullptr, need_dwd = a.d_down != nullptr, need_dwu = a.d_up != nullptr;
 
   const Rows g = float_rows(a.grad_out + r0 * a.g_stride_row, a.g_stride_row, a.g_stride_col, m, d, buf.row(0), width);
@@ -454,9 +467,16 @@ void backward_block(const BackwardArgs<T>& a, const Weights& w, int64_t r0, int6
   if (s.pre_norm) {
     const float* gvec = a.proj;     // Wd γ
     const float* bvec = a.proj + h;  // Wd β
-    if (a.grad_row_sq) gemm_nn(m, h, Strided{act, hw, 1}, w.up_t.data(), width, width, dy, width, false);
-    for (int64_t i = 0; i < m; ++i) output_grad(i);
-    gemm_nn(m, d, Strided{dy, width, 1}, w.up.data(), hw, hw, dh, hw, false);  // da = dy Wu
+    // Without a row_sq gradient, dropout or scale, dy is dout: read in place where its rows can serve
+    // as the padded rows the matrix kernel reads.
+    const bool dy_is_dout =
+        !a.grad_row_sq && !ds.has_dropout && ds.scale == 1.0f && (g.data == buf.row(0) || width == d);
+    const Rows dyr = dy_is_dout ? g : Rows{dy, width};
+    if (!dy_is_dout) {
+      if (a.grad_row_sq) gemm_nn(m, h, Strided{act, hw, 1}, w.up_t.data(), width, width, dy, width, false);
+      for (int64_t i = 0; i < m; ++i) output_grad(i);
+    }
+    gemm_nn(m, d, Strided{dyr.data, dyr.stride, 1}, w.up.data(), hw, hw, dh, hw, false);  // da = dy Wu
     for (int64_t i = 0; i < m; ++i) {
       float s1 = 0.0f, s2 = 0.0f;
       for (int64_t j = 0; j < h; ++j) {
@@ -482,12 +502,13 @@ void backward_block(const BackwardArgs<T>& a, const Weights& w, int64_t r0, int6
       const float shift = a.mean[r0 + i], mean_c = a.mean[n + r0 + i], r = a.rstd[r0 + i];
       const float k1 = c1[i] * inv_d, k2 = c2[i] * inv_d;
       float* xn = t + i * width;
-      float* dxi = xs + i * width;
+      T* dxi = a.dx ? a.dx + (r0 + i) * d : nullptr;
       auto row_pass = [&](auto with_dx, auto with_ln) {  // compile-time flags: branch-free inner loop
         FA_SIMD
         for (int64_t c = 0; c < d; ++c) {
           const float xh = ((x[c] - shift) - mean_c) * r;
-          if constexpr (decltype(with_dx)::value) dxi[c] = keep_dout * go[c] + r * (ei[c] * w.gamma[c] - (k1 + xh * k2));
+          if constexpr (decltype(with_dx)::value)
+            dxi[c] = from_float<T>(keep_dout * go[c] + r * (ei[c] * w.gamma[c] - (k1 + xh * k2)));
           if constexpr (decltype(with_ln)::value) {
             p.d_gamma[c] += ei[c] * xh;
             p.d_beta[c] += ei[c];
@@ -501,10 +522,9 @@ void backward_block(const BackwardArgs<T>& a, const Weights& w, int64_t r0, int6
       else if (a.dx) row_pass(Yes{}, No{});
       else if (need_ln) row_pass(No{}, Yes{});
       else row_pass(No{}, No{});
-      if (a.dx) store_row(a.dx + (r0 + i) * d, dxi, d);
     }
     if (need_dwd) gemm_nn(h, m, Strided{dh, 1, hw}, t, width, width, p.d_down, width, true, &next_x);  // += dhᵀ (x̂γ + β)
-    if (need_dwu) gemm_nn(h, m, Strided{act, 1, hw}, dy, width, width, p.d_up_t, width, true);  // += aᵀ dy
+    if (need_dwu) gemm_nn(h, m, Strided{act, 1, hw}, dyr.data, dyr.stride, width, p.d_up_t, width, true);  // += aᵀ dy
     return;
   }
 
@@ -592,12 +612,12 @@ void linear_adapter_backward_cpu(const BackwardArgs<T>& a, const ParallelFor& pa
   const int64_t groups = std::max<int64_t>(1, std::min(blocks, kMaxRowGroups));
   const int64_t blocks_per_group = (blocks + groups - 1) / groups;
   const int64_t stride = 2 * h * width + 2 * width;  // one group's partials
-  std::vector<float> partials(groups * stride, 0.0f);
+  float* partials = thread_scratch(1, groups * stride);  // the calling thread's slot 1
 
   parallel_for(groups, [&](int64_t begin, int64_t end) {
     Buffers buf(bm, width, w.hwidth);
     for (int64_t grp = begin; grp < end; ++grp) {
-      float* base = partials.data() + grp * stride;
+      float* base = partials + grp * stride;
       const Partials p{base, base + h * width, base + 2 * h * width, base + 2 * h * width + width};
       for (int64_t blk = grp * blocks_per_group; blk < std::min(blocks, (grp + 1) * blocks_per_group); ++blk) {
         const int64_t r0 = blk * bm;
@@ -606,24 +626,26 @@ void linear_adapter_backward_cpu(const BackwardArgs<T>& a, const ParallelFor& pa
     }
   });
 
-  // Sum the groups in group order.
-  auto group_sum = [&](int64_t offset) {
-    float v = 0.0f;
-    for (int64_t grp = 0; grp < groups; ++grp) v += partials[grp * stride + offset];
-    return v;
-  };
-  parallel_for(h, [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j)
-      for (int64_t c = 0; c < d; ++c) {
-        if (a.d_down) a.d_down[j * d + c] = group_sum(j * width + c);
-        if (a.d_up) a.d_up[c * h + j] = group_sum(h * width + j * width + c);
+  // Sum the groups into the first, in group order, one partial row (of `width`) at a time.
+  float* total = partials;
+  parallel_for(2 * h + 2, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      float* acc = total + row * width;
+      for (int64_t grp = 1; grp < groups; ++grp) {
+        const float* part = partials + grp * stride + row * width;
+        FA_SIMD
+        for (int64_t c = 0; c < width; ++c) acc[c] += part[c];
       }
-  });
-  if (a.d_ln_weight) {
-    for (int64_t c = 0; c < d; ++c) {
-      a.d_ln_weight[c] = group_sum(2 * h * width + c);
-      a.d_ln_bias[c] = group_sum(2 * h * width + width + c);
     }
+  });
+  for (int64_t j = 0; j < h; ++j)
+    for (int64_t c = 0; c < d; ++c) {
+      if (a.d_down) a.d_down[j * d + c] = total[j * width + c];
+      if (a.d_up) a.d_up[c * h + j] = total[(h + j) * width + c];
+    }
+  if (a.d_ln_weight) {
+    std::copy(total + 2 * h * width, total + 2 * h * width + d, a.d_ln_weight);
+    std::copy(total + (2 * h + 1) * width, total + (2 * h + 1) * width + d, a.d_ln_bias);
   }
 }
 
