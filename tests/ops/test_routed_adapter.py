@@ -188,3 +188,14 @@ def test_stack_with_a_caller_cache_keeps_only_its_latest_stack():
     stack_adapter_params(others, cache=cache)
     assert len(cache) == 1
     assert stack_adapter_params(adapters, cache=cache)[2].data_ptr() != first[2].data_ptr()
+
+
+@needs_triton
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("norm_position", ["pre", "post"])
+def test_triton_hidden_over_128_splits_the_weight_gradient_passes(device, norm_position):
+    """H = 200 pads to 256, where the columns pass runs dx, dWd and dWu as separate passes."""
+    torch.manual_seed(5)
+    adapters = make_adapters(24, (200, 7), device, norm_position=norm_position)
+    x = torch.randn(11, 24, device=device).requires_grad_()
+    check(x, index_for("mixed", 11, 2, device), adapters)

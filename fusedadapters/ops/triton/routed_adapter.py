@@ -502,7 +502,7 @@ def _blocks(h: int, d: int, columns: bool = False) -> _Blocks:
     if columns:
         bm, bd = 16, (64 if bh <= 32 else 32 if bh <= 128 else 16)
     else:
-        bm, bd = (64 if bh <= 64 else 32 if bh <= 128 else 16), (64 if bh <= 128 else 32 if bh <= 256 else 16)
+        bm, bd = (64 if bh <= 32 else 32 if bh <= 128 else 16), (64 if bh <= 128 else 32 if bh <= 256 else 16)
     if triton_interpreter_enabled():
         bm = 16
     return _Blocks(bh, bm, min(bd, max(16, triton.next_power_of_2(d))), 4 if bh < 64 else 8)
@@ -620,13 +620,21 @@ def routed_adapter_backward(
     dwu = torch.empty((n_chunks, d, h_size) if need_dwu else (0,), **f32)
     dlnw = torch.empty((n_chunks, d) if need_dln else (0,), **f32)
     dlnb = torch.empty((n_chunks, d) if need_dln else (0,), **f32)
-    if n > 0 and (need_dx or need_dln or need_dwd or need_dwu):
+    # From BH = 256 a program cannot hold the weight-gradient tiles next to the rest: dWd and dWu get
+    # passes of their own (each re-reads its rows, which costs less than spilling in every iteration).
+    if cfg.BH >= 256:
+        passes = [(need_dx, need_dln, False, False), (False, False, need_dwd, False), (False, False, False, need_dwu)]
+    else:
+        passes = [(need_dx, need_dln, need_dwd, need_dwu)]
+    for pass_dx, pass_dln, pass_dwd, pass_dwu in passes:
+        if n == 0 or not (pass_dx or pass_dln or pass_dwd or pass_dwu):
+            continue
         _launch(
             _routed_bwd_cols_kernel, (n_col, n_chunks),
             x2, g2, q_arg, hidden, dh, mean, rstd, c1, c2, ln_weight, ln_bias, down_weight, up_weight,
             chunks.perm, chunks.table, seed, scale_arg, probs, keep, dx, dwd, dwu, dlnw, dlnb,
             n, d, h_size, x2.stride(0), x2.stride(1), g2.stride(0), g2.stride(1), q_stride,
-            **flags, RESIDUAL=residual, NEED_DX=need_dx, NEED_DLN=need_dln, NEED_DWD=need_dwd, NEED_DWU=need_dwu,
+            **flags, RESIDUAL=residual, NEED_DX=pass_dx, NEED_DLN=pass_dln, NEED_DWD=pass_dwd, NEED_DWU=pass_dwu,
             BM=cfg.BM, BD=cfg.BD, BH=cfg.BH, num_warps=cfg.num_warps, num_stages=1,
         )
 
