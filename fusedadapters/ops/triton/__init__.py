@@ -1,4 +1,5 @@
-"""Triton kernels and their launchers, one module per fused op (``linear_adapter``).
+"""Triton kernels and their launchers, one module per fused op (``linear_adapter``,
+``routed_adapter``, ``adapter_chain``).
 
 Importing a submodule imports ``triton``; ``fusedadapters.ops`` does so only when the triton backend
 runs, so the package itself works without Triton installed.
