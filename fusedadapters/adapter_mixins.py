@@ -331,6 +331,7 @@ class AdapterModuleMixin(ABC):
         except Exception as exc:
             exc.add_note(f"while building adapter `{name}` from {OmegaConf.to_yaml(cfg).strip()}")
             raise
+        self._check_adapter_width(name, adapter)
         device = next(self.parameters(), None)
         if device is not None:
             adapter.to(device.device)
@@ -345,6 +346,31 @@ class AdapterModuleMixin(ABC):
             self.adapter_cfg[adapter_name] = cfg
         self.adapter_layer[adapter_name] = adapter
         _adapters_changed()
+
+    def adapter_input_features(self) -> Optional[int]:
+        """The width of the tensors this module hands its adapters, when its own layers tell it, else None.
+
+        Known when the module is an ``nn.Linear``, or when every ``nn.Linear`` (its ``out_features``) and
+        ``nn.LayerNorm`` (its last normalized dimension) among its direct children agree on one width.
+        ``add_adapter`` (and so ``load_adapters``) refuses an adapter whose ``in_features`` differs.
+        Override it to return the true width, or None to skip the check.
+        """
+        widths = {self.out_features} if isinstance(self, nn.Linear) else set()
+        for child in self.children():
+            if isinstance(child, nn.Linear):
+                widths.add(child.out_features)
+            elif isinstance(child, nn.LayerNorm) and child.normalized_shape:
+                widths.add(child.normalized_shape[-1])
+        return widths.pop() if len(widths) == 1 else None
+
+    def _check_adapter_width(self, name: str, adapter: nn.Module) -> None:
+        expected = getattr(adapter, "in_features", None)
+        width = self.adapter_input_features() if isinstance(expected, int) else None
+        if width is not None and expected != width:
+            raise ValueError(
+                f"adapter `{name}` has in_features={expected}, but {type(self).__name__} hands its adapters "
+                f"tensors of width {width} (see {type(self).__name__}.adapter_input_features)"
+            )
 
     def is_adapter_available(self) -> bool:
         """Whether this module holds any adapter, enabled or not."""
@@ -562,6 +588,35 @@ def _split_adapter_tensor_name(name: str) -> Tuple[str, int, str]:
     return key, int(index), param
 
 
+_FORWARDING_HINT = (
+    "no module of {model} holds adapter `{name}`: AdapterModelPTMixin.add_adapter only records adapters in "
+    "cfg.adapters. Override add_adapter (call super().add_adapter first, then add_adapter on the modules "
+    "that should hold it), and likewise set_enabled_adapters, get_enabled_adapters and is_adapter_available; "
+    "see the README, 'Adapters in a model'"
+)
+
+
+def _warn_when_no_module_holds(add_adapter: Callable) -> Callable:
+    """Wrap a model's ``add_adapter``: when the outermost call returns and no module holds the adapter, warn."""
+
+    @functools.wraps(add_adapter)
+    def wrapper(self, name, *args, **kwargs):
+        state = self.__dict__
+        depth = state.get("_add_adapter_depth", 0)
+        state["_add_adapter_depth"] = depth + 1
+        try:
+            result = add_adapter(self, name, *args, **kwargs)
+        finally:
+            state["_add_adapter_depth"] = depth
+        if depth == 0 and isinstance(name, str):
+            _, adapter_name = self.resolve_adapter_module_name_(name)
+            if not self._adapter_instances(adapter_name):
+                logging.warning(_FORWARDING_HINT.format(model=type(self).__name__, name=name))
+        return result
+
+    return wrapper
+
+
 class AdapterModelPTMixin(AdapterModuleMixin):
     """Adapter support for a ``ModelPT``: keeps ``cfg.adapters`` and saves/loads adapters.
 
@@ -571,6 +626,11 @@ class AdapterModelPTMixin(AdapterModuleMixin):
     ``get_enabled_adapters`` and ``is_adapter_available`` to forward the calls to their modules,
     calling ``super()`` first, and call ``setup_adapters()`` at the end of ``__init__``.
     """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "add_adapter" in cls.__dict__:
+            cls.add_adapter = _warn_when_no_module_holds(cls.__dict__["add_adapter"])
 
     def setup_adapters(self) -> None:
         """Re-create the adapters recorded in ``cfg.adapters`` (call once, at the end of ``__init__``)."""
@@ -594,8 +654,12 @@ class AdapterModelPTMixin(AdapterModuleMixin):
 
         Subclasses call this first, then forward ``add_adapter`` to the modules that should hold it.
         Raises ``ValueError`` for a name already in the model (or the reserved ``global_cfg``) and
-        for a config without ``_target_``; nothing is changed then.
+        for a config without ``_target_``, and ``NotImplementedError`` when the model's class does not
+        override ``add_adapter`` (no module would hold the adapter); nothing is changed then. An
+        override after which no module holds the adapter logs a warning.
         """
+        if type(self).add_adapter is AdapterModelPTMixin.add_adapter:
+            raise NotImplementedError(_FORWARDING_HINT.format(model=type(self).__name__, name=name))
         cfg = _to_adapter_config(cfg, name)
         module_name, adapter_name = self.resolve_adapter_module_name_(name)
         if adapter_name == self.adapter_global_cfg_key:
@@ -725,7 +789,11 @@ class AdapterModelPTMixin(AdapterModuleMixin):
             key = f"{module_name}:{adapter_name}" if module_name else adapter_name
             saved[adapter_name] = copy.deepcopy(adapters[adapter_name])
             saved[self.adapter_global_cfg_key][self.adapter_metadata_cfg_key]["modules"][adapter_name] = module_name
-            for index, adapter in enumerate(self._adapter_instances(adapter_name)):
+            instances = self._adapter_instances(adapter_name)
+            if not instances:
+                hint = _FORWARDING_HINT.format(model=type(self).__name__, name=requested)
+                raise ValueError(f"nothing to save for adapter `{requested}`: {hint}")
+            for index, adapter in enumerate(instances):
                 for param, tensor in adapter.state_dict().items():
                     tensors[_adapter_tensor_name(key, index, param)] = tensor
         write_checkpoint(filepath, "adapters", tensors, OmegaConf.to_yaml(saved))

@@ -28,7 +28,7 @@ from fusedadapters import (
     NeuralModule,
 )
 from fusedadapters import adapter_mixins
-from fusedadapters.demo import DemoModel, ResidualMLP, ResidualMLPAdapter, model_config
+from fusedadapters.demo import MLP, DemoModel, ResidualMLP, ResidualMLPAdapter, model_config
 from fusedadapters.targets import class_path
 from helpers import adapter_parameters, randomize_
 
@@ -819,3 +819,56 @@ class TestSummarize:
         assert "encoder.layers.0" not in names
         assert summary.frozen_params == 0
         assert summary.trainable_params == base.num_weights
+
+
+# ---------------------------------------------------------------------------------------------
+# A model that does not forward adapter calls to its modules
+# ---------------------------------------------------------------------------------------------
+
+
+class NotForwarding(ModelPT, AdapterModelPTMixin):
+    """Mixes AdapterModelPTMixin in but overrides none of its methods: no module ever gets an adapter."""
+
+    def __init__(self, cfg, trainer=None):
+        super().__init__(cfg, trainer=trainer)
+        self.block = MLP(D)
+
+
+class ForwardingToNothing(NotForwarding):
+    """Overrides add_adapter but forwards it nowhere (a bug, or a configuration that disables every module)."""
+
+    def add_adapter(self, name, cfg):
+        super().add_adapter(name, cfg)
+
+
+class TestModelThatDoesNotForward:
+    def test_add_adapter_without_override_is_an_error_naming_the_methods(self):
+        model = NotForwarding(OmegaConf.create({}))
+        before = OmegaConf.to_yaml(model.cfg)
+        with pytest.raises(NotImplementedError) as exc:
+            model.add_adapter("adapter_0", adapter_cfg())
+        for method in ("add_adapter", "set_enabled_adapters", "get_enabled_adapters", "is_adapter_available"):
+            assert method in str(exc.value)
+        assert "adapter_0" in str(exc.value) and "NotForwarding" in str(exc.value)
+        assert OmegaConf.to_yaml(model.cfg) == before and "adapters" not in model.cfg
+
+    def test_override_that_places_it_nowhere_warns(self, caplog):
+        model = ForwardingToNothing(OmegaConf.create({}))
+        caplog.set_level("WARNING", logger="fusedadapters")
+        model.add_adapter("adapter_0", adapter_cfg())
+        assert "no module of ForwardingToNothing holds adapter `adapter_0`" in caplog.text
+        assert "set_enabled_adapters" in caplog.text
+
+    def test_save_with_nothing_to_save_is_an_error(self, tmp_path):
+        model = ForwardingToNothing(OmegaConf.create({}))
+        model.add_adapter("adapter_0", adapter_cfg())
+        path = tmp_path / "a.safetensors"
+        with pytest.raises(ValueError, match="nothing to save for adapter `adapter_0`.*Override add_adapter"):
+            model.save_adapters(str(path))
+        assert not path.exists()
+
+    def test_forwarding_model_does_not_warn(self, base, caplog):
+        caplog.set_level("WARNING", logger="fusedadapters")
+        base.add_adapter("decoder:adapter_0", adapter_cfg())
+        base.add_adapter("encoder:adapter_1", adapter_cfg())
+        assert "no module" not in caplog.text

@@ -323,3 +323,49 @@ def test_registry():
 
     with pytest.raises(ValueError, match="not a sub-class"):
         adapter_mixins.register_adapter(Other, Unrelated)
+
+
+# The width a host hands its adapters, when its own layers tell it: a wrong adapter is refused when added.
+
+
+class Wide(torch.nn.Module, AdapterModuleMixin):
+    """Its two Linears disagree on the output width: the width its adapters see is unknown."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.Linear(D, 4 * D)
+        self.down = torch.nn.Linear(4 * D, D)
+
+
+class AdaptedLinear(torch.nn.Linear, AdapterModuleMixin):
+    pass
+
+
+@pytest.mark.parametrize(
+    "make, width",
+    [(Block, D), (Wide, None), (lambda: AdaptedLinear(7, 5), 5)],
+    ids=["linear-and-batchnorm", "disagreeing-linears", "a-linear-itself"],
+)
+def test_adapter_input_features(make, width):
+    assert make().adapter_input_features() == width
+
+
+def test_adapter_of_another_width_is_refused_when_the_width_is_known():
+    block = Block()
+    with pytest.raises(ValueError, match=rf"adapter `a` has in_features={D + 1}.*width {D}\b.*adapter_input_features"):
+        block.add_adapter("a", cfg=adapter_modules.LinearAdapterConfig(in_features=D + 1, dim=2))
+    assert not block.is_adapter_available() and "adapter_cfg" not in block.__dict__
+    linear = AdaptedLinear(7, 5)
+    with pytest.raises(ValueError, match="width 5"):
+        linear.add_adapter("a", cfg=adapter_modules.LinearAdapterConfig(in_features=7, dim=2))
+    linear.add_adapter("a", cfg=adapter_modules.LinearAdapterConfig(in_features=5, dim=2))
+
+
+def test_unknown_width_or_an_override_skips_the_check():
+    Wide().add_adapter("a", cfg=adapter_modules.LinearAdapterConfig(in_features=3 * D, dim=2))
+
+    class Declared(Block):
+        def adapter_input_features(self):
+            return None
+
+    Declared().add_adapter("a", cfg=adapter_modules.LinearAdapterConfig(in_features=D + 1, dim=2))

@@ -480,7 +480,34 @@ def test_add_adapter_without_target(model, name):
     assert_unchanged(model, before)
 
 
-def test_input_dim_mismatch(model):
+def test_input_dim_mismatch_refused_where_the_width_is_known(model):
+    """The blocks' Linear and LayerNorm say their adapters see width D: a wider adapter is refused when added."""
+    before = snapshot_without_forward(model)
+    with pytest.raises(ValueError, match=rf"adapter `decoder:wide` has in_features={D + 3}.* width {D}\b"):
+        model.add_adapter("decoder:wide", adapter_cfg(in_features=D + 3))
+    assert snapshot_without_forward(model) == before
+
+
+def test_loading_an_adapter_of_another_width_is_refused_at_load(tmp_path):
+    torch.manual_seed(0)
+    wide = DemoModel(model_config(D + 3))
+    wide.add_adapter("decoder:adapter_0", adapter_cfg(in_features=D + 3))
+    randomize(wide, seed=3)
+    path = tmp_path / "wide.safetensors"
+    wide.save_adapters(str(path), name="adapter_0")
+
+    target = DemoModel(model_config(D))
+    before = snapshot_without_forward(target)
+    with pytest.raises(ValueError, match=rf"in_features={D + 3}.* width {D}\b"):
+        target.load_adapters(str(path), name="adapter_0")
+    assert snapshot_without_forward(target) == before
+
+
+def test_input_dim_mismatch_fails_at_forward_where_the_width_is_unknown(model, monkeypatch):
+    """A host whose width its layers do not tell takes the adapter; the forward names both widths."""
+    from fusedadapters.demo import MLP
+
+    monkeypatch.setattr(MLP, "adapter_input_features", lambda self: None)
     model.add_adapter("decoder:wide", adapter_cfg(in_features=D + 3))
     randomize(model, seed=2)
     before = snapshot_without_forward(model)
