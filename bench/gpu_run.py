@@ -537,9 +537,14 @@ def collect_only(selection: Sequence[str], ctx: "Context") -> Dict[str, Any]:
     """Whether a test selection resolves (so that a renamed test shows in the dry run, not on the GPU)."""
     rc, out = capture([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *selection],
                       env=ctx.env, cwd=REPO, timeout=120)
-    found = re.search(r"(\d+) tests? collected", out)
-    return {"selection": list(selection), "returncode": rc, "collected": int(found.group(1)) if found else 0,
-            "error": None if rc == 0 else out[-800:]}
+    return {"selection": list(selection), "returncode": rc, "collected": collected_count(out),
+            "error": None if rc in (0, 5) else out[-800:]}
+
+
+def collected_count(output: str) -> int:
+    """Tests selected, from pytest's ``N tests collected`` or ``N/M tests collected (K deselected)``."""
+    found = re.search(r"(\d+)/\d+ tests? collected", output) or re.search(r"(\d+) tests? collected", output)
+    return int(found.group(1)) if found else 0
 
 
 def native_backend_files() -> List[str]:
@@ -565,6 +570,14 @@ def step_sanitizer(args: argparse.Namespace, ctx: "Context") -> Dict[str, Any]:
         reason = "no native tests (tests/**/test_*native*.py) to run under the sanitizer"
     elif tool is None:
         reason = "compute-sanitizer not found on PATH or in /usr/local/cuda/bin"
+    if reason is None and args.sanitizer_k:
+        selected = collect_only([*tests, "-k", args.sanitizer_k], ctx)
+        record["selected"] = selected["collected"]
+        if selected["error"]:
+            reason = f"collecting the native tests failed: {selected['error'][-300:]}"
+        elif not selected["collected"]:
+            reason = (f"no native test matches -k {args.sanitizer_k!r} in {tests}: name the native backend's "
+                      "small-shape CUDA tests so that it selects them (or pass --sanitizer-k)")
     if reason:
         return dict(record, status=SKIPPED, reason=reason)
     failures = []
