@@ -12,6 +12,11 @@ ports by changing its imports. Three differences a user can notice, all on the s
   raise, and name errors are found before anything is touched.
 * Files are safe: adapters are saved as safetensors with a YAML config; loading never unpickles and
   never builds a ``_target_`` that is not an adapter, strategy or adapter-capable module.
+* Configs are checked before anything is built: ``add_adapter`` refuses a ``_target_`` that is not an
+  adapter module class (an ``adapter_strategy`` that is not a strategy), and an adapter whose
+  ``in_features`` differs from the width its host hands it, when the host knows that width
+  (``adapter_input_features``).
+* A model that does not forward ``add_adapter`` to its modules is told so (``AdapterModelPTMixin``).
 """
 
 from __future__ import annotations

@@ -419,9 +419,16 @@ def _out_dir_option(text: str) -> Path:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (naming the option) and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line of the main job (``python -m fusedadapters``, or ``fusedadapters-demo``)."""
-    parser = argparse.ArgumentParser(prog="python -m fusedadapters", description=__doc__.splitlines()[0])
+    parser = _OneLineErrors(prog="python -m fusedadapters", description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=_int_at_least(1), default=300, help="training steps (default 300)")
     parser.add_argument("--dim", type=_int_at_least(1), default=64, help="model width D (default 64)")
     parser.add_argument("--hidden", type=_int_at_least(1), default=16, help="adapter bottleneck H (default 16)")

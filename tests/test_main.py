@@ -88,8 +88,8 @@ def test_wrong_option_is_one_line_and_status_2(argv, option, capsys, monkeypatch
     with pytest.raises(SystemExit) as exc:
         demo.main(argv)
     assert exc.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("python -m fusedadapters: error: argument") and option in err[-1]
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("python -m fusedadapters: error: argument") and option in line
 
 
 def test_out_naming_a_file_is_refused(tmp_path, capsys, monkeypatch):
@@ -100,8 +100,8 @@ def test_out_naming_a_file_is_refused(tmp_path, capsys, monkeypatch):
         with pytest.raises(SystemExit) as exc:
             demo.main(["--out", str(out)])
         assert exc.value.code == 2
-        last = capsys.readouterr().err.strip().splitlines()[-1]
-        assert "--out" in last and "a_file" in last and "not a directory" in last
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert "--out" in line and "a_file" in line and "not a directory" in line
     assert existing.read_text() == "keep me"
 
 
@@ -144,6 +144,7 @@ def test_module_entry_point_wrong_option():
     result = subprocess.run([sys.executable, "-m", "fusedadapters", "--dim", "-3"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr.strip().splitlines()[-1] == (
-        "python -m fusedadapters: error: argument --dim: must be an integer at least 1, got -3"
+    assert result.stderr == (
+        "python -m fusedadapters: error: argument --dim: must be an integer at least 1, got -3 "
+        "(--help lists the options)\n"
     )
