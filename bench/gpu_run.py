@@ -962,7 +962,8 @@ def render_summary(ctx: "Context", steps: Dict[str, Dict[str, Any]], exit_status
             for m in pred_step["matches"]:
                 if m["predicted_fraction"] is None:
                     unmatched[m["note"]] = unmatched.get(m["note"], 0) + 1
-            out += [f"- without a prediction ({n} point{'s' if n > 1 else ''}): {note}" for note, n in unmatched.items()]
+            out += [f"- without a prediction ({n} point{'s' if n > 1 else ''}): {note}"
+                    for note, n in unmatched.items()]
             out += [""] if unmatched else []
         min_elems = ctx.bench["runs"][-1]["config"]["target_min_elems"]
         for mode in bench_module().MODES:
