@@ -311,6 +311,28 @@ struct Buffers {
   float* row(int i) { return rows[i]; }
 };
 
+// act(h[j]) and, when `grad` is given, act'(h[j]) for j < n; the activation is chosen once per row,
+// outside the loop, so that the loop vectorises.
+template <Activation A>
+void activate_row_as(const float* h, int64_t n, float* act, float* grad) {
+  FA_SIMD
+  for (int64_t j = 0; j < n; ++j) act[j] = activate(A, h[j]);
+  if (grad == nullptr) return;
+  FA_SIMD
+  for (int64_t j = 0; j < n; ++j) grad[j] = activate_grad(A, h[j]);
+}
+
+void activate_row(Activation activation, const float* h, int64_t n, float* act, float* grad) {
+  switch (activation) {
+    case Activation::Identity: return activate_row_as<Activation::Identity>(h, n, act, grad);
+    case Activation::Hardtanh: return activate_row_as<Activation::Hardtanh>(h, n, act, grad);
+    case Activation::Relu: return activate_row_as<Activation::Relu>(h, n, act, grad);
+    case Activation::Selu: return activate_row_as<Activation::Selu>(h, n, act, grad);
+    case Activation::Swish: return activate_row_as<Activation::Swish>(h, n, act, grad);
+    case Activation::Gelu: return activate_row_as<Activation::Gelu>(h, n, act, grad);
+  }
+}
+
 DropScale drop_scale_of(const AdapterShape& s) { return make_drop_scale(s.dropout_p, s.scale ? *s.scale : 1.0f); }
 
 inline uint32_t row_hash_of(const AdapterShape& s, int64_t row) {
@@ -362,8 +384,7 @@ void forward_block(const ForwardArgs<T>& a, const Weights& w, const float* b_pro
     gemm_nn(m, d, Strided{xs.data, xs.stride, 1}, w.down_t.data(), hw, hw, hid, hw, false);  // x Wdᵀ
   }
   for (int64_t i = 0; i < m; ++i) {
-    FA_SIMD
-    for (int64_t j = 0; j < h; ++j) act[i * hw + j] = activate(s.activation, hid[i * hw + j]);
+    activate_row(s.activation, hid + i * hw, h, act + i * hw, nullptr);
     std::copy(hid + i * hw, hid + i * hw + h, a.hidden + (r0 + i) * h);
   }
 
@@ -428,12 +449,7 @@ void backward_block(const BackwardArgs<T>& a, const Weights& w, int64_t r0, int6
   const int64_t next_m = std::min(m, n - r0 - m), steps = width / 32 + 1;
   Prefetch next_g = prefetch_rows(a.grad_out, a.g_stride_row, a.g_stride_col, d, r0 + m, next_m, steps);
   Prefetch next_x = prefetch_rows(a.x, a.x_stride_row, a.x_stride_col, d, r0 + m, next_m, steps);
-  for (int64_t i = 0; i < m; ++i)
-    FA_SIMD
-    for (int64_t j = 0; j < h; ++j) {
-      act[i * hw + j] = activate(s.activation, hid[i * h + j]);
-      act_grad[i * hw + j] = activate_grad(s.activation, hid[i * h + j]);
-    }
+  for (int64_t i = 0; i < m; ++i) activate_row(s.activation, hid + i * h, h, act + i * hw, act_grad + i * hw);
   for (int64_t i = 0; i < m; ++i) q[i] = a.grad_row_sq ? a.grad_row_sq[r0 + i] : 0.0f;
 
   auto normalize = [&](const float* v, float* out, int64_t i) {  // ((v - c) - (μ - c)) r, post norm
