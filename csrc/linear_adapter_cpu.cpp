@@ -280,10 +280,15 @@ Weights upcast_weights(const AdapterShape& s, const T* ln_weight, const T* ln_bi
   return w;
 }
 
-// Rows per block: as many as keep one block buffer within 128 KiB (at least 4, at most 64), so that
-// the buffers, the weights and the backward's partial sums stay within a 2 MiB L2 at H = 64.
-int64_t block_rows(int64_t width) {
-  return std::min<int64_t>(64, std::max<int64_t>(4, (32768 / width) / 4 * 4));
+// Rows per block: as many as fit `buffer_bytes` in one block buffer (at least 4, at most 64). The
+// forward wants small blocks (its buffers stay near L1 and the L2 keeps the weights), the backward
+// large ones (each block reads and writes the partial weight gradients once).
+constexpr int64_t kForwardBlockBytes = 32 * 1024;
+constexpr int64_t kBackwardBlockBytes = 256 * 1024;
+
+int64_t block_rows(int64_t width, int64_t buffer_bytes) {
+  const int64_t rows = buffer_bytes / (width * static_cast<int64_t>(sizeof(float)));
+  return std::min<int64_t>(64, std::max<int64_t>(4, rows / 4 * 4));
 }
 
 // Per-block buffers of one worker, allocated once per range of blocks; padding stays zero.
@@ -607,7 +612,7 @@ void linear_adapter_forward_cpu(const ForwardArgs<T>& a, const ParallelFor& para
       a.proj[s.h + j] = dot(row.data(), w.beta.data(), w.width);
     }
   }
-  const int64_t bm = block_rows(w.width);
+  const int64_t bm = block_rows(w.width, kForwardBlockBytes);
   const int64_t blocks = (s.n + bm - 1) / bm;
   parallel_for(blocks, [&](int64_t begin, int64_t end) {
     Buffers buf(bm, w.width, w.hwidth);
@@ -623,7 +628,7 @@ void linear_adapter_backward_cpu(const BackwardArgs<T>& a, const ParallelFor& pa
   const AdapterShape& s = a.shape;
   const int64_t d = s.d, h = s.h;
   const Weights w = upcast_weights(s, a.ln_weight, a.ln_bias, a.down_weight, a.up_weight, false, parallel_for);
-  const int64_t width = w.width, bm = block_rows(width);
+  const int64_t width = w.width, bm = block_rows(width, kBackwardBlockBytes);
   const int64_t blocks = (s.n + bm - 1) / bm;
   const int64_t groups = std::max<int64_t>(1, std::min(blocks, kMaxRowGroups));
   const int64_t blocks_per_group = (blocks + groups - 1) / groups;
