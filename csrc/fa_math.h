@@ -19,11 +19,14 @@ constexpr float kInvSqrt2 = 0.70710678118654752440f;
 constexpr float kInvSqrt2Pi = 0.39894228040143267794f;
 
 // e^v within 2 ulp for v in [-87, 88] (clamped outside: 0 or 1.6e38 are what the activations need), in
-// plain arithmetic that a compiler vectorises, unlike a call into libm: v = n ln2 + r with |r| <= ln2/2,
-// e^r by Cephes' degree-7 polynomial, 2^n through the exponent bits.
+// plain arithmetic that a compiler vectorises, unlike a call into libm (or floorf): v = n ln2 + r with
+// |r| <= ln2/2, e^r by Cephes' degree-7 polynomial, 2^n through the exponent bits.
 FA_HD FA_INLINE float exp_fast(float v) {
-  v = fminf(fmaxf(v, -87.0f), 88.0f);
-  const float n = floorf(v * 1.44269504088896341f + 0.5f);
+  v = v < -87.0f ? -87.0f : (v > 88.0f ? 88.0f : v);  // comparisons, not fminf/fmaxf: they vectorise
+  // n = round(v / ln2): adding 1.5 * 2^23 rounds to an integer, which the low bits then hold.
+  const float shifted = v * 1.44269504088896341f + 12582912.0f;
+  const float n = shifted - 12582912.0f;
+  const int32_t n_int = static_cast<int32_t>(float_to_bits(shifted)) - 0x4B400000;
   float r = v - n * 0.693359375f;
   r = r + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
@@ -33,15 +36,15 @@ FA_HD FA_INLINE float exp_fast(float v) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   const float e_r = p * r * r + r + 1.0f;
-  return e_r * bits_to_float(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
+  return e_r * bits_to_float(static_cast<uint32_t>(n_int + 127) << 23);
 }
 
 // act(h); gelu is the exact erf form, swish is SiLU.
 FA_HD FA_INLINE float activate(Activation act, float h) {
   switch (act) {
     case Activation::Identity: return h;
-    case Activation::Hardtanh: return fminf(fmaxf(h, -1.0f), 1.0f);
-    case Activation::Relu: return fmaxf(h, 0.0f);
+    case Activation::Hardtanh: return h < -1.0f ? -1.0f : (h > 1.0f ? 1.0f : h);  // NaN stays NaN
+    case Activation::Relu: return h < 0.0f ? 0.0f : h;
     case Activation::Selu: return kSeluScale * (h > 0.0f ? h : kSeluAlpha * expm1f(h));
     case Activation::Gelu: return 0.5f * h * (1.0f + erff(h * kInvSqrt2));
     case Activation::Swish: break;

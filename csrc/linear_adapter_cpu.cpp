@@ -69,17 +69,6 @@ struct Strided {
   Strided rows_from(int64_t i) const { return Strided{data + i * row_stride, row_stride, col_stride}; }
 };
 
-// Walks a byte range a few cache lines per step, so that loading the next block of rows from memory
-// overlaps with the arithmetic on this one.
-struct Prefetch {
-  const char* next = nullptr;
-  const char* end = nullptr;
-  int64_t lines_per_step = 0;
-  void step() {
-    for (int64_t l = 0; l < lines_per_step && next < end; ++l, next += 64) __builtin_prefetch(next, 0, 2);
-  }
-};
-
 // C[i][:] (+)= Σ_k A(i, k) B[k][:] for an R×(V·kLanes) tile, kept in registers for the whole sum.
 template <int R, int V>
 void axpy_tile(Strided a, int64_t k, const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
@@ -122,16 +111,12 @@ void axpy_strip(int64_t m, Strided a, int64_t k, const float* b, int64_t ldb, fl
 }
 
 // C (m×width) (+)= A (m×k) B (k×width): rows times a weight matrix, or a rank-k update of one. Each
-// tile of C stays in registers for the whole sum over k: no horizontal sums. `prefetch` (optional)
-// steps once per column strip.
+// tile of C stays in registers for the whole sum over k: no horizontal sums.
 void gemm_nn(int64_t m, int64_t k, Strided a, const float* b, int64_t ldb, int64_t width, float* c, int64_t ldc,
-             bool accumulate, Prefetch* prefetch = nullptr) {
+             bool accumulate) {
   constexpr int64_t kStrip = 2 * kLanes;
   int64_t col = 0;
-  for (; col + kStrip <= width; col += kStrip) {
-    axpy_strip<2>(m, a, k, b + col, ldb, c + col, ldc, accumulate);
-    if (prefetch) prefetch->step();
-  }
+  for (; col + kStrip <= width; col += kStrip) axpy_strip<2>(m, a, k, b + col, ldb, c + col, ldc, accumulate);
   if (col < width) axpy_strip<1>(m, a, k, b + col, ldb, c + col, ldc, accumulate);
 }
 
@@ -180,19 +165,6 @@ void store_row(T* out, const float* v, int64_t d) {
   for (int64_t c = 0; c < d; ++c) out[c] = from_float<T>(v[c]);
 }
 
-// A Prefetch of rows [r, r + m) of an N×D matrix that is contiguous (nothing otherwise), spread over
-// `steps` steps.
-template <typename T>
-Prefetch prefetch_rows(const T* base, int64_t stride_row, int64_t stride_col, int64_t d, int64_t r, int64_t m,
-                       int64_t steps) {
-  Prefetch p;
-  if (m > 0 && stride_col == 1 && stride_row == d) {
-    p.next = reinterpret_cast<const char*>(base + r * d);
-    p.end = reinterpret_cast<const char*>(base + (r + m) * d);
-    p.lines_per_step = (p.end - p.next) / 64 / steps + 1;
-  }
-  return p;
-}
 
 // Statistics of one row v[0, d) shifted by `shift` (the row's first element, so that a mean that is
 // large next to the spread costs no precision): lane l of the vectors holds the part
@@ -393,10 +365,7 @@ void forward_block(const ForwardArgs<T>& a, const Weights& w, const float* b_pro
     std::copy(hid + i * hw, hid + i * hw + h, a.hidden + (r0 + i) * h);
   }
 
-  // The next block's x comes from memory during the up-projection.
-  Prefetch next_x = prefetch_rows(a.x, a.x_stride_row, a.x_stride_col, d, r0 + m, std::min(m, s.n - r0 - m),
-                                  width / 32 + 1);
-  gemm_nn(m, h, Strided{act, hw, 1}, w.up_t.data(), width, width, s.pre_norm ? y : t, width, false, &next_x);
+  gemm_nn(m, h, Strided{act, hw, 1}, w.up_t.data(), width, width, s.pre_norm ? y : t, width, false);
   if (!s.pre_norm) {
     for (int64_t i = 0; i < m; ++i) {
       const float* u = t + i * width;
@@ -450,10 +419,6 @@ void backward_block(const BackwardArgs<T>& a, const Weights& w, int64_t r0, int6
   const bool need_ln = a.d_ln_weight != nullptr, need_dwd = a.d_down != nullptr, need_dwu = a.d_up != nullptr;
 
   const Rows g = float_rows(a.grad_out + r0 * a.g_stride_row, a.g_stride_row, a.g_stride_col, m, d, buf.row(0), width);
-  // The next block's dout and x come from memory during this block's matrix products.
-  const int64_t next_m = std::min(m, n - r0 - m), steps = width / 32 + 1;
-  Prefetch next_g = prefetch_rows(a.grad_out, a.g_stride_row, a.g_stride_col, d, r0 + m, next_m, steps);
-  Prefetch next_x = prefetch_rows(a.x, a.x_stride_row, a.x_stride_col, d, r0 + m, next_m, steps);
   for (int64_t i = 0; i < m; ++i) activate_row(s.activation, hid + i * h, h, act + i * hw, act_grad + i * hw);
   for (int64_t i = 0; i < m; ++i) q[i] = a.grad_row_sq ? a.grad_row_sq[r0 + i] : 0.0f;
 
@@ -510,7 +475,7 @@ void backward_block(const BackwardArgs<T>& a, const Weights& w, int64_t r0, int6
       c2[i] = s2;
     }
     const bool need_e = a.dx || need_ln;
-    if (need_e) gemm_nn(m, h, Strided{dh, hw, 1}, w.down.data(), width, width, e, width, false, &next_g);  // dh Wd
+    if (need_e) gemm_nn(m, h, Strided{dh, hw, 1}, w.down.data(), width, width, e, width, false);  // dh Wd
     // One pass per row over x̂ = ((x - c) - (μ - c)) r and e = dh Wd: dx = [dout +] r (eγ - (c1 + x̂ c2)/D),
     // dγ += e x̂, dβ += e, and x̂γ + β (into t) for dWd.
     const float inv_d = 1.0f / static_cast<float>(d), keep_dout = s.residual ? 1.0f : 0.0f;
@@ -544,13 +509,13 @@ void backward_block(const BackwardArgs<T>& a, const Weights& w, int64_t r0, int6
       else if (need_ln) row_pass(No{}, Yes{});
       else row_pass(No{}, No{});
     }
-    if (need_dwd) gemm_nn(h, m, Strided{dh, 1, hw}, t, width, width, p.d_down, width, true, &next_x);  // += dhᵀ (x̂γ + β)
+    if (need_dwd) gemm_nn(h, m, Strided{dh, 1, hw}, t, width, width, p.d_down, width, true);  // += dhᵀ (x̂γ + β)
     if (need_dwu) gemm_nn(h, m, Strided{act, 1, hw}, dyr.data, dyr.stride, width, p.d_up_t, width, true);  // += aᵀ dy
     return;
   }
 
   // Post norm.
-  gemm_nn(m, h, Strided{act, hw, 1}, w.up_t.data(), width, width, t, width, false, &next_g);  // u
+  gemm_nn(m, h, Strided{act, hw, 1}, w.up_t.data(), width, width, t, width, false);  // u
   for (int64_t i = 0; i < m; ++i) {
     float* uh = t + i * width;
     normalize(uh, uh, i);
@@ -585,7 +550,7 @@ void backward_block(const BackwardArgs<T>& a, const Weights& w, int64_t r0, int6
   gemm_nn(m, d, Strided{e, width, 1}, w.up.data(), hw, hw, dh, hw, false);  // da = du Wu
   for (int64_t k = 0; k < m * hw; ++k) dh[k] *= act_grad[k];
   if (a.dx) {
-    gemm_nn(m, h, Strided{dh, hw, 1}, w.down.data(), width, width, t, width, false, &next_x);  // dh Wd
+    gemm_nn(m, h, Strided{dh, hw, 1}, w.down.data(), width, width, t, width, false);  // dh Wd
     for (int64_t i = 0; i < m; ++i) store_dx(t + i * width, i);
   }
   if (need_dwd) {
