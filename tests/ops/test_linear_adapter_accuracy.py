@@ -19,16 +19,20 @@ from .test_linear_adapter import _RANDN, DEVICES, PARAM_NAMES, as_float64, make_
 
 pytestmark = pytest.mark.skipif(not backend_mod.triton_available(), reason="needs triton")
 
-DRAWS = 8
-# Eager's own error varies by a factor of a few from draw to draw; the median ratio is steady.
-MAX_MEDIAN_RATIO = 2.0
+DRAWS = 16
+# Eager's own error varies by a factor of a few from draw to draw, so the test compares medians over
+# seeded draws (deterministic: a statistical bound must not flake). The two sides sum their dots in
+# different orders (eager through the CPU BLAS, the kernels through tl.dot in chunks of D), which
+# alone moves the ratio between about 0.5 and 2 on single draws.
+MAX_MEDIAN_RATIO = 2.5
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("eps", [1e-5, 1.0])
 def test_post_norm_rank_one_gradients_as_accurate_as_eager(device, eps):
     ratios = {name: [] for name in PARAM_NAMES}
-    for _ in range(DRAWS):
+    for draw in range(DRAWS):
+        torch.manual_seed(draw)
         _RANDN.clear()  # fresh upstream gradients, shared by the three runs of this draw
         x = make_x((48, 96), device=device)
         params = make_params(96, 1, device=device)
