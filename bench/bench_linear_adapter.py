@@ -12,7 +12,8 @@ What is measured, for every point (mode, dtype, N tokens, D model size, H hidden
 Backends: ``eager`` (the pure-PyTorch reference, ``backend='reference'``), ``compile`` and
 ``compile-max-autotune`` (``torch.compile`` of that same reference call, modes default and
 ``max-autotune``, compiled afresh per shape with static shapes), ``triton`` (``backend='triton'``),
-``native`` (``backend='native'``, the compiled kernels of csrc/; built first when it is not),
+``native`` (``backend='native'``, the compiled kernels of csrc/; only when asked for, as it is built
+first when it is not, and a built library makes it the automatic choice for CPU tensors),
 and two self-test backends used by the tests (``selftest-raise`` raises, ``selftest-wrong`` returns a
 wrong result), which exist to prove that failures are recorded instead of hidden.
 
@@ -289,8 +290,8 @@ BACKENDS: Dict[str, Backend] = {
 
 def default_backends(device: torch.device) -> List[str]:
     if device.type == "cpu":
-        return [EAGER, "compile", "triton", "native"]
-    return [EAGER, "compile", COMPILE_MAX, "triton", "native"]
+        return [EAGER, "compile", "triton"]
+    return [EAGER, "compile", COMPILE_MAX, "triton"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -800,8 +801,8 @@ def build_parser() -> argparse.ArgumentParser:
     preset.add_argument("--cpu-small", action="store_true",
                         help=f"tiny CI sweep {PRESETS['cpu-small']} (the default on CPU)")
     p.add_argument("--backends", type=_names, default=None,
-                   help=f"comma list from {list(BACKENDS)} (default: eager,compile,compile-max-autotune,triton,"
-                        "native; on CPU eager,compile,triton,native)")
+                   help=f"comma list from {list(BACKENDS)} (default: eager,compile,compile-max-autotune,triton; "
+                        "on CPU eager,compile,triton)")
     p.add_argument("--modes", type=_names, default=list(MODES), help="comma list of forward,backward,full")
     p.add_argument("--n", type=_ints, default=None, help="token counts, e.g. 1,16,2**16 (overrides the preset)")
     p.add_argument("--d", type=_ints, default=None, help="model sizes D (overrides the preset)")
