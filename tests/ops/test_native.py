@@ -366,6 +366,21 @@ def test_bad_arguments_are_clear_errors():
         linear_adapter(x, *params, activation="tanh", backend="native")
 
 
+def test_benchmark_times_the_native_column(native_cache, tmp_path):
+    """bench_linear_adapter.py checks the native backend against the reference, then times it."""
+    import json
+
+    script = CSRC.parent / "bench" / "bench_linear_adapter.py"
+    env = dict(os.environ, **{native.CACHE_ENV_VAR: str(native_cache)})
+    env.pop(backend_mod.ENV_VAR, None)
+    cmd = [sys.executable, str(script), "--device", "cpu", "--cpu-small", "--n", "1,33", "--backends", "eager,native",
+           "--modes", "forward,backward", "--rep-ms", "5", "--no-plot", "--out", str(tmp_path)]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = [r for r in json.loads((tmp_path / "results.json").read_text())["rows"] if r["backend"] == "native"]
+    assert len(rows) == 4 and all(r["status"] == "ok" and r["ms"] > 0 for r in rows), rows
+
+
 # ----------------------------------------------------------------------------------------------
 # CUDA sources, compiled without a GPU
 # ----------------------------------------------------------------------------------------------
