@@ -73,4 +73,13 @@ void linear_adapter_forward_cpu(const ForwardArgs<T>& args, const ParallelFor& p
 template <typename T>
 void linear_adapter_backward_cpu(const BackwardArgs<T>& args, const ParallelFor& parallel_for);
 
+// CUDA decode forward (linear_adapter_decode.cu), for 1 <= N <= kDecodeMaxRows rows: one cooperative
+// launch on `stream` (a cudaStream_t) that spreads D over the whole GPU; `workspace` holds
+// linear_adapter_decode_workspace_floats(N, D, H) floats on the device. Returns a cudaError_t.
+// Not yet run on a GPU and not registered behind the op (no CUDA backward exists yet).
+constexpr int64_t kDecodeMaxRows = 64;
+int64_t linear_adapter_decode_workspace_floats(int64_t n, int64_t d, int64_t h);
+template <typename T>
+int linear_adapter_decode_forward_cuda(const ForwardArgs<T>& args, float* workspace, void* stream);
+
 }  // namespace fa

@@ -3,8 +3,8 @@
 The library is built once per test session from a clean cache (``python -m fusedadapters.build`` in a
 subprocess, into a temporary ``$FUSEDADAPTERS_CACHE``) and loaded from there; the tests of this module
 see that cache, the rest of the suite the user's. The parity helpers are those of the Triton tests.
-CUDA kernels of the native backend do not exist yet: every .cu source and the shared math headers are
-compiled by nvcc for sm_80 and sm_90 with warnings as errors, and run nowhere.
+The native backend has no CUDA kernels behind the op yet; every .cu source (the decode forward, never
+run) and the shared math headers are compiled by nvcc for sm_80 and sm_90 with warnings as errors.
 """
 
 from __future__ import annotations
