@@ -463,6 +463,8 @@ void backward_block(const BackwardArgs<T>& a, const Weights& w, int64_t r0, int6
       for (int64_t i = 0; i < m; ++i) output_grad(i);
     }
     gemm_nn(m, d, Strided{dyr.data, dyr.stride, 1}, w.up.data(), hw, hw, dh, hw, false);  // da = dy Wu
+    // dWu while dy is still in the cache.
+    if (need_dwu) gemm_nn(h, m, Strided{act, 1, hw}, dyr.data, dyr.stride, width, p.d_up_t, width, true);  // += aᵀ dy
     for (int64_t i = 0; i < m; ++i) {
       float s1 = 0.0f, s2 = 0.0f;
       for (int64_t j = 0; j < h; ++j) {
@@ -510,7 +512,6 @@ void backward_block(const BackwardArgs<T>& a, const Weights& w, int64_t r0, int6
       else row_pass(No{}, No{});
     }
     if (need_dwd) gemm_nn(h, m, Strided{dh, 1, hw}, t, width, width, p.d_down, width, true);  // += dhᵀ (x̂γ + β)
-    if (need_dwu) gemm_nn(h, m, Strided{act, 1, hw}, dyr.data, dyr.stride, width, p.d_up_t, width, true);  // += aᵀ dy
     return;
   }
 
