@@ -7,16 +7,16 @@ the operators ``torch.ops.fusedadapters_native.linear_adapter_forward/backward``
 
 Where the library comes from, first match wins:
 
-1. a library built ahead of time by ``FUSEDADAPTERS_BUILD_NATIVE=1 pip install .`` (``fusedadapters/_native*.so``);
+1. a library built into the package ahead of time (``fusedadapters/_native*.so``, see setup.py);
 2. the build cache: ``$FUSEDADAPTERS_CACHE/native/<key>/`` (default ``~/.cache/fusedadapters/native/<key>/``),
    where ``<key>`` names the torch version, CUDA version (or ``cpu``), machine, CPU, Python version and
-   a hash of the sources, so that each combination builds once;
+   a hash of the sources and compiler flags, so that each combination builds once;
 3. a just-in-time build into that cache through ``torch.utils.cpp_extension`` and ninja, when the
-   native backend is asked for and not built (it prints a progress message; it takes about half a
-   minute on two cores). ``python -m fusedadapters.build`` does the same ahead of time.
+   native backend is asked for and not built (with a progress message on stderr; two C++ files, seconds
+   to a minute). ``python -m fusedadapters.build`` does the same ahead of time.
 
-The JIT build compiles for the CPU it runs on (``-march=native``); the ahead-of-time wheel build
-compiles for the baseline of its architecture unless ``FUSEDADAPTERS_NATIVE_CFLAGS`` says otherwise.
+The JIT build compiles for the CPU it runs on (``-march=native``; ``$FUSEDADAPTERS_NATIVE_CFLAGS``
+replaces the flags). The automatic backend choice only looks for a built library, never builds one.
 """
 
 from __future__ import annotations
@@ -50,10 +50,10 @@ CFLAGS_ENV_VAR = "FUSEDADAPTERS_NATIVE_CFLAGS"
 LIBRARY_NAME = "fusedadapters_native"
 HOW_TO_BUILD = (
     "build it with `python -m fusedadapters.build` (needs a C++17 compiler and ninja: "
-    "`apt-get install g++`, `pip install ninja`), or install with `FUSEDADAPTERS_BUILD_NATIVE=1 pip install .`"
+    "`apt-get install g++`, `pip install ninja`), or install with "
+    "`FUSEDADAPTERS_BUILD_NATIVE=1 pip install --no-build-isolation .`"
 )
 JIT_CFLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp-simd"]
-PORTABLE_CFLAGS = ["-O3", "-ffp-contract=fast", "-fopenmp-simd"]
 
 _PACKAGE_DIR = Path(__file__).resolve().parents[1]
 _loaded_from: Optional[Path] = None
@@ -61,7 +61,8 @@ _devices: Tuple[str, ...] = ()  # device types with kernels in the loaded librar
 
 
 class NativeBuildError(RuntimeError):
-    """The native library is not built and cannot be built here; the message says why and what to do."""
+    """The native library is not built and cannot be built (no compiler, no ninja, a failed build); the
+    message says why and what to do."""
 
 
 def source_dir() -> Path:
@@ -187,8 +188,8 @@ def build(verbose: bool = False) -> Path:
             extra_cflags=cflags(),
             extra_include_paths=[str(source_dir())],
             build_directory=str(target),
-            is_python_module=False,
-            with_cuda=False,
+            is_python_module=False,  # a torch library: its operators register themselves when loaded
+            with_cuda=False,  # no CUDA kernel is registered yet (csrc/README.md)
             verbose=verbose,
         )
     except Exception as error:  # the compiler's output is in the message
@@ -215,7 +216,7 @@ def ensure_loaded() -> None:
         return
     target = cache_dir()
     print(f"fusedadapters: building the native backend into {target} (once per torch, CUDA and "
-          "source version; about half a minute on two cores) ...", file=sys.stderr, flush=True)
+          "source version; seconds to a minute) ...", file=sys.stderr, flush=True)
     start = time.perf_counter()
     build()
     print(f"fusedadapters: native backend built in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
