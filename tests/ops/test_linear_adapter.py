@@ -164,6 +164,23 @@ def test_large_mean(device, norm_position, residual):
 
 
 @devices
+@pytest.mark.parametrize("norm_position", reference.NORM_POSITIONS)
+def test_columns_pass_split_in_two_at_large_hidden(device, norm_position):
+    """From H = 256 the columns pass runs as two launches (dWu's and dWd's accumulators apart)."""
+    from fusedadapters.ops.triton import linear_adapter as kernels
+
+    torch.manual_seed(5)
+    x = make_x((33, 70), torch.float16, device)
+    params = make_params(70, 300, torch.float16, device)
+    outs, _ = kernels.plan_forward(x, *params, None, None, "gelu", norm_position, 1e-5, 0.0, True, True,
+                                   kernels.device_limits(x.device))
+    _, launches = kernels.plan_backward(x, None, x, *params, None, None, *outs[2:], "gelu", norm_position, 0.0,
+                                        True, True, True, True, True, kernels.device_limits(x.device))
+    assert [launch.name for launch in launches].count("bwd_cols") == 2
+    check(x, params, activation="gelu", norm_position=norm_position)
+
+
+@devices
 @pytest.mark.parametrize(
     "shape, hidden",
     [((1, 37), 1), ((70, 16), 16), ((2, 3, 100), 100), ((65, 1), 3), ((5, 20), 1024), ((130, 24), 8)],

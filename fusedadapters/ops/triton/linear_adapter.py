@@ -432,8 +432,11 @@ def _pre_norm_bwd_rows_kernel(
     g_rows = DOUT + rows.to(tl.int64)[:, None] * stride_gn
     dot_dtype = WU.dtype.element_ty
 
-    h = tl.load(HID + rows.to(tl.int64)[:, None] * H + hcols[None, :], mask=hid_mask, other=0.0)
-    a = _act(h, ACT)
+    hid_offs = rows.to(tl.int64)[:, None] * H + hcols[None, :]
+    # Only da stays live through the loop (and a, with the row_sq gradient, for y = a Wuᵀ): h and a
+    # are loaded again after it, which lets a row block be twice as tall at large H.
+    if HAS_ROW_SQ_GRAD:
+        a = _act(tl.load(HID + hid_offs, mask=hid_mask, other=0.0), ACT)
     grad_sq = _load_rows(GRAD_SQ, rows, row_ok, HAS_ROW_SQ_GRAD, stride_q)
     scale = _load_scale(SCALE, HAS_SCALE)
     row_hash = _row_hash(SEED, rows) if HAS_DROPOUT else rows
@@ -449,6 +452,8 @@ def _pre_norm_bwd_rows_kernel(
         dy = _dy(dout, y, grad_sq, row_hash, cols, scale, dropout_p, keep_scale,
                  HAS_DROPOUT, HAS_SCALE, HAS_ROW_SQ_GRAD)
         da += _dot(dy, wu, DOT_F32, dot_dtype)
+    h = tl.load(HID + hid_offs, mask=hid_mask, other=0.0)
+    a = _act(h, ACT)
     dh = da * _act_grad(h, ACT)
     g = tl.load(PROJ + hcols, mask=h_ok, other=0.0)
     b = tl.load(PROJ + H + hcols, mask=h_ok, other=0.0)
@@ -485,8 +490,8 @@ def _post_norm_bwd_rows_kernel(
     g_rows = DOUT + rows.to(tl.int64)[:, None] * stride_gn
     dot_dtype = WU.dtype.element_ty
 
-    h = tl.load(HID + rows.to(tl.int64)[:, None] * H + hcols[None, :], mask=hid_mask, other=0.0)
-    a = _act(h, ACT)
+    hid_offs = rows.to(tl.int64)[:, None] * H + hcols[None, :]
+    a = _act(tl.load(HID + hid_offs, mask=hid_mask, other=0.0), ACT)  # h is loaded again after the loop
     shift, mean_c, rstd = _load_stats(MEAN, RSTD, rows, row_ok, N)
     grad_sq = _load_rows(GRAD_SQ, rows, row_ok, HAS_ROW_SQ_GRAD, stride_q)
     scale = _load_scale(SCALE, HAS_SCALE)
@@ -518,7 +523,7 @@ def _post_norm_bwd_rows_kernel(
     k1 = c1 / D
     k2 = c2 / D
     da = rstd[:, None] * (duhat_wu - k1[:, None] * wu_sum[None, :] - k2[:, None] * uhat_wu)
-    dh = da * _act_grad(h, ACT)
+    dh = da * _act_grad(tl.load(HID + hid_offs, mask=hid_mask, other=0.0), ACT)
     _store_rows_outputs(ACTS, DH, K, a, dh, k1, k2, rows, row_ok, hcols, h_ok, N, H)
 
 
@@ -655,8 +660,9 @@ class DeviceLimits(NamedTuple):
 
 H100 = DeviceLimits("H100", 132, 227 * 1024, (9, 0))
 A100 = DeviceLimits("A100", 108, 163 * 1024, (8, 0))
-# Triton's interpreter: no shared-memory limit; two "SMs" so that the tests cover split reductions.
-INTERPRETER = DeviceLimits("interpreter", 2, 1 << 30, (0, 0))
+# Triton's interpreter: no shared-memory limit; two "SMs" so that the tests cover split reductions;
+# sm_90's capability, so that the tests run the block sizes an H100 gets.
+INTERPRETER = DeviceLimits("interpreter", 2, 1 << 30, (9, 0))
 
 
 @functools.lru_cache(maxsize=None)
@@ -721,16 +727,17 @@ def _register_pressure(dtype: torch.dtype, limits: DeviceLimits) -> int:
     return 2 if dtype == torch.float32 or limits.capability < (9, 0) else 1
 
 
-def _row_config(h: int, d: int, dtype: torch.dtype, limits: DeviceLimits, tiles: int = 2) -> _Config:
-    """Forward and backward rows pass. A program keeps ``tiles`` BM×BH float32 tiles live through its
-    loop over D (forward: h and a; pre-norm backward rows: h, a, da; post-norm: four); BM is the
-    largest power of two from 16 to 64 that keeps them within a register budget a thread (128 in the
-    forward, 96 in the backward, halved under register pressure). D chunks narrow as H grows, and
+def _row_config(h: int, d: int, dtype: torch.dtype, limits: DeviceLimits, tiles: int = 2,
+                budget: int = 128) -> _Config:
+    """Forward and backward rows pass. A program keeps about ``tiles`` BM×BH float32 tiles live (forward:
+    the h accumulator and a; pre-norm backward rows: da in the loop, h, a and dh after it, counted as
+    two; post norm: a and two accumulators in the loop, h after it, counted as four); BM is the largest power of two from 16 to 64 that keeps them within
+    ``budget`` registers a thread (halved under register pressure). D chunks narrow as H grows, and
     software pipelining goes where its stages would not fit the block's shared memory."""
     bh = _padded_hidden(h)
     pressure = _register_pressure(dtype, limits)
     warps = 4 if bh <= (64 if tiles <= 2 else 32) else 8
-    budget = (128 if tiles <= 2 else 96) // pressure
+    budget //= pressure
     bm = 64
     while bm > 16 and tiles * bm * bh > budget * 32 * warps:
         bm //= 2
@@ -741,15 +748,17 @@ def _row_config(h: int, d: int, dtype: torch.dtype, limits: DeviceLimits, tiles:
     return _Config(bh, bm, _clamp_bd(bd, d), warps, stages)
 
 
-def _col_config(h: int, d: int, dtype: torch.dtype, limits: DeviceLimits) -> _Config:
+def _col_config(h: int, d: int, dtype: torch.dtype, limits: DeviceLimits, accumulators: int = 2) -> _Config:
     """Backward columns pass: wide D slices (the h-sized tiles are re-read once per slice), narrower as
-    H grows so that the float32 accumulators (dWd and dWu, BH×BD each) stay in registers; 16-row steps
-    under register pressure. Chosen by compiling the grid of the static kernel report for spills."""
+    H grows so that the float32 weight-gradient accumulators (``accumulators`` of dWd and dWu, BH×BD
+    each) stay in registers; 16-row steps under register pressure. Chosen by compiling the grid of the
+    static kernel report for spills."""
     bh = _padded_hidden(h)
     pressure = _register_pressure(dtype, limits)
     bm = 16 if pressure > 1 or bh > 128 else 32
-    bd = 128 if bh <= 64 else 64 if bh <= 128 else 32 if bh <= 256 else 16
-    if pressure > 1 and bh >= 256:
+    width = bh * max(1, accumulators)
+    bd = 128 if width <= 128 else 64 if width <= 256 else 32 if width <= 512 else 16
+    if pressure > 1 and width >= 512:
         bd = 16
     if dtype == torch.float32 and bh >= 64:
         bd = min(bd, 64)
@@ -757,6 +766,21 @@ def _col_config(h: int, d: int, dtype: torch.dtype, limits: DeviceLimits) -> _Co
     if limits.shared_memory_per_block < 128 * 1024 and bh >= 256:
         stages = 1
     return _Config(bh, bm, _clamp_bd(bd, d), 8, stages)
+
+
+def _column_groups(pre: bool, need: Dict[str, bool], h: int, d: int, dtype: torch.dtype,
+                   limits: DeviceLimits) -> List[Dict[str, bool]]:
+    """The columns pass as one launch, or, where the two weight-gradient accumulators would narrow the
+    D slices below 64 columns (large H; not under register pressure, where one-accumulator launches
+    spill as well), as two launches with one accumulator each: the one that reads
+    ``a`` (dWu, and post norm's dγ, dβ) and the one that reads ``dh`` (dx, dWd, and pre norm's dγ, dβ).
+    Wider slices mean fewer re-reads of the N×H tiles from L2, at the price of reading dout twice."""
+    if (not (need["NEED_DWD"] and need["NEED_DWU"]) or _register_pressure(dtype, limits) > 1
+            or _col_config(h, d, dtype, limits).BD >= 64):
+        return [need]
+    reads_acts = {"NEED_DX": False, "NEED_DLN": not pre and need["NEED_DLN"], "NEED_DWD": False, "NEED_DWU": True}
+    reads_dh = {name: need[name] and not reads_acts[name] for name in need}
+    return [reads_dh, reads_acts]
 
 
 def _dot_f32(dtype: torch.dtype, limits: DeviceLimits) -> bool:
@@ -928,7 +952,7 @@ def plan_backward(
     need_rows = need_dx or need_dwd or (need_dln if pre else need_dwu)
     need_acts = need_dwu or (not pre and need_dln)
     if (need_rows or need_acts) and n > 0:
-        cfg = _row_config(h_size, d, x.dtype, limits, tiles=3 if pre else 4)
+        cfg = _row_config(h_size, d, x.dtype, limits, tiles=2 if pre else 4, budget=96)
         programs = triton.cdiv(n, cfg.BM)
         tail = (acts, dh, k, n, d, h_size, g2.stride(0), g2.stride(1), q_stride, p, keep_scale)
         meta = _meta(cfg, ACT=activation, **flags)
@@ -943,31 +967,40 @@ def plan_backward(
             reread_bytes=0, live_bytes_per_program=0, l2_bytes=programs * h_size * d * e, elements=n * d,
         ))
 
-    cfg = _col_config(h_size, d, x.dtype, limits)
-    n_col = triton.cdiv(d, cfg.BD)
-    splits, rows_per_split = _row_splits(n, n_col, cfg.BM, limits)
+    need = dict(NEED_DX=need_dx, NEED_DLN=need_dln, NEED_DWD=need_dwd, NEED_DWU=need_dwu)
+    groups = _column_groups(pre, need, h_size, d, x.dtype, limits) if any(need.values()) else []
     dx = x.new_empty(x.shape if need_dx else (0,))
-    dwd = torch.empty((splits, h_size, d) if need_dwd else (0,), **f32)
-    dwu = torch.empty((splits, d, h_size) if need_dwu else (0,), **f32)
-    dlnw = torch.empty((splits, d) if need_dln else (0,), **f32)
-    dlnb = torch.empty((splits, d) if need_dln else (0,), **f32)
-    if need_dx or need_dln or need_dwd or need_dwu:
-        reads_x = (need_dx or need_dln or need_dwd) if pre else need_dwd
-        nd_bytes = n * d * e * (1 + int(reads_x) + int(need_dx))  # dout, x, dx
-        partial_bytes = 4 * splits * (int(need_dwd) * h_size * d + int(need_dwu) * h_size * d + 2 * int(need_dln) * d)
+    partials = {name: torch.empty((0,), **f32) for name in ("dwd", "dwu", "dlnw", "dlnb")}
+    for group in groups:
+        cfg = _col_config(h_size, d, x.dtype, limits, accumulators=int(group["NEED_DWD"]) + int(group["NEED_DWU"]))
+        n_col = triton.cdiv(d, cfg.BD)
+        splits, rows_per_split = _row_splits(n, n_col, cfg.BM, limits)
+        if group["NEED_DWD"]:
+            partials["dwd"] = torch.empty((splits, h_size, d), **f32)
+        if group["NEED_DWU"]:
+            partials["dwu"] = torch.empty((splits, d, h_size), **f32)
+        if group["NEED_DLN"]:
+            partials["dlnw"] = torch.empty((splits, d), **f32)
+            partials["dlnb"] = torch.empty((splits, d), **f32)
+        reads_dh = group["NEED_DX"] or group["NEED_DWD"] or (pre and group["NEED_DLN"])
+        reads_x = group["NEED_DWD"] or (pre and (group["NEED_DX"] or group["NEED_DLN"]))
+        nd_bytes = n * d * e * (1 + int(reads_x) + int(group["NEED_DX"]))  # dout, x, dx
+        reads_acts = group["NEED_DWU"] or (not pre and group["NEED_DLN"])
+        hid_bytes = n * h_size * acts.element_size() * (int(reads_dh) + int(reads_acts))
+        partial_bytes = 4 * splits * d * (h_size * (int(group["NEED_DWD"]) + int(group["NEED_DWU"]))
+                                          + 2 * int(group["NEED_DLN"]))
         launches.append(Launch(
             "bwd_cols", _bwd_cols_kernel, (n_col, splits),
             (x2, g2, q_arg, acts, dh, mean, rstd, k, ln_weight, ln_bias, down_weight, up_weight, seed, scale_arg,
-             dx, dwd, dwu, dlnw, dlnb,
+             dx, partials["dwd"], partials["dwu"], partials["dlnw"], partials["dlnb"],
              n, d, h_size, x2.stride(0), x2.stride(1), g2.stride(0), g2.stride(1), q_stride,
              rows_per_split, p, keep_scale),
-            _meta(cfg, **flags, RESIDUAL=residual, NEED_DX=need_dx, NEED_DLN=need_dln, NEED_DWD=need_dwd,
-                  NEED_DWU=need_dwu, PRE_NORM=pre),
-            hbm_bytes=nd_bytes + 2 * n * h_size * e + 12 * n + 2 * h_size * d * e + partial_bytes,
+            _meta(cfg, **flags, RESIDUAL=residual, **group, PRE_NORM=pre),
+            hbm_bytes=nd_bytes + hid_bytes + 12 * n + 2 * h_size * d * e + partial_bytes,
             reread_bytes=0, live_bytes_per_program=0,
-            l2_bytes=(n_col - 1) * (2 * n * h_size * e + 20 * n), elements=n * d,
+            l2_bytes=(n_col - 1) * (hid_bytes + 20 * n), elements=n * d,
         ))
-    return (dx, dlnw, dlnb, dwd, dwu), launches
+    return (dx, partials["dlnw"], partials["dlnb"], partials["dwd"], partials["dwu"]), launches
 
 
 def _run(launches: List[Launch], limits: DeviceLimits) -> None:
