@@ -637,13 +637,25 @@ def launch_record(point: Point, launch: Any, job: CompileJob, analysis: Dict[str
     return record
 
 
+def label_launches(records: List[Dict[str, Any]]) -> None:
+    """Give each launch of a point a unique ``label``: its name, numbered from 1 where names repeat."""
+    names = [r["launch"] for r in records]
+    seen: Dict[str, int] = {}
+    for r in records:
+        if names.count(r["launch"]) > 1:
+            seen[r["launch"]] = seen.get(r["launch"], 0) + 1
+            r["label"] = f"{r['launch']}[{seen[r['launch']]}]"
+        else:
+            r["label"] = r["launch"]
+
+
 def prediction_record(point: Point, records: List[Dict[str, Any]], refused: Optional[str]) -> Dict[str, Any]:
     """Predicted fraction of the copy floor for one grid point, from its launches."""
     gpu = GPU_MODELS[point.arch]
     elem_bytes = DTYPES[point.dtype].itemsize
     floor_us = FLOOR_PASSES[point.direction] * point.N * point.D * elem_bytes / (gpu.hbm_gbps * 1e3)
     record = dict(point.as_fields(), backend="triton", gpu=gpu.gpu, floor_us=floor_us,
-                  launches=[r["launch"] for r in records])
+                  launches=[r["label"] for r in records])
     if refused is not None:
         return dict(record, status="refused", reason=refused, predicted_fraction=None, predicted_us=None)
     hbm = sum(r["hbm_bytes_total"] for r in records)
@@ -719,7 +731,7 @@ def check_failures(launches: List[Dict[str, Any]], cuda: List[Dict[str, Any]] = 
     failures = []
     for r in launches:
         where = (f"{r['direction']} {r['norm_position']}-norm {r['dtype']} D={r['D']} H={r['H']} "
-                 f"{r['features']} {r['arch']} {r['launch']} ({r['kernel']})")
+                 f"{r['features']} {r['arch']} {r.get('label', r['launch'])} ({r['kernel']})")
         if r["status"] != "ok":
             failures.append(f"{where}: did not compile: {r.get('error')}")
             continue
@@ -786,6 +798,7 @@ def build_report(grid: Dict[str, Sequence[Any]], jobs: int, log=print) -> Dict[s
     for point in points:
         launches, compile_jobs, refused = planned[point]
         records = [launch_record(point, l, j, results[j.key]) for l, j in zip(launches, compile_jobs)]
+        label_launches(records)
         launch_records.extend(records)
         predictions.append(prediction_record(point, records, refused))
     cuda, cuda_skipped = cuda_kernel_records(grid["arch"])
@@ -886,7 +899,7 @@ def render_markdown(report: Dict[str, Any]) -> str:
     rows = []
     for p in report["predictions"]:
         launches = by_point.get(tuple(_point_cells(p)), [])
-        bounds = ", ".join(f"{r['launch']}: {r.get('bound', r['status'])}" for r in launches)
+        bounds = ", ".join(f"{r['label']}: {r.get('bound', r['status'])}" for r in launches)
         if p["status"] == "refused":
             bounds = f"refused: {p['reason']}"
         rows.append(_point_cells(p) + [fmt(p.get("hbm_bytes_per_token"), ".0f"),
@@ -906,11 +919,11 @@ def render_markdown(report: Dict[str, Any]) -> str:
     for r in report["launches"]:
         cfg = " ".join(f"{k}={r['meta'][k]}" for k in CONFIG_KEYS if k in r["meta"])
         if r["status"] != "ok":
-            rows.append(_point_cells(r) + [r["launch"], r["programs"], cfg] + ["–"] * 5 + [f"error: {r['error']}"])
+            rows.append(_point_cells(r) + [r["label"], r["programs"], cfg] + ["–"] * 5 + [f"error: {r['error']}"])
             continue
         loops = "+".join(str(loop["instructions"]) for loop in r["loops"])
         rows.append(_point_cells(r) + [
-            r["launch"], r["programs"], cfg, r["registers"], f"{r['spill_stores']}/{r['spill_loads']}",
+            r["label"], r["programs"], cfg, r["registers"], f"{r['spill_stores']}/{r['spill_loads']}",
             _kb(r["shared_total"]), f"{r['resident_warps_per_sm']} ({r['occupancy_limiter']})",
             f"{fmt(r['sass_instructions_per_element'], '.2f')} ({loops})", r.get("bound", "–")])
     lines += [harness.markdown_table(POINT_HEADERS + ["launch", "programs", "config", "regs", "spills", "smem KB",

@@ -150,6 +150,8 @@ def test_check_fails_on_half_precision_spills_and_oversized_blocks():
     assert script.check_failures([_record(), _record(dtype="fp16")]) == []
     spilled = script.check_failures([_record(spill_stores=172, spill_loads=120)])
     assert len(spilled) == 1 and "spills 172 B" in spilled[0] and "bwd_cols" in spilled[0]
+    labelled = script.check_failures([_record(label="bwd_cols[2]", spill_stores=8)])
+    assert "bwd_cols[2]" in labelled[0]
     assert script.check_failures([_record(dtype="fp16", spill_loads=4)])
     assert script.check_failures([_record(dtype="fp32", spill_stores=44_620, spill_loads=44_620)]) == []
     too_big = script.check_failures([_record(dtype="fp32", arch="sm_80", shared_total=193 * 1024,
@@ -201,6 +203,12 @@ def test_sass_loops_are_the_outermost_natural_loops():
     assert [(loop.header, loop.instructions) for loop in loops] == [(0x30, 7), (0xC0, 3)]
     assert loops[0].opcodes["global_loads"] == 1 and loops[0].opcodes["mufu"] == 0
     assert loops[1].opcodes["shared"] == 1 and loops[1].opcodes["mufu"] == 1
+
+
+def test_repeated_launch_names_are_numbered():
+    records = [dict(launch="rows"), dict(launch="cols"), dict(launch="cols")]
+    _load_script().label_launches(records)
+    assert [r["label"] for r in records] == ["rows", "cols[1]", "cols[2]"]
 
 
 def test_sass_per_element_counts_warps_and_tile():
