@@ -370,43 +370,50 @@ _CLASSES = {
 }
 
 
-def sass_loops(text: str) -> List[Loop]:
-    """Outermost natural loops of a kernel's SASS (see the module docstring)."""
-    instructions, labels = parse_sass(text)
-    if not instructions:
-        raise RuntimeError("no SASS instructions found in the nvdisasm output")
+@dataclasses.dataclass
+class ControlFlowGraph:
+    """Basic blocks (ranges of instruction indices) with successor and predecessor block lists."""
+
+    blocks: List[range]
+    succs: List[List[int]]
+    preds: List[List[int]]
+
+
+def control_flow_graph(instructions: List[Instruction], labels: Dict[str, int]) -> ControlFlowGraph:
+    """Blocks start at the entry, at branch targets and after branches, exits and returns."""
     index_of = {inst.address: i for i, inst in enumerate(instructions)}
-    leaders = {0}
-    edges_of: Dict[int, List[int]] = {}
+    leaders, edges = {0}, []
     for i in range(len(instructions)):
         succ, ends = _successors(instructions, labels, i, index_of)
-        edges_of[i] = succ
+        edges.append(succ)
         if ends:
             leaders.update(succ)
             if i + 1 < len(instructions):
                 leaders.add(i + 1)
-    starts = sorted(leaders)
-    block_of = {}
-    blocks: List[range] = []
-    for b, start in enumerate(starts):
-        end = starts[b + 1] if b + 1 < len(starts) else len(instructions)
-        blocks.append(range(start, end))
-        for i in range(start, end):
-            block_of[i] = b
-    succs = [sorted({block_of[j] for j in edges_of[blk[-1]]}) for blk in blocks]
+    starts = sorted(leaders) + [len(instructions)]
+    blocks = [range(a, b) for a, b in zip(starts, starts[1:])]
+    block_of = {i: b for b, blk in enumerate(blocks) for i in blk}
+    succs = [sorted({block_of[j] for j in edges[blk[-1]]}) for blk in blocks]
     preds: List[List[int]] = [[] for _ in blocks]
     for b, ss in enumerate(succs):
         for s in ss:
             preds[s].append(b)
+    return ControlFlowGraph(blocks, succs, preds)
 
-    # Dominators (bit sets) over the blocks reachable from the entry; CALL targets are not followed.
-    reachable, stack = {0}, [0]
+
+def _reachable(cfg: ControlFlowGraph) -> List[int]:
+    """Blocks reachable from the entry (a CALL's target is not followed: it returns)."""
+    seen, stack = {0}, [0]
     while stack:
-        for s in succs[stack.pop()]:
-            if s not in reachable:
-                reachable.add(s)
+        for s in cfg.succs[stack.pop()]:
+            if s not in seen:
+                seen.add(s)
                 stack.append(s)
-    order = sorted(reachable)
+    return sorted(seen)
+
+
+def _dominators(cfg: ControlFlowGraph, order: List[int]) -> Dict[int, int]:
+    """Dominator sets of the reachable blocks, as bit sets (iterative data-flow)."""
     everything = sum(1 << b for b in order)
     dom = {b: everything for b in order}
     dom[0] = 1
@@ -415,30 +422,45 @@ def sass_loops(text: str) -> List[Loop]:
         changed = False
         for b in order[1:]:
             new = everything
-            for p in preds[b]:
-                if p in reachable:
-                    new &= dom[p]
+            for p in cfg.preds[b]:
+                new &= dom.get(p, everything)
             new |= 1 << b
             if new != dom[b]:
                 dom[b], changed = new, True
+    return dom
 
+
+def _natural_loops(cfg: ControlFlowGraph) -> Dict[int, set]:
+    """Header block -> blocks of its natural loop, over every back edge (b -> h with h dominating b)."""
+    order = _reachable(cfg)
+    dom = _dominators(cfg, order)
     bodies: Dict[int, set] = {}
     for b in order:
-        for h in succs[b]:
-            if h in reachable and dom[b] >> h & 1:  # back edge b -> h
-                body = bodies.setdefault(h, {h})
-                work = [b]
+        for h in cfg.succs[b]:
+            if dom[b] >> h & 1:
+                body, work = bodies.setdefault(h, {h}), [b]
                 while work:
                     n = work.pop()
                     if n not in body:
                         body.add(n)
-                        work.extend(p for p in preds[n] if p in reachable)
-    outermost = [h for h in bodies if not any(h != g and h in bodies[g] for g in bodies)]
+                        work.extend(p for p in cfg.preds[n] if p in dom)
+    return bodies
+
+
+def sass_loops(text: str) -> List[Loop]:
+    """Outermost natural loops of a kernel's SASS (see the module docstring)."""
+    instructions, labels = parse_sass(text)
+    if not instructions:
+        raise RuntimeError("no SASS instructions found in the nvdisasm output")
+    cfg = control_flow_graph(instructions, labels)
+    bodies = _natural_loops(cfg)
     loops = []
-    for h in sorted(outermost):
-        body = [instructions[i] for b in bodies[h] for i in blocks[b] if _base(instructions[i].opcode) != "NOP"]
+    for h in sorted(bodies):
+        if any(h != g and h in bodies[g] for g in bodies):
+            continue  # nested: counted with the loop that holds it
+        body = [instructions[i] for b in bodies[h] for i in cfg.blocks[b] if _base(instructions[i].opcode) != "NOP"]
         opcodes = {name: sum(_base(inst.opcode) in ops for inst in body) for name, ops in _CLASSES.items()}
-        loops.append(Loop(instructions[blocks[h][0]].address, len(body), opcodes))
+        loops.append(Loop(instructions[cfg.blocks[h][0]].address, len(body), opcodes))
     return loops
 
 
