@@ -37,7 +37,7 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .adapter_mixin_strategies import AbstractAdapterStrategy
-from .routing import ACTIVE_ROUTES, forward_chained, forward_routed
+from .routing import ACTIVE_ROUTES, OPEN_ROUTES, forward_chained, forward_routed
 from .serialization import CheckpointFileError, read_checkpoint, write_checkpoint
 from .targets import (
     check_buildable_targets,
@@ -518,9 +518,10 @@ class AdapterModuleMixin(ABC):
     def forward_enabled_adapters(self, input: Any) -> Any:
         """Run every enabled adapter in order, each through its strategy, chaining the results
         (inside ``fusedadapters.route_adapters``: each sample's own adapter instead)."""
-        routes = ACTIVE_ROUTES.get()
-        if routes is not None and id(self) in routes:
-            return forward_routed(self, input, routes[id(self)][1])
+        if OPEN_ROUTES.count:  # a route_adapters context is open somewhere: is this module routed here?
+            routes = ACTIVE_ROUTES.get()
+            if routes is not None and id(self) in routes:
+                return forward_routed(self, input, routes[id(self)][1])
         state = self.__dict__
         if state.get("_adapter_plan_version") == _AdapterStateVersion.value:
             names = state["_adapter_plan"]

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import threading
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -41,7 +42,7 @@ from torch import nn
 
 from . import ops
 
-__all__ = ["ACTIVE_ROUTES", "Route", "forward_chained", "forward_routed", "route_adapters"]
+__all__ = ["ACTIVE_ROUTES", "OPEN_ROUTES", "Route", "forward_chained", "forward_routed", "route_adapters"]
 
 
 class Route:
@@ -73,6 +74,17 @@ class Route:
 ACTIVE_ROUTES: contextvars.ContextVar[Optional[Dict[int, Tuple[nn.Module, Route]]]] = contextvars.ContextVar(
     "fusedadapters_active_routes", default=None
 )
+
+
+class _OpenRoutes:
+    """How many route_adapters contexts are open, in all threads: dispatch reads ``count`` (a plain
+    attribute, which torch.compile can trace) and looks at ``ACTIVE_ROUTES`` only when it is non-zero."""
+
+    count = 0
+    lock = threading.Lock()
+
+
+OPEN_ROUTES = _OpenRoutes
 
 
 @contextlib.contextmanager
@@ -107,10 +119,14 @@ def route_adapters(module: nn.Module, names: Sequence[Optional[str]]) -> Iterato
     routes = dict(ACTIVE_ROUTES.get() or {})
     routes.update({id(m): (m, route) for m in hosts})
     token = ACTIVE_ROUTES.set(routes)
+    with _OpenRoutes.lock:
+        _OpenRoutes.count += 1
     try:
         yield
     finally:
         ACTIVE_ROUTES.reset(token)
+        with _OpenRoutes.lock:
+            _OpenRoutes.count -= 1
 
 
 def forward_routed(host: nn.Module, input: Any, route: Route) -> Any:
