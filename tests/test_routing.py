@@ -352,3 +352,20 @@ def test_main_job_serves_a_mixed_batch(adapter, capsys):
     assert losses["none"] < 1e-9  # base-model samples get the base model's outputs
     assert 0.0 < losses["adapter_1"] < report["initial_eval_loss"] and 0.0 < losses["adapter_2"] < report["initial_eval_loss"]
     assert "served one mixed batch" in capsys.readouterr().out
+
+
+def test_readme_example_runs():
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "route_adapters(model" in b]
+    model = nn.Sequential(MLP(D), MLP(D))
+    for name in ("tenant_a", "tenant_b"):
+        model[1].add_adapter(name, FusedLinearAdapterConfig(in_features=D, dim=4))
+    randomize_(adapter_parameters(model), seed=3)
+    namespace = {"model": model, "x": torch.randn(4, 2, D)}
+    exec(compile(block, "README.md", "exec"), namespace)
+    enable_only(model, "tenant_b")
+    with torch.no_grad():
+        torch.testing.assert_close(namespace["out"][2:3], model(namespace["x"][2:3]))
