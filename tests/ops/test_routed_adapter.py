@@ -199,3 +199,20 @@ def test_triton_hidden_over_128_splits_the_weight_gradient_passes(device, norm_p
     adapters = make_adapters(24, (200, 7), device, norm_position=norm_position)
     x = torch.randn(11, 24, device=device).requires_grad_()
     check(x, index_for("mixed", 11, 2, device), adapters)
+
+
+@needs_triton
+def test_record_launches_records_instead_of_running():
+    from fusedadapters.ops.triton import adapter_chain as chain_kernels
+    from fusedadapters.ops.triton import routed_adapter as routed_kernels
+
+    adapters = make_adapters(16, (4, 4))
+    stacked = [t.detach() for t in stack_adapter_params(adapters)]
+    x, index = torch.randn(5, 16), torch.tensor([0, 1, -1, 1, 0])
+    with routed_kernels.record_launches() as launches:
+        out, *_ = routed_kernels.routed_adapter_forward(x, index, *stacked, None, None, [0.0, 0.0], "swish", "pre",
+                                                        1e-5, True, False)
+        chain_kernels.adapter_chain_forward(x, *stacked, None, None, [0.0, 0.0], [1e-5, 1e-5], "swish", "pre",
+                                            False, False)
+    assert [launch.name for launch in launches] == ["_routed_fwd_kernel", "_chain_fwd_kernel"]
+    assert torch.isnan(out).all()  # poisoned and never written: nothing ran
