@@ -758,7 +758,7 @@ def _col_config(h: int, d: int, dtype: torch.dtype, limits: DeviceLimits, accumu
     bm = 16 if pressure > 1 or bh > 128 else 32
     width = bh * max(1, accumulators)
     bd = 128 if width <= 128 else 64 if width <= 256 else 32 if width <= 512 else 16
-    if pressure > 1 and width >= 512:
+    if pressure > 1 and bh >= 256:
         bd = 16
     if dtype == torch.float32 and bh >= 64:
         bd = min(bd, 64)
@@ -771,12 +771,11 @@ def _col_config(h: int, d: int, dtype: torch.dtype, limits: DeviceLimits, accumu
 def _column_groups(pre: bool, need: Dict[str, bool], h: int, d: int, dtype: torch.dtype,
                    limits: DeviceLimits) -> List[Dict[str, bool]]:
     """The columns pass as one launch, or, where the two weight-gradient accumulators would narrow the
-    D slices below 64 columns (large H; not under register pressure, where one-accumulator launches
-    spill as well), as two launches with one accumulator each: the one that reads
+    D slices below 64 columns (large H), as two launches with one accumulator each (wider slices, and
+    no spills where registers are scarce): the one that reads
     ``a`` (dWu, and post norm's dγ, dβ) and the one that reads ``dh`` (dx, dWd, and pre norm's dγ, dβ).
     Wider slices mean fewer re-reads of the N×H tiles from L2, at the price of reading dout twice."""
-    if (not (need["NEED_DWD"] and need["NEED_DWU"]) or _register_pressure(dtype, limits) > 1
-            or _col_config(h, d, dtype, limits).BD >= 64):
+    if not (need["NEED_DWD"] and need["NEED_DWU"]) or _col_config(h, d, dtype, limits).BD >= 64:
         return [need]
     reads_acts = {"NEED_DX": False, "NEED_DLN": not pre and need["NEED_DLN"], "NEED_DWD": False, "NEED_DWU": True}
     reads_dh = {name: need[name] and not reads_acts[name] for name in need}
