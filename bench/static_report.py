@@ -569,7 +569,7 @@ def grid_points(grid: Dict[str, Sequence[Any]]) -> List[Point]:
     return [Point(*values) for values in itertools.product(*(grid[k] for k in keys))]
 
 
-def _meta(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+def _meta_tensor(*shape: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device="meta")
 
 
@@ -579,10 +579,10 @@ def plan_point(point: Point) -> List[Any]:
     feat = FEATURES[point.features]
     limits = GPU_MODELS[point.arch].limits
     n, d, h = point.N, point.D, point.H
-    x = _meta(n, d, dtype=dtype)
-    params = (_meta(d, dtype=dtype), _meta(d, dtype=dtype), _meta(h, d, dtype=dtype), _meta(d, h, dtype=dtype))
-    seed = _meta(1, dtype=torch.int64) if feat["dropout_p"] > 0 else None
-    scale = _meta(1, dtype=dtype) if feat["scale"] else None
+    x = _meta_tensor(n, d, dtype=dtype)
+    params = tuple(_meta_tensor(*shape, dtype=dtype) for shape in ((d,), (d,), (h, d), (d, h)))  # γ, β, Wd, Wu
+    seed = _meta_tensor(1, dtype=torch.int64) if feat["dropout_p"] > 0 else None
+    scale = _meta_tensor(1, dtype=dtype) if feat["scale"] else None
     common = dict(activation=feat["activation"], norm_position=point.norm, dropout_p=feat["dropout_p"],
                   residual=True)
     outputs, launches = kernels.plan_forward(x, *params, seed, scale, eps=1e-5, compute_row_sq=feat["row_sq"],
@@ -590,8 +590,8 @@ def plan_point(point: Point) -> List[Any]:
     if point.direction == "forward":
         return launches
     _, _, hidden, mean, rstd, proj = outputs
-    grad_row_sq = _meta(n, dtype=torch.float32) if feat["row_sq"] else None
-    _, launches = kernels.plan_backward(_meta(n, d, dtype=dtype), grad_row_sq, x, *params, seed, scale,
+    grad_row_sq = _meta_tensor(n, dtype=torch.float32) if feat["row_sq"] else None
+    _, launches = kernels.plan_backward(_meta_tensor(n, d, dtype=dtype), grad_row_sq, x, *params, seed, scale,
                                         hidden, mean, rstd, proj, need_dx=True, need_dln=True, need_dwd=True,
                                         need_dwu=True, limits=limits, **common)
     return launches
@@ -617,8 +617,8 @@ def traffic(launch: Any, resident_programs: Optional[int], gpu: GpuModel) -> Dic
     """The launch's HBM and L2 bytes: compulsory HBM traffic and L2 re-reads of shared operands as the
     planner states them, plus its second reads, served by L2 when the live set of the resident
     programs fits in L2 and by HBM otherwise (unknown occupancy: counted as HBM)."""
-    reread = int(getattr(launch, "reread_bytes", 0))
-    live = int(getattr(launch, "live_bytes_per_program", 0)) * (resident_programs or 0)
+    reread = int(launch.reread_bytes)
+    live = int(launch.live_bytes_per_program) * (resident_programs or 0)
     from_l2 = resident_programs is not None and live <= gpu.l2_size
     return dict(
         hbm_bytes=int(launch.hbm_bytes), l2_bytes=int(launch.l2_bytes), reread_bytes=reread, live_bytes=live,
@@ -997,7 +997,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     report = build_report(grid, max(1, args.jobs))
     report["environment"] = harness.environment_record(sys.argv[1:] if argv is None else list(argv),
                                                        torch.device("cpu"), script="bench/static_report.py")
-    report["tools"] = {"ptxas": _tool_version(get_ptxas(90).path), "nvdisasm": _tool_version(knobs.nvidia.nvdisasm.path)}
+    report["tools"] = {"ptxas": _tool_version(get_ptxas(90).path),
+                       "nvdisasm": _tool_version(knobs.nvidia.nvdisasm.path)}
     report["check_failures"] = check_failures(report["launches"], report["cuda_kernels"])
     args.out.mkdir(parents=True, exist_ok=True)
     harness.write_json(args.out / "report.json", report)
