@@ -52,7 +52,7 @@ class Route:
         self.names = names
         self.adapter_names = tuple(dict.fromkeys(n for n in names if n is not None))
         self._samples: Dict[Tuple[str, torch.device], torch.Tensor] = {}
-        self._slots: Dict[Tuple[Tuple[str, ...], torch.device], torch.Tensor] = {}
+        self._slots: Dict[tuple, torch.Tensor] = {}
 
     def samples(self, name: str, device: torch.device) -> torch.Tensor:
         """The int64 indices of the samples routed to ``name``, on ``device``."""
@@ -61,12 +61,15 @@ class Route:
             self._samples[key] = torch.tensor([i for i, n in enumerate(self.names) if n == name], device=device)
         return self._samples[key]
 
-    def slots(self, chosen: Tuple[str, ...], device: torch.device) -> torch.Tensor:
-        """Per sample, the position of its adapter in ``chosen``, or -1 (int64, on ``device``)."""
-        key = (chosen, device)
+    def row_index(self, chosen: Tuple[str, ...], rows_shape: torch.Size, device: torch.device) -> torch.Tensor:
+        """Per row of an input whose leading dims are ``rows_shape`` (samples first), the position of its
+        sample's adapter in ``chosen``, or -1 (int64, on ``device``). Made once per context and shape, so
+        the routed op can reuse its row grouping across layers."""
+        key = (chosen, tuple(rows_shape), device)
         if key not in self._slots:
             position = {name: k for k, name in enumerate(chosen)}
-            self._slots[key] = torch.tensor([position.get(n, -1) for n in self.names], dtype=torch.int64, device=device)
+            slots = torch.tensor([position.get(n, -1) for n in self.names], dtype=torch.int64, device=device)
+            self._slots[key] = slots.view(-1, *([1] * (len(rows_shape) - 1))).expand(rows_shape).contiguous()
         return self._slots[key]
 
 
@@ -213,9 +216,7 @@ def _forward_fused(
     params: list, dtype: torch.dtype,
 ) -> torch.Tensor:
     x = input.to(dtype)
-    names = tuple(name for name, _ in chosen)
-    slots = route.slots(names, x.device)
-    index = slots.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1]).contiguous()
+    index = route.row_index(tuple(name for name, _ in chosen), x.shape[:-1], x.device)
     strategies = [adapter.adapter_strategy for _, adapter in chosen]
     scales = None
     if host.training and any(s.stochastic_depth != 0.0 for s in strategies):

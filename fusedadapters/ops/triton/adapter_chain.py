@@ -36,6 +36,7 @@ from .routed_adapter import (
     _dropout_tensors,
     _launch,
     _ln_projections,
+    device_floats,
     routed_adapter_backward,
 )
 
@@ -118,7 +119,7 @@ def adapter_chain_forward(
             x2, out, xs, row_sq, hidden, mean, rstd,
             *(t.contiguous() for t in (ln_weight, ln_bias, down_weight, up_weight)),
             dropout_seeds if dropout_seeds is not None else probs, scales if scales is not None else probs,
-            probs, keep, torch.tensor(eps, **f32), n, d, h_size, k_count, max(ring, 1),
+            probs, keep, device_floats(tuple(eps), x.device), n, d, h_size, k_count, max(ring, 1),
             ACT=activation, PRE_NORM=norm_position == "pre", HAS_DROPOUT=has_dropout,
             HAS_SCALE=scales is not None, STORE_ROW_SQ=compute_row_sq, DOT_F32=_dot_f32(x.dtype),
             BM=cfg.BM, BD=cfg.BD, BH=cfg.BH, num_warps=cfg.num_warps,

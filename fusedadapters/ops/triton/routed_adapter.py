@@ -27,6 +27,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
+import weakref
+from collections import OrderedDict
 from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
@@ -463,9 +466,31 @@ class Segments(NamedTuple):
     first_chunk: torch.Tensor
 
 
+_SEGMENT_CACHE_SIZE = 8
+_SEGMENTS: "OrderedDict[tuple, tuple]" = OrderedDict()
+
+
 def segment_table(index: torch.Tensor, n_adapters: int, block: int) -> Segments:
-    """Group the rows of ``index`` (N,) int64 in [-1, A) into per-adapter segments cut into blocks of
-    ``block`` rows; everything is computed on the device, without reading it back on the host."""
+    """Group the rows of ``index`` (int64 in [-1, A), any shape, rows in flattened order) into
+    per-adapter segments cut into blocks of ``block`` rows; everything is computed on the device,
+    without reading it back on the host.
+
+    The tables of the last few index tensors are kept (keyed by identity and ``_version``), so the
+    layers of a routed model, and a backward after its forward, build them once."""
+    key = (id(index), index._version, n_adapters, block)
+    entry = _SEGMENTS.get(key)
+    if entry is not None and entry[0]() is index:
+        _SEGMENTS.move_to_end(key)
+        return entry[1]
+    segments = _build_segments(index, n_adapters, block)
+    _SEGMENTS[key] = (weakref.ref(index), segments)
+    while len(_SEGMENTS) > _SEGMENT_CACHE_SIZE:
+        _SEGMENTS.popitem(last=False)
+    return segments
+
+
+def _build_segments(index: torch.Tensor, n_adapters: int, block: int) -> Segments:
+    index = index.reshape(-1)
     n = index.numel()
     device = index.device
     perm = torch.argsort(index, stable=True).to(torch.int32)
@@ -520,9 +545,16 @@ def _chunk_rows(n: int, n_col: int, bm: int, device: torch.device) -> int:
     return triton.cdiv(max(1, triton.cdiv(n, chunks)), bm) * bm
 
 
+@functools.lru_cache(maxsize=64)
+def device_floats(values: Tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """``values`` as a float32 tensor on ``device``, made once (no host-to-device copy per call)."""
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
 def _dropout_tensors(dropout_p: List[float], device: torch.device) -> Tuple[bool, torch.Tensor, torch.Tensor]:
-    probs = torch.tensor(dropout_p, dtype=torch.float32, device=device)
-    keep = torch.tensor([0.0 if p >= 1.0 else 1.0 / (1.0 - p) for p in dropout_p], dtype=torch.float32, device=device)
+    """(HAS_DROPOUT, p per adapter, 1 / (1 - p) per adapter, 0 where p >= 1)."""
+    probs = device_floats(tuple(dropout_p), device)
+    keep = device_floats(tuple(0.0 if p >= 1.0 else 1.0 / (1.0 - p) for p in dropout_p), device)
     return any(p > 0.0 for p in dropout_p), probs, keep
 
 
@@ -560,7 +592,7 @@ def routed_adapter_forward(
     if n == 0:
         return out, row_sq, hidden, mean, rstd, proj
     cfg = _blocks(h_size, d)
-    seg = segment_table(adapter_index.reshape(-1), a_count, cfg.BM)
+    seg = segment_table(adapter_index, a_count, cfg.BM)
     has_dropout, probs, keep = _dropout_tensors(dropout_p, x.device)
     _launch(
         _routed_fwd_kernel, (seg.table.shape[0],),
@@ -586,7 +618,7 @@ def routed_adapter_backward(
     x2 = x.reshape(-1, d)
     g2 = grad_out.reshape(-1, d)
     n = x2.shape[0]
-    index = adapter_index.reshape(-1)
+    index = adapter_index
     q = grad_row_sq.reshape(-1) if grad_row_sq is not None else None
     ln_weight, ln_bias, down_weight, up_weight = (t.contiguous() for t in (ln_weight, ln_bias, down_weight, up_weight))
     f32 = dict(device=x.device, dtype=torch.float32)
