@@ -742,6 +742,8 @@ def _row_config(h: int, d: int, dtype: torch.dtype, limits: DeviceLimits, tiles:
     while bm > 16 and tiles * bm * bh > budget * 32 * warps:
         bm //= 2
     bd = (64 if bh <= 128 else 32) // (2 if dtype == torch.float32 and bh >= 64 else 1)
+    if pressure > 1 and bh >= 256:
+        bd = 16
     stages = 3 if bh <= 128 else 2 if bh <= 256 else 1
     if limits.shared_memory_per_block < 128 * 1024 and bh >= 256:
         stages = 1
