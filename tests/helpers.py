@@ -30,3 +30,22 @@ def adapter_parameters(model: nn.Module, name: Optional[str] = None) -> Iterator
             adapter = parts[parts.index("adapter_layer") + 1]
             if name is None or adapter == name:
                 yield p
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a - b‖ / ‖b‖ in float64 (over 1e-6 where ‖b‖ vanishes, e.g. dγ of a LayerNorm over one column)."""
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return ((a - b).norm() / b.norm().clamp_min(1e-6)).item()
+
+
+def load_script(path, name: str):
+    """Import a script (``bench/*.py``) as module ``name``, once per session."""
+    import importlib.util
+    import sys
+
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up while the file executes
+        spec.loader.exec_module(module)
+    return sys.modules[name]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import subprocess
 import sys
@@ -12,19 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import load_script
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "bench" / "bench_dispatch.py"
 RESULTS = REPO / "bench" / "results"
 
 
 def _load_script():
-    name = "bench_dispatch_under_test"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return load_script(SCRIPT, "bench_dispatch_under_test")
 
 
 def _snapshot(directory: Path):

@@ -8,7 +8,6 @@ both must appear as errors in results.json and report.md, and the wrong one must
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -19,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import load_script
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "bench" / "bench_linear_adapter.py"
 REAL_BACKENDS = ["eager", "compile", "triton"]
@@ -28,13 +29,7 @@ N_VALUES = [1, 64]
 
 
 def _load_script():
-    name = "bench_linear_adapter_under_test"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up while the file executes
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return load_script(SCRIPT, "bench_linear_adapter_under_test")
 
 
 @pytest.fixture(scope="module")

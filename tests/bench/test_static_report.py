@@ -9,7 +9,6 @@ calculator, the ptxas log parser) are also tested on fabricated inputs whose ans
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import os
@@ -20,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import load_script
+
 pytest.importorskip("triton.backends.nvidia.compiler")
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,13 +30,7 @@ QUICK = dict(direction=["forward", "backward"], norm=["pre", "post"], dtype=["bf
 
 
 def _load_script():
-    name = "static_report_under_test"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up while the file executes
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return load_script(SCRIPT, "static_report_under_test")
 
 
 @pytest.fixture(scope="module")

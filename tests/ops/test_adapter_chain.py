@@ -13,7 +13,9 @@ import torch
 from fusedadapters.ops import adapter_chain, reference
 from fusedadapters.ops import backend as backend_mod
 
-from .test_routed_adapter import WEIGHTS, make_adapters, poison_uninitialized_memory, rel_err  # noqa: F401
+from helpers import rel_err
+
+from .test_routed_adapter import WEIGHTS, make_adapters
 
 DEVICES = (["cpu"] if backend_mod.triton_interpreter_enabled() else []) + (["cuda"] if torch.cuda.is_available() else [])
 pytestmark = pytest.mark.skipif(not backend_mod.triton_available(), reason="needs triton")

@@ -51,12 +51,6 @@ def native_backend(native_cache, monkeypatch):
     native.ensure_loaded()
 
 
-@pytest.fixture(autouse=True)
-def poison_uninitialized_memory():
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(previous)
 
 
 # ----------------------------------------------------------------------------------------------

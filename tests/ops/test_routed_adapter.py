@@ -14,23 +14,13 @@ import torch
 
 from fusedadapters.ops import AdapterParams, reference, reference_multi, routed_adapter, stack_adapter_params
 from fusedadapters.ops import backend as backend_mod
+from helpers import rel_err
 
 DEVICES = (["cpu"] if backend_mod.triton_interpreter_enabled() else []) + (["cuda"] if torch.cuda.is_available() else [])
 needs_triton = pytest.mark.skipif(not backend_mod.triton_available(), reason="needs triton")
 WEIGHTS = ("ln_weight", "ln_bias", "down_weight", "up_weight")
 
 
-@pytest.fixture(autouse=True)
-def poison_uninitialized_memory():
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(previous)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double().cpu(), b.detach().double().cpu()
-    return ((a - b).norm() / b.norm().clamp_min(1e-6)).item()
 
 
 def make_adapters(d: int, hidden_sizes, device="cpu", **options):

@@ -1020,74 +1020,29 @@ def _run(launches: List[Launch], limits: DeviceLimits) -> None:
             ) from error
 
 
-def linear_adapter_forward(
-    x: torch.Tensor,
-    ln_weight: torch.Tensor,
-    ln_bias: torch.Tensor,
-    down_weight: torch.Tensor,
-    up_weight: torch.Tensor,
-    dropout_seed: Optional[torch.Tensor],
-    scale: Optional[torch.Tensor],
-    activation: str,
-    norm_position: str,
-    eps: float,
-    dropout_p: float,
-    residual: bool,
-    compute_row_sq: bool,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Run the forward on inputs validated by ``ops.linear_adapter``; returns ``plan_forward``'s outputs."""
+def linear_adapter_forward(x: torch.Tensor, *args: Any) -> Tuple[torch.Tensor, ...]:
+    """Run the forward on inputs validated by ``ops.linear_adapter``: ``plan_forward``'s arguments
+    without ``limits`` (taken from ``x``'s device); returns ``plan_forward``'s outputs."""
     limits = device_limits(x.device)
-    outputs, launches = plan_forward(
-        x, ln_weight, ln_bias, down_weight, up_weight, dropout_seed, scale, activation, norm_position,
-        eps, dropout_p, residual, compute_row_sq, limits,
-    )
+    outputs, launches = plan_forward(x, *args, limits)
     _run(launches, limits)
     return outputs
 
 
-def linear_adapter_backward(
-    grad_out: torch.Tensor,
-    grad_row_sq: Optional[torch.Tensor],
-    x: torch.Tensor,
-    ln_weight: torch.Tensor,
-    ln_bias: torch.Tensor,
-    down_weight: torch.Tensor,
-    up_weight: torch.Tensor,
-    dropout_seed: Optional[torch.Tensor],
-    scale: Optional[torch.Tensor],
-    hidden: torch.Tensor,
-    mean: torch.Tensor,
-    rstd: torch.Tensor,
-    proj: torch.Tensor,
-    activation: str,
-    norm_position: str,
-    dropout_p: float,
-    residual: bool,
-    need_dx: bool,
-    need_dln: bool,
-    need_dwd: bool,
-    need_dwu: bool,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Run the backward; returns ``(dx, d_ln_weight, d_ln_bias, d_down, d_up)``.
+def linear_adapter_backward(grad_out: torch.Tensor, grad_row_sq: Optional[torch.Tensor], x: torch.Tensor,
+                            *args: Any) -> Tuple[torch.Tensor, ...]:
+    """Run the backward: ``plan_backward``'s arguments without ``limits``; returns ``(dx, d_ln_weight,
+    d_ln_bias, d_down, d_up)``, the weight gradients summed over their row splits in a fixed order.
 
     Gradients not asked for come back as empty ``(0,)`` tensors (and cost nothing); the others have
     the shape and dtype of their inputs. ``grad_row_sq`` is None when row_sq has no gradient.
     """
     limits = device_limits(x.device)
-    (dx, dlnw, dlnb, dwd, dwu), launches = plan_backward(
-        grad_out, grad_row_sq, x, ln_weight, ln_bias, down_weight, up_weight, dropout_seed, scale,
-        hidden, mean, rstd, proj, activation, norm_position, dropout_p, residual,
-        need_dx, need_dln, need_dwd, need_dwu, limits,
-    )
+    (dx, dlnw, dlnb, dwd, dwu), launches = plan_backward(grad_out, grad_row_sq, x, *args, limits)
     _run(launches, limits)
+    ln_weight, ln_bias, down_weight, up_weight = args[:4]
 
-    def reduce(partial: torch.Tensor, like: torch.Tensor, needed: bool) -> torch.Tensor:
-        return partial.sum(0).to(like.dtype) if needed else like.new_empty((0,))
+    def reduce(partial: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return partial.sum(0).to(like.dtype) if partial.numel() else like.new_empty((0,))
 
-    return (
-        dx,
-        reduce(dlnw, ln_weight, need_dln),
-        reduce(dlnb, ln_bias, need_dln),
-        reduce(dwd, down_weight, need_dwd),
-        reduce(dwu, up_weight, need_dwu),
-    )
+    return dx, reduce(dlnw, ln_weight), reduce(dlnb, ln_bias), reduce(dwd, down_weight), reduce(dwu, up_weight)
