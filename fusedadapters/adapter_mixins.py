@@ -380,7 +380,7 @@ class AdapterModuleMixin(ABC):
     def is_adapter_available(self) -> bool:
         """Whether this module holds any adapter, enabled or not."""
         layer = self._modules.get("adapter_layer")
-        return layer is not None and bool(layer._modules)
+        return layer is not None and len(layer._modules) > 0
 
     def set_enabled_adapters(self, name: Optional[str] = None, enabled: bool = True) -> None:
         """Enable or disable the adapter ``name``, or every adapter when ``name`` is None."""

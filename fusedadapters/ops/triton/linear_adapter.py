@@ -177,11 +177,14 @@ def _dy(dout, y, grad_sq, row_hash, cols, scale, dropout_p, keep_scale,
 
 @triton.jit
 def _dot(a, b, DOT_F32: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    """a @ b with float32 accumulation: float32 operands as tf32x3, or DOT_DTYPE (fp16/bf16) operands."""
-    if DOT_F32:
+    """a @ b with float32 accumulation: DOT_DTYPE (fp16/bf16) operands (DOT_F32 = 0), or float32
+    operands as tf32x3 (1) or in full float32 (2, no tensor cores; see ``_dot_f32``)."""
+    if DOT_F32 == 0:
+        return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE))
+    elif DOT_F32 == 1:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32x3")
     else:
-        return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE))
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
 
 
 @triton.jit
@@ -784,10 +787,14 @@ def _column_groups(pre: bool, need: Dict[str, bool], h: int, d: int, dtype: torc
     return [reads_dh, reads_acts]
 
 
-def _dot_f32(dtype: torch.dtype, limits: DeviceLimits) -> bool:
-    """Whether tl.dot gets float32 operands: float32 inputs, and bfloat16 under the interpreter
-    (whose bfloat16 tl.dot is wrong); elsewhere fp16/bf16 tiles feed tl.dot directly."""
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and limits is INTERPRETER)
+def _dot_f32(dtype: torch.dtype, limits: DeviceLimits, h: int = 1) -> int:
+    """``_dot``'s DOT_F32: 0 where fp16/bf16 tiles feed tl.dot directly; float32 operands for float32
+    inputs and for bfloat16 under the interpreter (whose bfloat16 tl.dot is wrong), as tf32x3 (1), or
+    from H = 512 on as plain float32 (2): tf32x3 splits each operand in two, and the split BM×H and
+    H×BD tiles no longer fit one block's shared memory (256 KB at H = 1024 on sm_90, compiled)."""
+    if not (dtype == torch.float32 or (dtype == torch.bfloat16 and limits is INTERPRETER)):
+        return 0
+    return 2 if dtype == torch.float32 and _padded_hidden(h) >= 512 else 1
 
 
 def _operand_dtype(dtype: torch.dtype, limits: DeviceLimits) -> torch.dtype:
@@ -878,7 +885,7 @@ def plan_forward(
     cfg = _row_config(h_size, d, x.dtype, limits)
     programs = triton.cdiv(n, cfg.BM)
     meta = _meta(cfg, ACT=activation, HAS_DROPOUT=has_dropout, HAS_SCALE=scale is not None, RESIDUAL=residual,
-                 STORE_ROW_SQ=compute_row_sq, DOT_F32=_dot_f32(x.dtype, limits))
+                 STORE_ROW_SQ=compute_row_sq, DOT_F32=_dot_f32(x.dtype, limits, h_size))
     common = (_optional(dropout_seed, mean), _optional(scale, mean),
               n, d, h_size, x2.stride(0), x2.stride(1), eps, p, keep_scale)
     side_bytes = n * (4 * h_size + 12 + (4 if compute_row_sq else 0))  # hidden, mean, rstd, row_sq
@@ -942,7 +949,7 @@ def plan_backward(
 
     has_dropout, p, keep_scale = _dropout_args(dropout_p)
     flags = dict(HAS_DROPOUT=has_dropout, HAS_SCALE=scale is not None, HAS_ROW_SQ_GRAD=q is not None,
-                 DOT_F32=_dot_f32(x.dtype, limits))
+                 DOT_F32=_dot_f32(x.dtype, limits, h_size))
     seed, scale_arg = _optional(dropout_seed, mean), _optional(scale, mean)
     q_arg, q_stride = (q, q.stride(0)) if q is not None else (mean, 0)
     acts = x.new_empty((n, h_size), dtype=_operand_dtype(x.dtype, limits))  # act(h)
