@@ -24,12 +24,21 @@ NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ENV_VAR = "FUSEDADAPTERS_BACKEND"
 
 
-def triton_available() -> bool:
-    """Whether ``import triton`` can succeed (looked up without importing it)."""
+def _find_triton() -> bool:
     try:
         return importlib.util.find_spec("triton") is not None
     except (ImportError, ValueError):  # ValueError: a module in sys.modules without a spec (a blocked import)
         return False
+
+
+# Looked up once, at import: the answer does not change within a process, and torch.compile cannot
+# trace importlib (dispatch runs inside compiled graphs).
+_TRITON_FOUND = _find_triton()
+
+
+def triton_available() -> bool:
+    """Whether ``import triton`` can succeed (looked up without importing it, when this module loads)."""
+    return _TRITON_FOUND
 
 
 def triton_interpreter_enabled() -> bool:
