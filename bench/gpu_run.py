@@ -7,11 +7,14 @@ On a bare machine with torch and Triton but no network, ``python bench/gpu_run.p
    ``pip install --no-index --no-deps --no-build-isolation -e .`` (PYTHONPATH fallback);
 2. environment: device, driver, CUDA, torch, Triton, Python, git commit and dirty flag, the exact
    command line, the date (``environment.json``, ``nvidia-smi.txt``);
-3. tests: ``python -m pytest`` with a JUnit XML (the whole suite; ``--quick`` a chosen subset), then
+3. tests: ``python -m pytest`` with a JUnit XML (the whole suite but this script's CPU dry-run test;
+   ``--quick`` a chosen subset), then
    ``compute-sanitizer`` memcheck and racecheck over the ``native`` backend's small-shape tests when
    that backend exists (otherwise the step is skipped with the reason);
 4. bench: ``bench_linear_adapter.py`` in parts (eager, torch.compile and every fused backend;
-   forward, backward, full; the copy bandwidth measured by each part), merged into ``bench/``;
+   forward, backward, full; the copy bandwidth measured by each part), merged into ``bench/``; in the
+   full run and the dry run also its many-adapter sweeps ``--sweep chain`` and ``--sweep mixed``, each
+   in its own folder (``chain/``, ``mixed/``) with its own target evaluation;
 5. predictions: the static report's predicted fraction of copy bandwidth
    (``bench/results/static/report.json``) beside each measured fused-backend point;
 6. summary: ``summary.md`` (per shape and dtype: time, GB/s, fraction of copy bandwidth, speedups
@@ -22,9 +25,10 @@ Everything goes to ``bench/results/<YYYY-MM-DD>-<gpu>/`` (``--out`` to choose). 
 when a step failed (a test failed or did not finish, the sanitizer found an error, a real backend
 failed a benchmark point, the install failed), and everything measured is still written.
 
-A time budget (``--budget-s``; 165 s with ``--quick``, 540 s for the full run) is shared by the steps:
+A time budget (``--budget-s``; 210 s with ``--quick``, 540 s for the full run) is shared by the steps:
 each step gets what is left, a test run still going at its share is interrupted (SIGINT, so pytest
-writes its report), and benchmark parts that no longer fit are recorded as skipped.
+writes its report), and benchmark parts, run in the order of their priority, that no longer fit are
+recorded as skipped.
 
 ``--dry-run`` does the same on the CPU (Triton's interpreter, tiny shapes, a small test subset), into
 the same layout: CI runs it, so the script is known to work before GPU time is spent on it.
@@ -83,8 +87,15 @@ SUMMARY_RESERVE_S = 15.0  # kept back from the steps for merging, the summary an
 class BenchPart:
     """One ``bench_linear_adapter.py`` run: a Cartesian sweep of N × D × H × dtypes.
 
+    ``sweep`` is ``op`` (the single-adapter sweep; its parts are merged into ``bench/``) or ``chain`` /
+    ``mixed`` (``--sweep chain`` over K = ``counts`` adapters in a chain, ``--sweep mixed`` over A =
+    ``counts`` adapters in one batch; each written to its own folder ``<out>/<name>/``, never merged).
+
     ``backends`` may name ``fused``, which stands for every fused backend the benchmark knows
-    (triton, and native once it exists). A part is started only when ``min_s`` seconds are left.
+    (triton, and native once it exists); empty for a many-adapter sweep means all of that sweep's
+    backends. ``modes`` empty means the benchmark's default. A part is started only when ``min_s``
+    seconds are left. A many-adapter sweep stops only between points and writes its results only at
+    its end, so ``point_s`` (about its longest point) is kept back from the budget it is given.
     """
 
     name: str
@@ -94,10 +105,19 @@ class BenchPart:
     dtypes: Tuple[str, ...]
     backends: Tuple[str, ...] = ("eager", "compile", "fused")
     min_s: float = 30.0
+    sweep: str = "op"
+    counts: Tuple[int, ...] = ()
+    modes: Tuple[str, ...] = ()
+    point_s: float = 0.0
 
     def shapes(self) -> List[Tuple[str, int, int, int]]:
         """(dtype, N, D, H) of every shape, in the benchmark's order."""
         return [(dt, n, d, h) for dt in self.dtypes for d in self.d for h in self.h for n in self.n]
+
+    def points(self, assignments: Sequence[str] = ("-",)) -> List[Tuple[str, int, int, int, int, str]]:
+        """(dtype, N, D, H, count, assignment) of every point of a many-adapter sweep, in its order
+        (``assignments``: the mixed sweep's row assignments; ``-`` for a chain)."""
+        return [(dt, n, d, h, c, a) for dt, n, d, h in self.shapes() for a in assignments for c in self.counts]
 
     def shape_count(self) -> int:
         return len(self.shapes())
@@ -126,7 +146,27 @@ QUICK_TESTS = (
     "tests/test_fused_linear_adapter.py",
 )
 DRY_RUN_TESTS = ("tests/ops/test_linear_adapter.py::test_dtypes", "tests/test_adapter_modules.py")
+# The whole suite (testpaths) but two files that are CPU-only by construction and that CI runs: this
+# script's own dry run (it forces the CPU) and the static kernel report's check (it compiles kernels,
+# it launches none). On the H100 they were the suite's longest tests (218 s for one dry run, 186 s for
+# the static report, under eight xdist workers), and with either in it the suite did not finish in 240 s.
+# Without them (and with xdist's worksteal) 613 of its 643 tests had finished after 215 s on a fresh H100
+# machine: the full run gives the tests 270 s.
+FULL_TESTS = ("--ignore=tests/bench/test_gpu_run.py", "--ignore=tests/bench/test_static_report.py")
 
+# The many-adapter sweeps at the shape of their --quick preset: bf16, D=4096, H=64, N=16384 tokens
+MANY_ADAPTER_GPU = dict(n=(16384,), d=(4096,), h=(64,), dtypes=("bf16",), modes=("forward", "full"))
+MANY_ADAPTER_CPU = dict(n=(64,), d=(64,), h=(16,), dtypes=("fp32",), modes=("forward", "full"), min_s=0.0)
+
+# Parts run in this order, which is their priority: a part that no longer fits the budget is skipped.
+# The seconds below come from the first H100 runs. Quick: install 16 s, the quick tests (8 xdist
+# workers) 63 s, the sanitizer step (collection only) 12 s; the core part's process start and
+# copy-bandwidth measurement about 14 s, its first shape (eager, compile, triton; the native build)
+# 26 s, torch.compile dominating. Full: install 12 s, the sanitizer step 10 s; parts core 55 s, chain
+# 27 s, mixed 58 s, hidden 27 s, model 24 s, dtypes 33 s, the merge 10 s. With the tests at their full
+# 270 s the parts get about 230 s: core, chain, mixed, hidden and model fit, dtypes in part; max-autotune
+# (not measured yet) runs only when the tests end early. The run ends by the budget plus the grace an
+# interrupted part gets, about 555 s.
 PLANS = {
     "dry-run": Plan(
         name="dry-run", budget_s=600.0, tests=DRY_RUN_TESTS, tests_cap_s=240.0, sanitizer_cap_s=60.0,
@@ -134,21 +174,30 @@ PLANS = {
         bench_args=("--device", "cpu", "--cpu-small", "--rep-ms", "5", "--warmup-ms", "1", "--target-min-elems", "1"),
         parts=(
             BenchPart("core", n=(1, 64), d=(64,), h=(16,), dtypes=("fp32",), min_s=0.0),
+            BenchPart("chain", sweep="chain", counts=(1, 2), backends=(), **MANY_ADAPTER_CPU),
+            BenchPart("mixed", sweep="mixed", counts=(1, 4), backends=(), **MANY_ADAPTER_CPU),
             BenchPart("dtypes", n=(64,), d=(64,), h=(16,), dtypes=("fp16",), backends=("eager", "fused"), min_s=0.0),
         ),
         predict_min_elems=0,
     ),
     "quick": Plan(
-        name="quick", budget_s=165.0, tests=QUICK_TESTS, tests_cap_s=70.0, sanitizer_cap_s=30.0,
+        name="quick", budget_s=210.0, tests=QUICK_TESTS, tests_cap_s=70.0, sanitizer_cap_s=30.0,
         bench_args=("--device", "cuda"),
-        parts=(BenchPart("core", n=(65536, 16384, 16), d=(4096,), h=(64,), dtypes=("bf16",)),),
+        # about 15 s of start-up, 26-30 s for the first shape (with the native backend's build), less for the
+        # others; the benchmark starts the second shape only when the first one's time still fits its budget,
+        # so the part needs about 80 s, and the steps before it took 91 s and 100 s on two H100 runs
+        parts=(BenchPart("core", n=(65536, 16384, 16), d=(4096,), h=(64,), dtypes=("bf16",), min_s=45.0),),
         predict_min_elems=2**26,
     ),
     "full": Plan(
-        name="full", budget_s=540.0, tests=None, tests_cap_s=240.0, sanitizer_cap_s=90.0,
+        name="full", budget_s=540.0, tests=FULL_TESTS, tests_cap_s=270.0, sanitizer_cap_s=60.0,
         bench_args=("--device", "cuda"),
         parts=(
-            BenchPart("core", n=(65536, 16384, 1024, 16, 1), d=(4096,), h=(64,), dtypes=("bf16",)),
+            BenchPart("core", n=(65536, 16384, 1024, 16, 1), d=(4096,), h=(64,), dtypes=("bf16",), min_s=45.0),
+            BenchPart("chain", sweep="chain", counts=(1, 2, 4, 8), backends=(), min_s=40.0, point_s=10.0,
+                      **MANY_ADAPTER_GPU),
+            BenchPart("mixed", sweep="mixed", counts=(1, 8, 64, 256), backends=(), min_s=40.0, point_s=15.0,
+                      **MANY_ADAPTER_GPU),
             BenchPart("hidden", n=(65536,), d=(4096,), h=(16, 256), dtypes=("bf16",)),
             BenchPart("model", n=(65536,), d=(1024, 8192), h=(64,), dtypes=("bf16",)),
             BenchPart("dtypes", n=(65536,), d=(4096,), h=(64,), dtypes=("fp16", "fp32")),
@@ -502,19 +551,33 @@ def xdist_workers(args: argparse.Namespace, ctx: "Context") -> int:
     return max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
+def xdist_dist(workers: int) -> Optional[str]:
+    """``worksteal`` where pytest-xdist has it (3.2 and later): a worker that runs out of tests takes
+    tests queued behind a long one on another worker, which shortens the suite's tail. None otherwise."""
+    if not workers:
+        return None
+    try:
+        version = importlib.metadata.version("pytest-xdist")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    major, minor = (int(x) if x.isdigit() else 0 for x in (version.split(".") + ["0"])[:2])
+    return "worksteal" if (major, minor) >= (3, 2) else None
+
+
 def step_tests(args: argparse.Namespace, ctx: "Context") -> Dict[str, Any]:
     selection = shlex.split(args.tests) if args.tests is not None else list(ctx.plan.tests or ())
     workers = xdist_workers(args, ctx)
     junit = ctx.out / "junit.xml"
     cmd = [sys.executable, "-m", "pytest", *selection, "-q", "-rfEs", "-p", "no:cacheprovider",
            f"--junitxml={junit}", "--durations=25"]
+    dist = xdist_dist(workers)
     if workers:
-        cmd += ["-n", str(workers)]
+        cmd += ["-n", str(workers)] + (["--dist", dist] if dist else [])
     cap = min(ctx.clock.share(ctx.plan.tests_cap_s, ctx.plan.budget_s),
               max(ctx.clock.left() - SUMMARY_RESERVE_S - 30.0, 30.0))
     log(f"tests: {shlex.join(cmd[3:])} (up to {cap:.0f} s)")
     proc = run_streamed("pytest", cmd, ctx.out / "pytest.log", cap, ctx.env)
-    record: Dict[str, Any] = {"selection": selection or ["(whole suite: testpaths)"], "workers": workers,
+    record: Dict[str, Any] = {"selection": selection or ["(whole suite: testpaths)"], "workers": workers, "dist": dist,
                               "command": shlex.join(cmd), **proc}
     if junit.exists():
         record.update(parse_junit(junit))
@@ -618,7 +681,20 @@ def fused_backends() -> List[str]:
     return [b for b in bench_module().BACKENDS if b not in BASELINE_BACKENDS and not b.startswith("selftest")]
 
 
+def many_adapters_module():
+    """``bench/many_adapters.py``, the chain and mixed-batch sweeps (imports the package)."""
+    return importlib.import_module("many_adapters")
+
+
+# the fused op of each many-adapter sweep (bench/many_adapters.py), the backend its targets are on
+SWEEP_FUSED = {"chain": "chain", "mixed": "routed"}
+
+
 def part_backends(part: BenchPart, override: Optional[str]) -> List[str]:
+    """The backends of a part. ``--bench-backends`` replaces those of the single-adapter parts only: the
+    many-adapter sweeps have backends of their own."""
+    if part.sweep != "op":
+        return list(part.backends or many_adapters_module().BACKENDS[part.sweep])
     if override:
         return [b.strip() for b in override.split(",") if b.strip()]
     names: List[str] = []
@@ -627,69 +703,159 @@ def part_backends(part: BenchPart, override: Optional[str]) -> List[str]:
     return names
 
 
+def sweep_points(part: BenchPart) -> List[Tuple[str, int, int, int, int, str]]:
+    """Every point a many-adapter part asks its sweep for, in the sweep's order."""
+    return part.points(many_adapters_module().ASSIGNMENTS if part.sweep == "mixed" else ("-",))
+
+
+def point_label(part: BenchPart, point: Tuple[str, int, int, int, int, str]) -> str:
+    dt, n, d, h, count, assignment = point
+    return many_adapters_module().Point(part.sweep, n, d, h, dt, count, assignment).label()
+
+
+def part_dir(part: BenchPart, ctx: "Context") -> Path:
+    """``bench/parts/<name>/`` for a single-adapter part (merged into ``bench/``), ``<name>/`` for a sweep."""
+    return ctx.out / "bench" / "parts" / part.name if part.sweep == "op" else ctx.out / part.name
+
+
 def part_command(part: BenchPart, ctx: "Context", out: Path, backends: Sequence[str], budget_s: float) -> List[str]:
     ints = lambda values: ",".join(map(str, values))  # noqa: E731
-    return [sys.executable, str(HERE / "bench_linear_adapter.py"), *ctx.plan.bench_args, "--out", str(out),
-            "--n", ints(part.n), "--d", ints(part.d), "--h", ints(part.h), "--dtypes", ",".join(part.dtypes),
-            "--backends", ",".join(backends), "--no-plot", "--time-budget-s", f"{budget_s:.0f}"]
+    cmd = [sys.executable, str(HERE / "bench_linear_adapter.py"), *ctx.plan.bench_args, "--out", str(out),
+           "--n", ints(part.n), "--d", ints(part.d), "--h", ints(part.h), "--dtypes", ",".join(part.dtypes),
+           "--backends", ",".join(backends), "--no-plot", "--time-budget-s", f"{budget_s:.0f}"]
+    if part.sweep != "op":
+        cmd[2:2] = ["--sweep", part.sweep]
+        cmd += ["--k" if part.sweep == "chain" else "--a", ints(part.counts)]
+    if part.modes:
+        cmd += ["--modes", ",".join(part.modes)]
+    return cmd
+
+
+def part_budget(part: BenchPart, left: float) -> float:
+    """The ``--time-budget-s`` of a part that may run ``left`` seconds: room for its start-up and the
+    copy-bandwidth measurement (20 s), and for a sweep the point it may still start at its budget."""
+    return max(left - 20.0 - part.point_s, 1.0)
+
+
+def read_op_part(part: BenchPart, record: Dict[str, Any], results: Path, proc: Dict[str, Any]) -> None:
+    """Status, counts and unmeasured shapes of a single-adapter part, from its results.json."""
+    data = json.loads(results.read_text())
+    rows = data["rows"]
+    record["rows"] = len(rows)
+    record["copy_bandwidth"] = data["runs"][-1]["copy_bandwidth"]
+    record["budget_skipped_rows"] = sum(r["stage"] == "budget" for r in rows)
+    measured_shapes = {(r["dtype"], r["n"], r["d"], r["h"]) for r in rows if r["stage"] != "budget"}
+    record["unmeasured_shapes"] = [f"{dt} N={n} D={d} H={h}" for dt, n, d, h in part.shapes()
+                                   if (dt, n, d, h) not in measured_shapes]
+    record["error_rows"] = sum(r["status"] == "error" and not r["backend"].startswith("selftest") for r in rows)
+    if proc["returncode"] != 0 and not proc["interrupted"]:
+        record.update(status=FAILED, reason=f"exit status {proc['returncode']}")
+    elif proc["interrupted"] or record["budget_skipped_rows"]:
+        record.update(status=PARTIAL, reason="time budget: shapes left unmeasured")
+    else:
+        record["status"] = OK
+
+
+def read_sweep_part(part: BenchPart, record: Dict[str, Any], results: Path, proc: Dict[str, Any]) -> None:
+    """Status, counts, unmeasured points and the sweep's own target evaluation of a many-adapter part.
+
+    The sweep leaves the points past its time budget out of results.json: they are the planned points
+    without a row. A point that failed (an error row of any backend) is counted in ``error_rows``, which
+    fails the bench step as a failed point of the single-adapter sweep does."""
+    data = json.loads(results.read_text())
+    rows = data["rows"]
+    record["rows"] = len(rows)
+    record["copy_bandwidth"] = data["runs"][-1]["copy_bandwidth"]
+    measured = {(r["dtype"], r["n"], r["d"], r["h"], r["count"], r["assignment"]) for r in rows}
+    record["unmeasured_shapes"] = [point_label(part, p) for p in sweep_points(part) if p not in measured]
+    record["error_rows"] = sum(r["status"] == "error" for r in rows)
+    record["targets"] = data.get("targets", [])
+    if proc["returncode"] != 0 and not proc["interrupted"]:
+        record.update(status=FAILED, reason=f"exit status {proc['returncode']}")
+    elif proc["interrupted"] or record["unmeasured_shapes"]:
+        record.update(status=PARTIAL, reason="time budget: points left unmeasured")
+    else:
+        record["status"] = OK
+
+
+def run_part(part: BenchPart, args: argparse.Namespace, ctx: "Context") -> Dict[str, Any]:
+    """Run one part if it fits the time left; its record for run.json."""
+    backends = part_backends(part, args.bench_backends)
+    out = part_dir(part, ctx)
+    record: Dict[str, Any] = {"name": part.name, "sweep": part.sweep, "backends": backends, "n": part.n, "d": part.d,
+                              "h": part.h, "dtypes": part.dtypes, "dir": relpath(out, ctx.out)}
+    if part.sweep == "op":
+        record["shapes"] = part.shape_count()
+    else:
+        record.update(shapes=len(sweep_points(part)), counts=part.counts, modes=part.modes)
+    left = ctx.clock.left() - SUMMARY_RESERVE_S
+    if left < max(part.min_s, 5.0):
+        record.update(status=SKIPPED, reason=f"time budget: {max(left, 0):.0f} s left, the part needs about "
+                                             f"{max(part.min_s, 5.0):.0f} s")
+        log(f"bench part {part.name}: skipped ({record['reason']})")
+        return record
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = part_command(part, ctx, out, backends, part_budget(part, left))
+    what = "shapes" if part.sweep == "op" else f"points of the {part.sweep} sweep"
+    log(f"bench part {part.name}: {record['shapes']} {what} x {backends}")
+    proc = run_streamed(f"bench part {part.name}", cmd, out / "bench.log", left, ctx.env)
+    record.update(proc, command=shlex.join(cmd))
+    results = out / "results.json"
+    if not results.exists():
+        planned = ([f"{dt} N={n} D={d} H={h}" for dt, n, d, h in part.shapes()] if part.sweep == "op"
+                   else [point_label(part, p) for p in sweep_points(part)])
+        record["unmeasured_shapes"] = planned
+        if proc["interrupted"]:  # the budget ran out, nothing failed
+            record.update(status=PARTIAL, reason="time budget: interrupted before it wrote any result")
+        else:
+            record.update(status=FAILED, reason=f"no results written (exit status {proc['returncode']})")
+    elif part.sweep == "op":
+        read_op_part(part, record, results, proc)
+    else:
+        read_sweep_part(part, record, results, proc)
+    return record
+
+
+def selected_parts(plan: Plan, names: Optional[str]) -> List[BenchPart]:
+    """The plan's parts, or those ``--bench-parts`` names (in the plan's order)."""
+    if not names:
+        return list(plan.parts)
+    wanted = {n.strip() for n in names.split(",") if n.strip()}
+    return [p for p in plan.parts if p.name in wanted]
+
+
+def bench_problems(parts: Sequence[Dict[str, Any]], merged: Optional[Dict[str, Any]]) -> List[str]:
+    """Why the bench step failed: parts that failed, failed points of real backends (single-adapter
+    points from the merged results, many-adapter points per part)."""
+    failed_parts = [p["name"] for p in parts if p["status"] == FAILED]
+    problems = [f"parts failed: {failed_parts}"] if failed_parts else []
+    if merged is not None:
+        real_errors = [e for e in merged["errors"] if not e["backend"].startswith("selftest")]
+        if real_errors:
+            problems.append(f"{len(real_errors)} benchmark points of real backends failed")
+    for p in parts:
+        if p.get("sweep", "op") != "op" and p.get("error_rows"):
+            problems.append(f"{p['error_rows']} points of the {p['sweep']} sweep (part {p['name']}) failed")
+    return problems
 
 
 def step_bench(args: argparse.Namespace, ctx: "Context") -> Dict[str, Any]:
-    """Run the plan's parts in order while time is left, then merge them into ``bench/``."""
+    """Run the plan's parts in order while time is left, then merge the single-adapter ones into ``bench/``
+    (the many-adapter sweeps stay in their own folders)."""
     bench_dir = ctx.out / "bench"
-    parts_dir = bench_dir / "parts"
-    parts_dir.mkdir(parents=True, exist_ok=True)
-    parts: List[Dict[str, Any]] = []
-    for part in ctx.plan.parts:
-        backends = part_backends(part, args.bench_backends)
-        record: Dict[str, Any] = {"name": part.name, "shapes": part.shape_count(), "backends": backends,
-                                  "n": part.n, "d": part.d, "h": part.h, "dtypes": part.dtypes}
-        left = ctx.clock.left() - SUMMARY_RESERVE_S
-        if left < max(part.min_s, 5.0):
-            parts.append(dict(record, status=SKIPPED, reason=f"time budget: {max(left, 0):.0f} s left, "
-                                                              f"the part needs about {max(part.min_s, 5.0):.0f} s"))
-            log(f"bench part {part.name}: skipped ({parts[-1]['reason']})")
-            continue
-        out = parts_dir / part.name
-        out.mkdir(exist_ok=True)
-        # the part's own budget leaves room for its start-up and the copy-bandwidth measurement
-        cmd = part_command(part, ctx, out, backends, max(left - 20.0, 1.0))
-        log(f"bench part {part.name}: {part.shape_count()} shapes x {backends}")
-        proc = run_streamed(f"bench part {part.name}", cmd, out / "bench.log", left, ctx.env)
-        record.update(proc, command=shlex.join(cmd))
-        results = out / "results.json"
-        if not results.exists():
-            why = "interrupted at its time budget" if proc["interrupted"] else f"exit status {proc['returncode']}"
-            record.update(status=FAILED, reason=f"no shape finished ({why})", unmeasured_shapes=[
-                f"{dt} N={n} D={d} H={h}" for dt, n, d, h in part.shapes()])
-        else:
-            rows = json.loads(results.read_text())["rows"]
-            record["rows"] = len(rows)
-            record["budget_skipped_rows"] = sum(r["stage"] == "budget" for r in rows)
-            measured_shapes = {(r["dtype"], r["n"], r["d"], r["h"]) for r in rows if r["stage"] != "budget"}
-            record["unmeasured_shapes"] = [f"{dt} N={n} D={d} H={h}" for dt, n, d, h in part.shapes()
-                                           if (dt, n, d, h) not in measured_shapes]
-            record["error_rows"] = sum(r["status"] == "error" and not r["backend"].startswith("selftest") for r in rows)
-            if proc["returncode"] != 0 and not proc["interrupted"]:
-                record.update(status=FAILED, reason=f"exit status {proc['returncode']}")
-            elif proc["interrupted"] or record["budget_skipped_rows"]:
-                record.update(status=PARTIAL, reason="time budget: shapes left unmeasured")
-            else:
-                record["status"] = OK
-        parts.append(record)
+    (bench_dir / "parts").mkdir(parents=True, exist_ok=True)
+    parts = [run_part(part, args, ctx) for part in selected_parts(ctx.plan, args.bench_parts)]
 
-    measured = [parts_dir / p["name"] for p in parts if (parts_dir / p["name"] / "results.json").exists()]
+    measured = [ctx.out / p["dir"] for p in parts
+                if p["sweep"] == "op" and (ctx.out / p["dir"] / "results.json").exists()]
     summary: Dict[str, Any] = {"parts": parts, "dir": relpath(bench_dir, ctx.out)}
-    if not measured:
+    if measured:
+        bench_module().main(["--merge", *map(str, measured), "--out", str(bench_dir)])
+        ctx.bench = json.loads((bench_dir / "results.json").read_text())
+        summary["error_points"] = len(ctx.bench["errors"])
+    elif not any(p.get("rows") is not None for p in parts):
         return dict(summary, status=FAILED, reason="no benchmark part produced results")
-    bench_module().main(["--merge", *map(str, measured), "--out", str(bench_dir)])
-    data = json.loads((bench_dir / "results.json").read_text())
-    ctx.bench = data
-    real_errors = [e for e in data["errors"] if not e["backend"].startswith("selftest")]
-    summary["error_points"] = len(data["errors"])
-    failed_parts = [p["name"] for p in parts if p["status"] == FAILED]
-    problems = ([f"parts failed: {failed_parts}"] if failed_parts else []) + (
-        [f"{len(real_errors)} benchmark points of real backends failed"] if real_errors else [])
+    problems = bench_problems(parts, ctx.bench)
     if problems:
         return dict(summary, status=FAILED, reason="; ".join(problems))
     unfinished = [p["name"] for p in parts if p["status"] in (SKIPPED, PARTIAL)]
@@ -937,19 +1103,25 @@ def render_summary(ctx: "Context", steps: Dict[str, Dict[str, Any]], exit_status
 
     out += ["## Benchmark", ""]
     bench_step = steps.get("bench", {})
-    if bench_step.get("parts"):
-        out.append(harness.markdown_table(["part", "shapes", "backends", "status", "seconds", "detail"], [
-            (p["name"], p["shapes"], ",".join(p["backends"]), p["status"], f(p.get("seconds"), ".0f"),
-             p.get("reason") or "") for p in bench_step["parts"]]))
+    all_parts = bench_step.get("parts", [])
+    if all_parts:
+        out.append(harness.markdown_table(
+            ["part", "sweep", "shapes / points", "backends", "status", "seconds", "folder", "detail"],
+            [(p["name"], p.get("sweep", "op"), p["shapes"], ",".join(p["backends"]), p["status"],
+              f(p.get("seconds"), ".0f"), f"`{p['dir']}/`" if p.get("dir") else "–", p.get("reason") or "")
+             for p in all_parts]))
         out.append("")
+        measured = [p for p in all_parts if p.get("copy_bandwidth")]
+        if measured:
+            out.append(harness.markdown_table(["part", "copy bandwidth GB/s", "buffer MiB"], [
+                (p["name"], f(p["copy_bandwidth"].get("gbps"), ".1f"),
+                 f(p["copy_bandwidth"].get("bytes", 0) / 2**20, ".0f")) for p in measured]))
+            out.append("")
     if ctx.bench is None:
-        out += [f"No results: {bench_step.get('reason', 'not run')}.", ""]
+        why = bench_step.get("reason") if bench_step.get("status") != OK else None
+        out += [f"No single-adapter results: {why or 'no single-adapter part ran'}.", ""]
     else:
-        out.append(harness.markdown_table(["part", "copy bandwidth GB/s", "buffer MiB"], [
-            (p["name"], f(run["copy_bandwidth"].get("gbps"), ".1f"),
-             f(run["copy_bandwidth"].get("bytes", 0) / 2**20, ".0f"))
-            for p, run in zip([p for p in bench_step["parts"] if p.get("rows") is not None], ctx.bench["runs"])]))
-        out += ["", _bench_legend(ctx), ""]
+        out += [_bench_legend(ctx), ""]
         pred_step = steps.get("predictions", {})
         predictions = {(m["mode"], m["dtype"], m["n"], m["d"], m["h"], m["backend"]): m
                        for m in pred_step.get("matches", [])}
@@ -969,11 +1141,16 @@ def render_summary(ctx: "Context", steps: Dict[str, Dict[str, Any]], exit_status
         for mode in bench_module().MODES:
             out += [f"### {mode}", "", fused_rows_table(ctx, mode, predictions, min_elems), ""]
         out += ["### Targets", "", _targets_table(ctx), ""]
-        unmeasured = _unmeasured(ctx, bench_step)
-        if unmeasured:
-            out += ["### Not measured", "", *unmeasured, ""]
         out += ["Every backend at every point, checks and errors: `bench/report.md`; raw figures: "
                 "`bench/results.json`.", ""]
+    unmeasured = _unmeasured(bench_step)
+    if unmeasured:
+        out += ["### Not measured", "", *unmeasured, ""]
+    sweeps = [p for p in all_parts if p.get("sweep", "op") != "op"]
+    if sweeps:
+        out += ["## Many adapters", "", _many_adapters_legend(), ""]
+        for p in sweeps:
+            out += _sweep_section(ctx, p)
     out += ["## Plots", ""]
     plots = sorted(p.relative_to(ctx.out) for p in ctx.out.rglob("*.png"))
     out.append("\n\n".join(f"![{p.stem}]({p})" for p in plots) if plots else
@@ -1012,15 +1189,73 @@ def _targets_table(ctx: "Context") -> str:
             + harness.markdown_table(["target", "points", "met", "missed", "not evaluated", "worst"], rows))
 
 
-def _unmeasured(ctx: "Context", bench_step: Dict[str, Any]) -> List[str]:
+def _unmeasured(bench_step: Dict[str, Any]) -> List[str]:
     lines = []
     for p in bench_step.get("parts", []):
+        what = "shapes" if p.get("sweep", "op") == "op" else "points"
         if p["status"] == SKIPPED:
-            lines.append(f"- part `{p['name']}` ({p['shapes']} shapes, {','.join(p['backends'])}): {p['reason']}")
+            lines.append(f"- part `{p['name']}` ({p['shapes']} {what}, {','.join(p['backends'])}): {p['reason']}")
         elif p.get("unmeasured_shapes"):
-            lines.append(f"- part `{p['name']}`, {len(p['unmeasured_shapes'])} of {p['shapes']} shapes "
+            lines.append(f"- part `{p['name']}`, {len(p['unmeasured_shapes'])} of {p['shapes']} {what} "
                          f"({p['reason'] or p['status']}): " + ", ".join(p["unmeasured_shapes"]))
     return lines
+
+
+def _many_adapters_legend() -> str:
+    return ("`bench_linear_adapter.py --sweep chain` (K adapters one after another) and `--sweep mixed` (A adapters "
+            "in one batch), bench/many_adapters.py. ms = median per backend; ×one = ms of the fused op over ms of "
+            "one fused adapter (lower is better); ×loop = ms of the loop of single-adapter launches (chain) or of "
+            "the masked loop (mixed) over ms of the fused op (higher is better). Targets as the sweep evaluated "
+            "them (its `results.json`; docs/design.md, 'Floors and targets').")
+
+
+def _sweep_section(ctx: "Context", part: Dict[str, Any]) -> List[str]:
+    """A many-adapter part in the summary: its fused op's figures beside every backend's time, the
+    targets as the sweep itself evaluated them, its failed points."""
+    f = harness.fmt
+    sweep, folder = part["sweep"], part["dir"]
+    out = [f"### {part['name']} (`--sweep {sweep}`, `{folder}/`)", ""]
+    results = ctx.out / folder / "results.json"
+    if not results.exists():
+        return out + [f"No results: {part.get('reason') or part['status']}.", ""]
+    data = json.loads(results.read_text())
+    backends = part["backends"]
+    fused = SWEEP_FUSED.get(sweep, backends[0] if backends else "")
+    count = "K" if sweep == "chain" else "A"
+    mixed = sweep == "mixed"
+    points: Dict[Tuple, Dict[str, Dict[str, Any]]] = {}
+    for r in data["rows"]:
+        key = (r["mode"], r["dtype"], r["n"], r["d"], r["h"]) + ((r["assignment"],) if mixed else ()) + (r["count"],)
+        points.setdefault(key, {})[r["backend"]] = r
+    modes = list(many_adapters_module().MODES)
+    table = []
+    for key in sorted(points, key=lambda k: (modes.index(k[0]) if k[0] in modes else len(modes),) + k[1:]):
+        by_backend = points[key]
+        main = by_backend.get(fused, {})
+        ok = main.get("status") == "ok"
+        frac = main.get("frac_copy_bw") if ok else None
+        table.append((*key, *(f(by_backend[b]["ms"], ".4g") if b in by_backend and by_backend[b]["status"] == "ok"
+                               else (by_backend[b]["status"] if b in by_backend else "–") for b in backends),
+                      f(main.get("gbps"), ".4g"), f(100 * frac, ".3g") if frac is not None else "–",
+                      f(main.get("ratio_vs_one_adapter"), ".3g"), f(main.get("speedup_vs_loop"), ".3g")))
+    headers = ["mode", "dtype", "N", "D", "H", *(["assignment"] if mixed else []), count,
+               *(f"{b} ms" for b in backends),
+               f"{fused} GB/s", f"{fused} % copy BW", f"{fused} ×one", f"{fused} ×loop"]
+    out += [harness.markdown_table(headers, table) if table else "No point measured.", ""]
+    targets = data.get("targets", [])
+    if targets:
+        out.append(harness.markdown_table(
+            ["target", "mode", "dtype", "N", "D", "H", "assignment", "value", "threshold", "status"],
+            [(t["target"], t["mode"], t["dtype"], t["n"], t["d"], t["h"], t["assignment"], f(t["value"], ".3g"),
+              t["threshold"], t["status"].upper() if t["status"] == "missed" else t["status"]) for t in targets]))
+    else:
+        out.append(f"Targets: none in `{folder}/results.json` (the sweep evaluates them on GPU runs only).")
+    errors = [r for r in data["rows"] if r["status"] == "error"]
+    if errors:
+        out += ["", harness.markdown_table(["mode", "N", count, "assignment", "backend", "stage", "error"], [
+            (r["mode"], r["n"], r["count"], r["assignment"], r["backend"], r["stage"], r["error"]) for r in errors])]
+    out += ["", f"Every backend, checks and errors: `{folder}/report.md`; raw figures: `{folder}/results.json`.", ""]
+    return out
 
 
 def write_prediction_plot(ctx: "Context", pred: Dict[str, Any]) -> Optional[str]:
@@ -1085,7 +1320,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="See bench/README.md, 'One command for a GPU'.")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="a test subset and one benchmark part (< 3 min on an H100)")
+    mode.add_argument("--quick", action="store_true",
+                      help="a test subset and one benchmark part (about 3 min on an H100)")
     mode.add_argument("--dry-run", action="store_true",
                       help="the same steps on the CPU: Triton interpreter, tiny shapes, a small test subset")
     p.add_argument("--out", type=Path, default=None,
@@ -1097,7 +1333,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "if that fails); pythonpath: PYTHONPATH only")
     p.add_argument("--commit", default=None, help="commit to record when the copy has no git repository")
     p.add_argument("--budget-s", type=float, default=None,
-                   help="time budget of the whole run (quick 165, full 540, dry run 600); the tests' and the "
+                   help="time budget of the whole run (quick 210, full 540, dry run 600); the tests' and the "
                         "sanitizer's shares scale with it")
     p.add_argument("--skip", default="", help="comma list of steps not to run: tests,sanitizer,bench")
     p.add_argument("--tests", default=None,
@@ -1105,7 +1341,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-workers", type=int, default=None,
                    help="pytest-xdist workers (default: half the cores, at most 8, on CUDA when xdist is installed)")
     p.add_argument("--sanitizer-k", default="small", help="pytest -k expression of the sanitizer's native tests")
-    p.add_argument("--bench-backends", default=None, help="comma list replacing every benchmark part's backends")
+    p.add_argument("--bench-backends", default=None,
+                   help="comma list replacing the backends of every single-adapter part (the chain and mixed "
+                        "sweeps keep their own)")
+    p.add_argument("--bench-parts", default=None,
+                   help="comma list of the mode's benchmark parts to run (default: all, in the mode's order)")
     p.add_argument("--static-report", type=Path, default=DEFAULT_STATIC_REPORT, help="the static report's JSON")
     p.add_argument("--predict-arch", default=None,
                    help="architecture of the predictions to use (default: the device's)")
@@ -1123,6 +1363,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"--skip: unknown steps {sorted(skip - {'tests', 'sanitizer', 'bench'})}; "
                      "expected tests, sanitizer, bench")
     plan = PLANS["dry-run" if args.dry_run else "quick" if args.quick else "full"]
+    if args.bench_parts is not None:
+        unknown = {n.strip() for n in args.bench_parts.split(",") if n.strip()} - {p.name for p in plan.parts}
+        if unknown or not selected_parts(plan, args.bench_parts):
+            parser.error(f"--bench-parts: unknown parts {sorted(unknown)}; the {plan.name} run has "
+                         f"{[p.name for p in plan.parts]}")
     if args.dry_run:  # before anything touches CUDA or imports triton
         os.environ["TRITON_INTERPRET"] = "1"
         os.environ["CUDA_VISIBLE_DEVICES"] = ""

@@ -1,9 +1,11 @@
 """``bench/gpu_run.py --dry-run`` works end to end on the CPU, and records failures as failures.
 
 Two subprocess runs, as a user starts them: a passing dry run (real test subset, real benchmark parts,
-a synthetic static report so that the prediction column is filled), and a failing one (a test
-selection with a deliberately failing test, a benchmark backend that raises, no static report) that
-must exit non-zero and say why in every file it writes.
+the many-adapter sweeps ``chain`` and ``mixed`` included, a synthetic static report so that the
+prediction column is filled), and a failing one (a test selection with a deliberately failing test, a
+benchmark backend that raises, no static report; single-adapter parts only, to keep CI short) that
+must exit non-zero and say why in every file it writes. How a failed or unfinished many-adapter point
+is counted is checked on results files written here.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "bench" / "gpu_run.py"
 MODES = ("forward", "backward", "full")
 JSON_FILES = ("run.json", "environment.json", "tests.json", "predictions.json", "bench/results.json",
-              "bench/parts/core/results.json", "bench/parts/dtypes/results.json")
-TEXT_FILES = ("summary.md", "command.txt", "install.log", "pytest.log", "junit.xml", "bench/report.md")
+              "bench/parts/core/results.json", "bench/parts/dtypes/results.json", "chain/results.json",
+              "mixed/results.json")
+TEXT_FILES = ("summary.md", "command.txt", "install.log", "pytest.log", "junit.xml", "bench/report.md",
+              "chain/report.md", "mixed/report.md", "chain/bench.log", "mixed/bench.log")
 
 
 def _load(name: str, path: Path):
@@ -85,7 +89,7 @@ def failing_run(tmp_path_factory):
                      "def test_fails_on_purpose():\n    assert 1 + 1 == 3, 'deliberate failure'\n")
     out = tmp / "run"
     proc, run, summary = _run(out, "--tests", str(tests), "--bench-backends", "eager,selftest-raise",
-                              "--static-report", str(tmp / "absent.json"))
+                              "--bench-parts", "core,dtypes", "--static-report", str(tmp / "absent.json"))
     return dict(proc=proc, out=out, run=run, summary=summary)
 
 
@@ -154,6 +158,111 @@ def test_summary_has_a_row_per_fused_point(dry_run):
     assert targets == {"fwd-bandwidth", "fwd-vs-eager", "fwd-vs-compile", "bwd-bandwidth", "bwd-vs-eager"}
     # the copy bandwidth was measured by each part, in the same run as the kernels
     assert all(run["copy_bandwidth"]["gbps"] > 0 for run in results["runs"]) and len(results["runs"]) == 2
+
+
+def test_many_adapter_sweeps_ran_in_their_own_folders_and_are_in_the_summary(dry_run):
+    out, summary = dry_run["out"], dry_run["summary"]
+    many = _load("many_adapters", REPO / "bench" / "many_adapters.py")
+    parts = {p["name"]: p for p in dry_run["run"]["steps"]["bench"]["parts"]}
+    assert list(parts) == ["core", "chain", "mixed", "dtypes"]  # after the core part, before the others
+    for name, counts in (("chain", (1, 2)), ("mixed", (1, 4))):
+        part = parts[name]
+        assert (part["sweep"], part["dir"], part["status"], part["error_rows"]) == (name, name, "ok", 0), part
+        assert "--sweep" in part["command"] and part["unmeasured_shapes"] == []
+        data = json.loads((out / name / "results.json").read_text())
+        assignments = many.ASSIGNMENTS if name == "mixed" else ("-",)
+        # every planned point, every backend of the sweep, forward and full, timed
+        assert {(r["count"], r["assignment"], r["backend"], r["mode"]) for r in data["rows"]} == {
+            (c, a, b, m) for c in counts for a in assignments for b in many.BACKENDS[name] for m in many.MODES}
+        assert all(r["status"] == "ok" and r["ms"] > 0 for r in data["rows"])
+        assert part["rows"] == len(data["rows"]) and part["shapes"] == len(counts) * len(assignments)
+        # the summary: the part in the parts table, its section, one line per mode and point
+        assert f"| {name} | {name} | {part['shapes']} |" in summary
+        section = summary.split(f"### {name} (`--sweep {name}`, `{name}/`)\n", 1)[1].split("\n### ", 1)[0]
+        fused = next(r for r in data["rows"] if r["backend"] == many.BACKENDS[name][0] and r["mode"] == "forward")
+        lines = [line for line in section.splitlines() if line.startswith(("| forward |", "| full |"))]
+        assert len(lines) == len(data["rows"]) // len(many.BACKENDS[name])
+        assert any(f"| {fused['count']} | {harness_fmt4(fused['ms'])} |" in line for line in lines), section
+        # on the CPU the sweep evaluates no target, and the summary says so instead of inventing any
+        assert data["targets"] == [] and f"Targets: none in `{name}/results.json`" in section
+    # the merged single-adapter results hold the single-adapter parts only
+    merged = json.loads((out / "bench" / "results.json").read_text())
+    assert {r["op"] for r in merged["rows"] if "op" in r} <= {"linear_adapter"} and len(merged["runs"]) == 2
+    assert not any("count" in r for r in merged["rows"])
+    assert not (out / "bench" / "parts" / "chain").exists()
+
+
+def harness_fmt4(value):
+    return _load("harness", REPO / "bench" / "harness.py").fmt(value, ".4g")
+
+
+def _sweep_results(sweep, rows, targets=()):
+    return {"schema": 1, "op": "adapter_chain" if sweep == "chain" else "routed_adapter", "rows": rows,
+            "checks": [], "targets": list(targets),
+            "runs": [{"copy_bandwidth": {"gbps": 100.0, "bytes": 1 << 20}, "config": {"sweep": sweep}}]}
+
+
+def _sweep_row(sweep, count, backend, mode, status="ok", assignment="-", ms=1.0):
+    return dict(op="x", run=0, mode=mode, sweep=sweep, n=16384, d=4096, h=64, dtype="bf16", count=count,
+                assignment=assignment, backend=backend, status=status, stage=None if status == "ok" else "check",
+                error=None if status == "ok" else "boom", ms=ms if status == "ok" else None, bytes=1, gbps=None,
+                frac_copy_bw=None, ratio_vs_one_adapter=None, speedup_vs_loop=None, max_rel_err=0.0)
+
+
+def test_a_failed_or_unmeasured_many_adapter_point_is_counted(tmp_path):
+    """A point that failed in a sweep fails the bench step, as in the single-adapter sweep; the points its
+    time budget left out (the sweep writes no row for them) are listed; the targets are the sweep's own."""
+    module = gpu_run()
+    part = next(p for p in module.PLANS["full"].parts if p.name == "chain")
+    proc = {"returncode": 0, "interrupted": False}
+    rows = [_sweep_row("chain", k, b, m) for k in (1, 2) for b in ("chain", "loop", "one-adapter", "eager")
+            for m in ("forward", "full")]
+    rows[3] = _sweep_row("chain", 1, "loop", "full", status="error")
+    # a value no row supports: the summary must show what results.json says, not a recomputation
+    target = dict(target="chain of 4 ≤ 1.6× one fused adapter", mode="forward", dtype="bf16", n=16384, d=4096, h=64,
+                  assignment="-", value=1.234, threshold=1.6, status="met", row_error=None)
+    results = tmp_path / "chain" / "results.json"
+    results.parent.mkdir()
+    results.write_text(json.dumps(_sweep_results("chain", rows, [target])))
+    record = {"name": "chain", "sweep": "chain", "backends": ["chain", "loop", "one-adapter", "eager"],
+              "dir": "chain", "shapes": 4}
+    module.read_sweep_part(part, record, results, proc)
+    assert record["error_rows"] == 1 and record["status"] == "partial"
+    assert record["unmeasured_shapes"] == ["bf16 N=16384 D=4096 H=64 K=4", "bf16 N=16384 D=4096 H=64 K=8"]
+    problems = module.bench_problems([record], None)
+    assert problems == ["1 points of the chain sweep (part chain) failed"]
+    section = "\n".join(module._sweep_section(type("Ctx", (), {"out": tmp_path})(), record))
+    assert ("| chain of 4 ≤ 1.6× one fused adapter | forward | bf16 | 16384 | 4096 | 64 | - | 1.23 | 1.6 | met |"
+            in section)
+    assert "| full | 16384 | 1 | - | loop | check | boom |" in section  # the failed point, listed
+    # every point there and none failed: ok, and nothing to report
+    clean = [_sweep_row("chain", k, b, m) for k in part.counts for b in ("chain", "loop", "one-adapter", "eager")
+             for m in ("forward", "full")]
+    results.write_text(json.dumps(_sweep_results("chain", clean)))
+    module.read_sweep_part(part, record, results, proc)
+    assert (record["status"], record["error_rows"], record["unmeasured_shapes"]) == ("ok", 0, [])
+    assert module.bench_problems([record], None) == []
+    # a sweep that exits non-zero has failed, whatever it wrote
+    module.read_sweep_part(part, record, results, {"returncode": 1, "interrupted": False})
+    assert record["status"] == "failed" and module.bench_problems([record], None) == ["parts failed: ['chain']"]
+
+
+def test_the_full_run_measures_the_many_adapter_sweeps_in_priority_order():
+    module = gpu_run()
+    full = module.PLANS["full"]
+    assert [p.name for p in full.parts] == ["core", "chain", "mixed", "hidden", "model", "dtypes", "max-autotune"]
+    for name, counts in (("chain", (1, 2, 4, 8)), ("mixed", (1, 8, 64, 256))):
+        part = next(p for p in full.parts if p.name == name)
+        assert (part.sweep, part.counts, part.modes) == (name, counts, ("forward", "full"))
+        assert (part.dtypes, part.d, part.h, part.n) == (("bf16",), (4096,), (64,), (16384,))
+        ctx = type("Ctx", (), {"plan": full})()
+        cmd = module.part_command(part, ctx, Path("/tmp/x"), ["b1", "b2"], module.part_budget(part, 100.0))
+        text = " ".join(cmd)
+        assert f"--sweep {name}" in text and "--modes forward,full" in text and "--backends b1,b2" in text
+        assert f"{'--k' if name == 'chain' else '--a'} {','.join(map(str, counts))}" in text
+        # the sweep stops only between points: the budget it gets leaves room for its start-up and a point
+        assert cmd[cmd.index("--time-budget-s") + 1] == f"{100.0 - 20.0 - part.point_s:.0f}"
+    assert [p.name for p in module.PLANS["quick"].parts] == ["core"]
 
 
 def test_predictions_beside_measurements(dry_run):
