@@ -161,25 +161,31 @@ def labels(launches: Sequence[Any]) -> List[str]:
     return out
 
 
+def add_prediction(row: Dict[str, Any], predictions: Dict[Tuple, Dict[str, Any]]) -> Dict[str, Any]:
+    """The static report's modelled time of ``row``'s launch beside its measured time. The report models
+    N = 2^26 / D tokens; its launch times scale with N (up to the launch overhead)."""
+    predicted = predictions.get((row["direction"], row["norm_position"], row["dtype"], row["D"], row["H"],
+                                 row["launch"]), {})
+    predicted_ms = (predicted["predicted_us"] / 1e3 * row["N"] / predicted["N"]
+                    if predicted.get("predicted_us") else None)
+    row.update(predicted_ms=predicted_ms, predicted_bound=predicted.get("bound"),
+               measured_over_predicted=row["ms"] / predicted_ms if predicted_ms else None)
+    return row
+
+
 def launch_rows(case: Case, direction: str, launches: Sequence[Any], copy_gbps: float, rep_ms: float,
                 predictions: Dict[Tuple, Dict[str, Any]]) -> List[Dict[str, Any]]:
     rows = []
     for label, launch in zip(labels(launches), launches):
         timing = time_launch(launch, case.device, rep_ms)
         gbps = harness.gbps(launch.hbm_bytes, timing.median_ms)
-        predicted = predictions.get((direction, case.norm, case.dtype_name, case.d, case.h, label), {})
-        # The report models N = 2^26 / D tokens; its launch times scale with N (up to the launch overhead).
-        predicted_ms = (predicted["predicted_us"] / 1e3 * case.n / predicted["N"]
-                        if predicted.get("predicted_us") else None)
-        rows.append(dict(
+        rows.append(add_prediction(dict(
             direction=direction, norm_position=case.norm, dtype=case.dtype_name, N=case.n, D=case.d, H=case.h,
             launch=label, grid=list(launch.grid),
             meta={k: v for k, v in launch.meta.items() if k in ("BM", "BD", "BH", "num_warps", "num_stages")},
             ms=timing.median_ms, timing=timing.as_dict(), hbm_bytes=launch.hbm_bytes, gbps=gbps,
-            frac_copy_bw=gbps / copy_gbps, predicted_ms=predicted_ms,
-            measured_over_predicted=timing.median_ms / predicted_ms if predicted_ms else None,
-            predicted_bound=predicted.get("bound"),
-        ))
+            frac_copy_bw=gbps / copy_gbps,
+        ), predictions))
     return rows
 
 
@@ -336,11 +342,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="points whose launch configurations are swept ('' for none)")
     parser.add_argument("--stages", default="fwd,bwd_rows,bwd_cols", help="launch kinds to sweep")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--rerender", action="store_true",
+                        help="measure nothing: put the static report's predictions beside the launches of "
+                        "--out's results.json again and rewrite its results.json and report.md (no GPU needed)")
     parser.add_argument("--rep-ms", type=float, default=40.0)
     parser.add_argument("--budget-s", type=float, default=400.0, help="no sweep candidate starts after this")
     parser.add_argument("--workers", type=int, default=max(1, min(14, (os.cpu_count() or 2) - 2)))
     parser.add_argument("--static-report", type=Path, default=REPO / "bench/results/static/report.json")
     args = parser.parse_args(argv)
+    if args.rerender:
+        results = json.loads((args.out / "results.json").read_text())
+        predictions = static_predictions(args.static_report)
+        results["launches"] = [add_prediction(row, predictions) for row in results["launches"]]
+        harness.write_json(args.out / "results.json", results)
+        (args.out / "report.md").write_text(render(results))
+        print(f"rewrote {args.out / 'results.json'} and report.md")
+        return 0
     if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
         print("tune_launches.py needs a CUDA GPU (and TRITON_INTERPRET unset)", file=sys.stderr)
         return 2

@@ -1,7 +1,8 @@
 """Which backend runs an op: the ``backend`` argument, else ``$FUSEDADAPTERS_BACKEND``, else automatic.
 
-Automatic: CUDA tensors run on Triton when it imports (the ``native`` backend has no CUDA kernels
-yet, so no measured crossover table picks it there); CPU tensors of float32, float16 or bfloat16 run
+Automatic: CUDA tensors run on Triton when it imports, for adapters narrower than
+``TRITON_MAX_AUTO_HIDDEN`` (wider ones run on the reference, which measured faster there; the
+``native`` backend has no CUDA kernels yet); CPU tensors of float32, float16 or bfloat16 run
 on ``native`` when its library is already built (see ``fusedadapters.ops.native``: automatic choice
 never starts a build), anything else on the reference. A backend that cannot run the given tensors
 is an error that says why, never a silent fallback.
@@ -21,6 +22,11 @@ __all__ = ["BACKENDS", "ENV_VAR", "resolve_backend", "triton_available", "triton
 
 BACKENDS = ("reference", "triton", "native")
 NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The widest adapter (H) the automatic choice gives Triton on CUDA. Measured on an H100
+# (bench/results/2026-11-25-nvidia-h100-80gb-hbm3/summary.md, bf16, N = 65536, D = 4096): at H = 64 the
+# Triton kernels beat the reference 4.3x forward and 1.6x backward; at H = 256 the reference was faster in
+# every mode (Triton 0.92x forward, 0.46x backward). H = 128 was not measured.
+TRITON_MAX_AUTO_HIDDEN = 128
 ENV_VAR = "FUSEDADAPTERS_BACKEND"
 
 
@@ -51,11 +57,14 @@ def resolve_backend(
     device: torch.device,
     source: str = "the backend argument",
     dtype: Optional[torch.dtype] = None,
+    hidden: Optional[int] = None,
 ) -> str:
     """The backend name for tensors on ``device``; ``requested`` wins over the environment.
 
     ``source`` says where ``requested`` came from (an argument, an attribute), for the error messages.
     ``dtype`` is the dtype of the op's input: automatic choice picks ``native`` only when it is given.
+    ``hidden`` is the adapter's H, where the op has one: automatic choice on CUDA gives adapters wider
+    than ``TRITON_MAX_AUTO_HIDDEN`` to the reference.
     """
     name = requested
     if name is None:
@@ -63,7 +72,8 @@ def resolve_backend(
     name = name.strip().lower()
     if name == "auto":
         if device.type == "cuda":
-            return "triton" if triton_available() else "reference"
+            narrow = hidden is None or hidden <= TRITON_MAX_AUTO_HIDDEN
+            return "triton" if triton_available() and narrow else "reference"
         native_fits = device.type == "cpu" and dtype in NATIVE_DTYPES
         return "native" if native_fits and native.is_built() else "reference"
     if name not in BACKENDS:

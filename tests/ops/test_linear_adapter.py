@@ -473,6 +473,18 @@ def test_triton_not_installed_is_an_error(monkeypatch):
     assert backend_mod.resolve_backend(None, torch.device("cuda")) == "reference"
 
 
+def test_automatic_choice_on_cuda_gives_wide_adapters_to_the_reference(monkeypatch):
+    """Measured crossover: Triton on CUDA up to H = TRITON_MAX_AUTO_HIDDEN, the reference above it; an
+    explicit backend is never overridden."""
+    monkeypatch.setattr(backend_mod, "triton_available", lambda: True)
+    monkeypatch.delenv(backend_mod.ENV_VAR, raising=False)
+    cuda, widest = torch.device("cuda"), backend_mod.TRITON_MAX_AUTO_HIDDEN
+    assert backend_mod.resolve_backend(None, cuda, hidden=widest) == "triton"
+    assert backend_mod.resolve_backend(None, cuda, hidden=widest + 1) == "reference"
+    assert backend_mod.resolve_backend(None, cuda) == "triton"  # ops without an H
+    assert backend_mod.resolve_backend("triton", cuda, hidden=4 * widest) == "triton"
+
+
 @devices
 def test_bad_arguments_are_clear_errors(device):
     x, params = make_x((4, 8), device=device), make_params(8, 4, device=device)
