@@ -111,7 +111,8 @@ class Case:
 
 @contextlib.contextmanager
 def forced_config(stage: str, candidate: Tuple[int, int, int, int]) -> Iterator[None]:
-    """The planner with ``candidate`` in place of its own configuration for ``stage``'s launches."""
+    """The planner with ``candidate`` in place of its own configuration for ``stage``'s launches. The
+    forward and the backward rows pass share ``_row_config``: plan only ``stage``'s direction inside."""
     bm, bd, warps, stages = candidate
     name = "_col_config" if stage == "bwd_cols" else "_row_config"
     original = getattr(kernels, name)
