@@ -716,12 +716,21 @@ class _Config(NamedTuple):
     num_stages: int
 
 
+def _cdiv(a: int, b: int) -> int:
+    """⌈a / b⌉ (``triton.cdiv`` is a constexpr function: microseconds a call on the host)."""
+    return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
 def _padded_hidden(h: int) -> int:
-    return max(16, triton.next_power_of_2(h))
+    return max(16, _next_power_of_2(h))
 
 
 def _clamp_bd(bd: int, d: int) -> int:
-    return min(bd, max(16, triton.next_power_of_2(d)))
+    return min(bd, max(16, _next_power_of_2(d)))
 
 
 def _register_pressure(dtype: torch.dtype, limits: DeviceLimits) -> int:
@@ -822,10 +831,10 @@ def _dropout_args(dropout_p: float) -> Tuple[bool, float, float]:
 def _row_splits(n_rows: int, n_col_programs: int, bm: int, limits: DeviceLimits) -> Tuple[int, int]:
     """(S, rows_per_split) for the columns pass: enough programs to fill the device twice over, whole
     row blocks per split. S depends only on the shape and the device, so the reduction order is fixed."""
-    row_blocks = max(1, triton.cdiv(n_rows, bm))
+    row_blocks = max(1, _cdiv(n_rows, bm))
     splits = max(1, min(row_blocks, (2 * limits.sm_count) // n_col_programs))
-    rows_per_split = triton.cdiv(row_blocks, splits) * bm
-    return max(1, triton.cdiv(n_rows, rows_per_split)), rows_per_split
+    rows_per_split = _cdiv(row_blocks, splits) * bm
+    return max(1, _cdiv(n_rows, rows_per_split)), rows_per_split
 
 
 def _meta(cfg: _Config, **constexprs: Any) -> Dict[str, Any]:
@@ -885,14 +894,14 @@ def plan_forward(
         weight = torch.empty_like(down_weight, dtype=_operand_dtype(x.dtype, limits))  # Wd∘γ
         br, bd = 4, _clamp_bd(256, d)
         launches.append(Launch(
-            "fold_ln", _fold_ln_kernel, (triton.cdiv(h_size, br),),
+            "fold_ln", _fold_ln_kernel, (_cdiv(h_size, br),),
             (down_weight, ln_weight, ln_bias, weight, proj, d, h_size), dict(BR=br, BD=bd, num_warps=4, num_stages=1),
             hbm_bytes=h_size * d * (e + weight.element_size()) + 2 * d * e + 8 * h_size, reread_bytes=0, live_bytes_per_program=0,
             l2_bytes=0, elements=h_size * d,
         ))
     has_dropout, p, keep_scale = _dropout_args(dropout_p)
     cfg = _row_config(h_size, d, x.dtype, limits)
-    programs = triton.cdiv(n, cfg.BM)
+    programs = _cdiv(n, cfg.BM)
     meta = _meta(cfg, ACT=activation, HAS_DROPOUT=has_dropout, HAS_SCALE=scale is not None, RESIDUAL=residual,
                  STORE_ROW_SQ=compute_row_sq, DOT_F32=_dot_f32(x.dtype, limits, h_size))
     common = (_optional(dropout_seed, mean), _optional(scale, mean),
@@ -970,7 +979,7 @@ def plan_backward(
     need_acts = need_dwu or (not pre and need_dln)
     if (need_rows or need_acts) and n > 0:
         cfg = _row_config(h_size, d, x.dtype, limits, tiles=2 if pre else 4, budget=96)
-        programs = triton.cdiv(n, cfg.BM)
+        programs = _cdiv(n, cfg.BM)
         tail = (acts, dh, k, n, d, h_size, g2.stride(0), g2.stride(1), q_stride, p, keep_scale)
         meta = _meta(cfg, ACT=activation, **flags)
         if pre:
@@ -990,7 +999,7 @@ def plan_backward(
     partials = {name: torch.empty((0,), **f32) for name in ("dwd", "dwu", "dlnw", "dlnb")}
     for group in groups:
         cfg = _col_config(h_size, d, x.dtype, limits, accumulators=int(group["NEED_DWD"]) + int(group["NEED_DWU"]))
-        n_col = triton.cdiv(d, cfg.BD)
+        n_col = _cdiv(d, cfg.BD)
         splits, rows_per_split = _row_splits(n, n_col, cfg.BM, limits)
         if group["NEED_DWD"]:
             partials["dwd"] = torch.empty((splits, h_size, d), **f32)
@@ -1059,6 +1068,8 @@ def linear_adapter_backward(grad_out: torch.Tensor, grad_row_sq: Optional[torch.
     ln_weight, ln_bias, down_weight, up_weight = args[:4]
 
     def reduce(partial: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return partial.sum(0).to(like.dtype) if partial.numel() else like.new_empty((0,))
+        if not partial.numel():
+            return like.new_empty((0,))
+        return (partial[0] if partial.shape[0] == 1 else partial.sum(0)).to(like.dtype)  # one launch fewer at S = 1
 
     return dx, reduce(dlnw, ln_weight), reduce(dlnb, ln_bias), reduce(dwd, down_weight), reduce(dwu, up_weight)
