@@ -3,8 +3,12 @@
 Chain (op ``adapter_chain``): K adapters (K from ``--k``, default 1, 2, 4, 8; all of hidden size H)
 applied one after another under the residual strategy. Backends:
 
-* ``chain``: ``ops.adapter_chain`` on triton (one launch for the K adapters);
-* ``loop``: K calls of ``ops.linear_adapter`` on triton (one launch and one round trip through memory each);
+* ``chain``: ``ops.adapter_chain`` on triton: one op call that runs the single-adapter fused op once
+  per adapter, the same kernels as ``loop``, so it should time as ``loop`` plus the op's own argument
+  handling (the fused chain kernel it replaced was about 2× slower than ``loop``; see
+  fusedadapters/ops/adapter_chain.py);
+* ``loop``: K calls of ``ops.linear_adapter`` on triton written out here (one launch and one round trip
+  through memory each): the baseline;
 * ``one-adapter``: one ``ops.linear_adapter`` call on triton over the same x (the unit of the target);
 * ``eager``: the reference chain (``backend='reference'``).
 
@@ -24,8 +28,10 @@ reference in float64 (float32 inputs) or float32 (16-bit inputs) before it is ti
 is an error row, not timed. Byte model (``e`` bytes per element, ``W`` bytes of one adapter's weights):
 forward ``2·N·D·e + M·W``, full ``5·N·D·e + 3·M·W``, where M = K or A: x read and out written once, as if
 every adapter ran in one pass. ``×one`` = ms / ms of ``one-adapter`` at the same point (lower is better;
-targets: chain of 4 ≤ 1.6, mixed batch of 64 ≤ 1.3, routing to one adapter ≤ 1.05); ``×loop`` = ms of
-``loop`` / ``masked-loop`` over ms (higher is better; target ≥ 10 for 64 adapters).
+targets: chain of 4 ≤ 1.6, mixed batch of 64 ≤ 1.3, routing to one adapter ≤ 1.05; a chain that runs
+each adapter as its own pass over x_k takes about K× one adapter, so the chain target stays missed
+until a fused chain reads less); ``×loop`` = ms of ``loop`` / ``masked-loop`` over ms (higher is
+better; target ≥ 10 for 64 adapters).
 """
 
 from __future__ import annotations

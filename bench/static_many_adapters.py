@@ -1,7 +1,6 @@
-"""Static kernel report of the many-adapter kernels (routed batch and fused chain), without a GPU.
+"""Static kernel report of the many-adapter kernels (the routed batch's), without a GPU.
 
-The launchers of ``fusedadapters.ops.triton.routed_adapter`` and ``.adapter_chain`` run on CPU tensors of
-the real shapes inside ``record_launches()``, which records every launch (kernel, grid, arguments,
+The launchers of ``fusedadapters.ops.triton.routed_adapter`` run on CPU tensors of the real shapes inside ``record_launches()``, which records every launch (kernel, grid, arguments,
 constexprs) instead of running it. Each distinct launch is then compiled exactly as Triton's JIT would
 specialise it on a GPU, for sm_90a and sm_80, and measured with the machinery of
 ``bench/static_report.py`` (``compile_job``, ``analyse_job``, ``occupancy``): registers, spill bytes,
@@ -9,9 +8,10 @@ shared memory, resident warps per SM and what limits them. No traffic or time mo
 has one for the single-adapter kernels). Grids are those the launchers make for CPU tensors (the
 backward columns pass splits the rows into fewer chunks than on a GPU); the compiled code is the same.
 
-Grid: pre and post norm; bf16 and fp32; D = 4096; H in {16, 64, 256}; for the routed op A = 8 adapters
-over N = 8192 rows (forward, backward rows and columns passes, the per-adapter gradient sum), for the
-chain K = 4 adapters (forward; its backward is the routed backward). ``--check`` exits 1 when a bf16
+Grid: pre and post norm; bf16 and fp32; D = 4096; H in {16, 64, 256}; A = 8 adapters over N = 8192
+rows (forward, backward rows and columns passes, the per-adapter gradient sum). The adapter chain has
+no kernel of its own (``ops.adapter_chain`` runs the single-adapter kernels, which
+``bench/static_report.py`` covers). ``--check`` exits 1 when a bf16
 launch spills, needs more shared memory than a block gets, or fails to compile.
 
 Usage::
@@ -35,16 +35,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 import static_report  # noqa: E402
 
-from fusedadapters.ops.triton import adapter_chain as chain_kernels  # noqa: E402
 from fusedadapters.ops.triton import routed_adapter as routed_kernels  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 GRID = dict(norm=("pre", "post"), dtype=("bf16", "fp32"), H=(16, 64, 256), arch=("sm_90", "sm_80"))
-N, D, ADAPTERS, CHAIN = 8192, 4096, 8, 4
+N, D, ADAPTERS = 8192, 4096, 8
 
 
 def planned_launches(norm: str, dtype: torch.dtype, h: int) -> List[routed_kernels.KernelLaunch]:
-    """Every launch of a routed forward and backward and of a chain forward at one grid point."""
+    """Every launch of a routed forward and backward at one grid point."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn((N, D), generator=gen).to(dtype)
     index = torch.randint(-1, ADAPTERS, (N,), generator=gen)
@@ -59,8 +58,6 @@ def planned_launches(norm: str, dtype: torch.dtype, h: int) -> List[routed_kerne
         routed_kernels.routed_adapter_backward(
             x, torch.ones(N, **f32), x, index, ln_w, ln_b, down, up, None, None, torch.zeros(N, h, **f32),
             torch.zeros(2, N, **f32), torch.ones(N, **f32), proj, probs, "swish", norm, True, True, True, True, True)
-        chain_kernels.adapter_chain_forward(x, ln_w[:CHAIN], ln_b[:CHAIN], down[:CHAIN], up[:CHAIN], None, None,
-                                            [0.0] * CHAIN, [1e-5] * CHAIN, "swish", norm, True, True)
     return launches
 
 
@@ -108,9 +105,9 @@ def check_failures(records: Sequence[Dict[str, Any]]) -> List[str]:
 
 def render(report: Dict[str, Any], command: str) -> str:
     f = harness.fmt
-    out = ["# Static kernel report: routed and chain kernels", "",
+    out = ["# Static kernel report: routed kernels", "",
            f"Produced by `{command}` (see the script's docstring for the method). One row per distinct "
-           f"compiled launch; N = {N}, D = {D}, A = {ADAPTERS} (routed), K = {CHAIN} (chain).", ""]
+           f"compiled launch; N = {N}, D = {D}, A = {ADAPTERS}.", ""]
     out.append(harness.markdown_table(
         ["arch", "norm", "dtype", "H", "kernel", "grid", "warps", "registers", "spill st/ld", "smem", "warps/SM",
          "limiter"],

@@ -1,8 +1,10 @@
 """``ops.adapter_chain``: the triton backend against the float64 reference (adapters one by one).
 
 Runs on CPU tensors under Triton's interpreter (tests/conftest.py) and on CUDA when present, with
-random non-zero weights in every adapter, poisoned outputs, adapters of different H, eps, dropout and
-scale, chains that split where the activation or norm position changes, and frozen adapters.
+random non-zero weights in every adapter, poisoned outputs, odd sizes, adapters of different H, eps,
+dropout, scale, activation and norm position, and frozen adapters. The triton backend runs
+``ops.linear_adapter`` once per adapter: the tests count those calls (so a silent fall-back to the
+reference cannot pass) and record which gradients each adapter's backward was asked for.
 """
 
 from __future__ import annotations
@@ -53,27 +55,51 @@ def check(x, adapters, seeds=None, scales=None, tol=1e-5):
         assert rel_err(a, b) < tol, f"gradient {k}"
 
 
+def count_calls(monkeypatch):
+    """The backends of the ``linear_adapter`` calls the chain makes, in order."""
+    module = chain_module()
+    real, calls = module.linear_adapter, []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["backend"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "linear_adapter", spy)
+    return calls
+
+
+def record_backward_needs(monkeypatch):
+    """``(need_dx, need_dln, need_dwd, need_dwu)`` of every triton single-adapter backward, in order."""
+    from fusedadapters.ops.triton import linear_adapter as kernels
+
+    real, needs = kernels.linear_adapter_backward, []
+
+    def spy(*args):
+        needs.append(tuple(args[-4:]))
+        return real(*args)
+
+    monkeypatch.setattr(kernels, "linear_adapter_backward", spy)
+    return needs
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("norm_position,activation", [("pre", "swish"), ("post", "gelu")])
-def test_one_launch_chain_matches_reference(device, norm_position, activation, monkeypatch):
-    monkeypatch.setattr(chain_module(), "linear_adapter", _must_not_run)  # three adapters, one launch
+def test_chain_matches_reference(device, norm_position, activation, monkeypatch):
+    calls = count_calls(monkeypatch)
     torch.manual_seed(1)
-    d = 40
+    d = 37
     adapters = make_adapters(d, (5, 16, 3), device, norm_position=norm_position, activation=activation)
     adapters[1] = adapters[1]._replace(eps=1e-3)
     x = (torch.randn(2, 13, d, device=device) + 2.0).requires_grad_()
     check(x, adapters)
-
-
-def _must_not_run(*args, **kwargs):
-    raise AssertionError("a run of several adapters went through linear_adapter, not the chain kernel")
+    assert calls == ["triton"] * 3  # one single-adapter call per adapter; the reference makes none
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_mixed_chain_with_dropout_scales_and_a_frozen_adapter(device):
-    """pre/swish, pre/swish | post/relu | pre/gelu, pre/gelu: three runs; adapter 1 frozen."""
+    """pre/swish, pre/swish, post/relu, pre/gelu, pre/gelu; adapter 1 frozen."""
     torch.manual_seed(2)
-    d = 24
+    d = 23
     adapters = (
         make_adapters(d, (8, 4), device, dropout_p=0.25)
         + make_adapters(d, (6,), device, norm_position="post", activation="relu")
@@ -98,6 +124,32 @@ def test_chain_without_input_gradient_and_inference(device):
         out = adapter_chain(x, adapters, backend="triton")
         want = reference.linear_adapter(reference.linear_adapter(x, *adapters[0][:4])[0], *adapters[1][:4])[0]
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_frozen_adapters_get_no_weight_gradient_work(device, monkeypatch):
+    """Adapter 1 frozen, adapter 2's LayerNorm frozen, x without gradient: each backward is asked only
+    for what its tensors need (adapter 0 for no dx), and the gradients still match the reference."""
+    torch.manual_seed(4)
+    d = 19
+    adapters = make_adapters(d, (3, 6, 5), device)
+    for t in adapters[1][:4]:
+        t.requires_grad_(False)
+    for t in adapters[2][:2]:
+        t.requires_grad_(False)
+    x = torch.randn(7, d, device=device)
+    needs = record_backward_needs(monkeypatch)
+    check(x, adapters)
+    # backward runs the adapters in reverse: 2, 1, 0
+    assert needs == [(True, False, True, True), (True, False, False, False), (False, True, True, True)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_chain_takes_adapters_in_the_dtype_of_x(device):
+    adapters = make_adapters(8, (2, 3), device)
+    adapters[1] = adapters[1]._replace(**{w: getattr(adapters[1], w).detach().double() for w in WEIGHTS})
+    with pytest.raises(TypeError, match="but x is torch.float32"):
+        adapter_chain(torch.randn(4, 8, device=device), adapters, backend="triton")
 
 
 def test_bad_arguments_raise():

@@ -438,7 +438,7 @@ _RECORDING: "contextvars.ContextVar[Optional[List[KernelLaunch]]]" = contextvars
 
 @contextlib.contextmanager
 def record_launches() -> Iterator[List[KernelLaunch]]:
-    """Inside, the launchers of the routed and chain kernels append their launches to the yielded list
+    """Inside, the launchers of the routed kernels append their launches to the yielded list
     instead of running them (their outputs stay uninitialised): the static kernel report compiles them."""
     launches: List[KernelLaunch] = []
     token = _RECORDING.set(launches)
