@@ -529,7 +529,7 @@ class AdapterModuleMixin(ABC):
             names = self._enabled_adapter_names()
         if not names:
             return input
-        if len(names) > 1:  # consecutive fused adapters run as one fused chain
+        if len(names) > 1:  # consecutive fused adapters run through ops.adapter_chain
             return forward_chained(self, input, names)
         adapters = self._modules["adapter_layer"]._modules
         single_overridden = type(self).forward_single_enabled_adapter_ is not _STOCK_FORWARD_SINGLE
