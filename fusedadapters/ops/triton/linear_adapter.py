@@ -562,14 +562,27 @@ def _bwd_cols_kernel(
     dbeta = tl.zeros((BM, BD), tl.float32)
     row_begin = split * rows_per_split
     row_end = tl.minimum(row_begin + rows_per_split, N)
+    # dout is read one row block ahead: Triton's pipeliner leaves its load (no dot takes it directly)
+    # synchronous, and it would stall each iteration on memory. Not with dropout or the row_sq
+    # gradient, whose extra registers the held tile would push into spills.
+    prefetch: tl.constexpr = not (HAS_DROPOUT or HAS_ROW_SQ_GRAD)
+    d_rows = DOUT + cols[None, :] * stride_gd
+    if prefetch:
+        rows = row_begin + tl.arange(0, BM)
+        nxt_dout = tl.load(d_rows + rows.to(tl.int64)[:, None] * stride_gn,
+                           mask=(rows < row_end)[:, None] & d_ok[None, :], other=0.0)
     for r0 in range(row_begin, row_end, BM):
         rows = r0 + tl.arange(0, BM)
         row_ok = rows < row_end
         mask = row_ok[:, None] & d_ok[None, :]
         hid_offs = rows.to(tl.int64)[:, None] * H + hcols[None, :]
         hid_mask = row_ok[:, None] & h_ok[None, :]
-        dout = tl.load(DOUT + rows.to(tl.int64)[:, None] * stride_gn + cols[None, :] * stride_gd,
-                       mask=mask, other=0.0).to(tl.float32)
+        if prefetch:
+            dout = nxt_dout.to(tl.float32)
+            nxt_dout = tl.load(d_rows + (rows + BM).to(tl.int64)[:, None] * stride_gn,
+                               mask=(rows + BM < row_end)[:, None] & d_ok[None, :], other=0.0)
+        else:
+            dout = tl.load(d_rows + rows.to(tl.int64)[:, None] * stride_gn, mask=mask, other=0.0).to(tl.float32)
         shift, mean_c, rstd = _load_stats(MEAN, RSTD, rows, row_ok, N)
         if PRE_NORM:
             if NEED_DWU:
