@@ -214,6 +214,15 @@ def _load_stats(MEAN, RSTD, rows, row_ok, N):
 
 
 @triton.jit
+def _residual_chunk(x_rows, cols, row_ok, D, stride_xd):
+    """The BM×BD chunk of x at ``cols`` (zeros outside 0 <= cols < D), as stored. The pre-norm output pass
+    reads it one chunk ahead: Triton's pipeliner leaves the load (no dot takes it) synchronous. (The
+    post-norm output pass keeps the synchronous load: held there, the chunk spills at H = 16.)"""
+    return tl.load(x_rows + cols[None, :] * stride_xd, mask=row_ok[:, None] & ((cols >= 0) & (cols < D))[None, :],
+                   other=0.0)
+
+
+@triton.jit
 def _normalize(v, shift, mean_c, rstd, mask):
     """((v - c) - (μ - c)) r on a BM×BD tile, 0 outside mask."""
     return tl.where(mask, ((v - shift[:, None]) - mean_c[:, None]) * rstd[:, None], 0.0)
@@ -305,17 +314,20 @@ def _pre_norm_fwd_kernel(
     _store_stats(MEAN, RSTD, rows, row_ok, N, shift, mean_c, rstd)
     a = _act(h, ACT)
 
-    # Pass 2, D backwards: out = [x +] s m (a Wuᵀ); the residual chunk is loaded before the dot.
+    # Pass 2, D backwards: out = [x +] s m (a Wuᵀ); the residual is read one chunk ahead.
     scale = _load_scale(SCALE, HAS_SCALE)
     row_hash = _row_hash(SEED, rows) if HAS_DROPOUT else rows
     sq = tl.zeros((BM,), tl.float32)
     n_chunks = tl.cdiv(D, BD)
+    if RESIDUAL:
+        nxt_x = _residual_chunk(x_rows, (n_chunks - 1) * BD + tl.arange(0, BD), row_ok, D, stride_xd)
     for i in range(0, n_chunks):
         cols = (n_chunks - 1 - i) * BD + tl.arange(0, BD)
         d_ok = cols < D
         mask = row_ok[:, None] & d_ok[None, :]
         if RESIDUAL:
-            x = tl.load(x_rows + cols[None, :] * stride_xd, mask=mask, other=0.0)
+            x = nxt_x
+            nxt_x = _residual_chunk(x_rows, cols - BD, row_ok, D, stride_xd)
         wu_t = tl.load(WU + cols[None, :] * H + hcols[:, None],  # (BH, BD) = Wu[cols, :]ᵀ
                        mask=h_ok[:, None] & d_ok[None, :], other=0.0)
         z = _drop_scale(_dot(a, wu_t, DOT_F32, dot_dtype), row_hash, cols, scale, dropout_p,
