@@ -748,12 +748,7 @@ def read_op_part(part: BenchPart, record: Dict[str, Any], results: Path, proc: D
     record["unmeasured_shapes"] = [f"{dt} N={n} D={d} H={h}" for dt, n, d, h in part.shapes()
                                    if (dt, n, d, h) not in measured_shapes]
     record["error_rows"] = sum(r["status"] == "error" and not r["backend"].startswith("selftest") for r in rows)
-    if proc["returncode"] != 0 and not proc["interrupted"]:
-        record.update(status=FAILED, reason=f"exit status {proc['returncode']}")
-    elif proc["interrupted"] or record["budget_skipped_rows"]:
-        record.update(status=PARTIAL, reason="time budget: shapes left unmeasured")
-    else:
-        record["status"] = OK
+    set_part_status(record, proc, bool(record["budget_skipped_rows"]), "shapes")
 
 
 def read_sweep_part(part: BenchPart, record: Dict[str, Any], results: Path, proc: Dict[str, Any]) -> None:
@@ -770,10 +765,16 @@ def read_sweep_part(part: BenchPart, record: Dict[str, Any], results: Path, proc
     record["unmeasured_shapes"] = [point_label(part, p) for p in sweep_points(part) if p not in measured]
     record["error_rows"] = sum(r["status"] == "error" for r in rows)
     record["targets"] = data.get("targets", [])
+    set_part_status(record, proc, bool(record["unmeasured_shapes"]), "points")
+
+
+def set_part_status(record: Dict[str, Any], proc: Dict[str, Any], unmeasured: bool, what: str) -> None:
+    """A part failed when its process did (and was not stopped by the budget), is partial when the
+    budget stopped it or left ``what`` unmeasured, else ok."""
     if proc["returncode"] != 0 and not proc["interrupted"]:
         record.update(status=FAILED, reason=f"exit status {proc['returncode']}")
-    elif proc["interrupted"] or record["unmeasured_shapes"]:
-        record.update(status=PARTIAL, reason="time budget: points left unmeasured")
+    elif proc["interrupted"] or unmeasured:
+        record.update(status=PARTIAL, reason=f"time budget: {what} left unmeasured")
     else:
         record["status"] = OK
 
