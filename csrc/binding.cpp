@@ -103,6 +103,19 @@ Prepared prepare(const Tensor& x, const Tensor& ln_weight, const Tensor& ln_bias
   return p;
 }
 
+// The fields ForwardArgs and BackwardArgs share: the shape, x and the four weights.
+template <typename T, typename Args>
+void set_inputs(Args& a, const Prepared& p) {
+  a.shape = p.shape;
+  a.x = ptr<T>(p.x2);
+  a.x_stride_row = p.x2.stride(0);
+  a.x_stride_col = p.x2.stride(1);
+  a.ln_weight = ptr<T>(p.ln_weight);
+  a.ln_bias = ptr<T>(p.ln_bias);
+  a.down_weight = ptr<T>(p.down_weight);
+  a.up_weight = ptr<T>(p.up_weight);
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward_cpu(
     const Tensor& x, const Tensor& ln_weight, const Tensor& ln_bias, const Tensor& down_weight,
     const Tensor& up_weight, const std::optional<Tensor>& dropout_seed, const std::optional<Tensor>& scale,
@@ -121,14 +134,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward_cpu(
   dispatch_storage(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     fa::ForwardArgs<T> a;
-    a.shape = s;
-    a.x = ptr<T>(p.x2);
-    a.x_stride_row = p.x2.stride(0);
-    a.x_stride_col = p.x2.stride(1);
-    a.ln_weight = ptr<T>(p.ln_weight);
-    a.ln_bias = ptr<T>(p.ln_bias);
-    a.down_weight = ptr<T>(p.down_weight);
-    a.up_weight = ptr<T>(p.up_weight);
+    set_inputs<T>(a, p);
     a.out = mut_ptr<T>(out);
     a.row_sq = compute_row_sq ? mut_ptr<float>(row_sq) : nullptr;
     a.hidden = mut_ptr<float>(hidden);
@@ -164,18 +170,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_cpu(
     dispatch_storage(x.scalar_type(), [&](auto tag) {
       using T = decltype(tag);
       fa::BackwardArgs<T> a;
-      a.shape = s;
+      set_inputs<T>(a, p);
       a.grad_out = ptr<T>(g2);
       a.g_stride_row = g2.stride(0);
       a.g_stride_col = g2.stride(1);
       a.grad_row_sq = q.defined() ? ptr<float>(q) : nullptr;
-      a.x = ptr<T>(p.x2);
-      a.x_stride_row = p.x2.stride(0);
-      a.x_stride_col = p.x2.stride(1);
-      a.ln_weight = ptr<T>(p.ln_weight);
-      a.ln_bias = ptr<T>(p.ln_bias);
-      a.down_weight = ptr<T>(p.down_weight);
-      a.up_weight = ptr<T>(p.up_weight);
       a.hidden = ptr<float>(saved[0]);
       a.mean = ptr<float>(saved[1]);
       a.rstd = ptr<float>(saved[2]);

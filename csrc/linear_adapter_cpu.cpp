@@ -332,6 +332,23 @@ inline void apply_drop_scale(const DropScale& ds, uint32_t row_hash, float* v, i
 // Forward
 // ---------------------------------------------------------------------------------------------
 
+// The LayerNorm statistics of row ``row`` (its values v, shifted by v[0]), stored for the backward as
+// (c, μ - c) and r.
+struct RowNorm {
+  float mean_c;
+  float rstd;
+};
+
+template <typename T>
+RowNorm normalize_stats(const ForwardArgs<T>& a, int64_t row, const float* v, int64_t d) {
+  const RowStats st = row_stats(v, d, v[0]);
+  const float r = inv_std(st, a.shape.eps);
+  a.mean[row] = v[0];
+  a.mean[a.shape.n + row] = st.mean;
+  a.rstd[row] = r;
+  return RowNorm{st.mean, r};
+}
+
 template <typename T>
 void forward_block(const ForwardArgs<T>& a, const Weights& w, const float* b_proj, int64_t r0, int64_t m,
                    Buffers& buf) {
@@ -346,13 +363,9 @@ void forward_block(const ForwardArgs<T>& a, const Weights& w, const float* b_pro
   if (s.pre_norm) {
     for (int64_t i = 0; i < m; ++i) {
       const float* x = xs.row(i);
-      const RowStats st = row_stats(x, d, x[0]);
-      const float r = inv_std(st, s.eps);
-      a.mean[r0 + i] = x[0];
-      a.mean[s.n + r0 + i] = st.mean;
-      a.rstd[r0 + i] = r;
+      const RowNorm nm = normalize_stats(a, r0 + i, x, d);
       FA_SIMD
-      for (int64_t c = 0; c < d; ++c) t[i * width + c] = ((x[c] - x[0]) - st.mean) * r;
+      for (int64_t c = 0; c < d; ++c) t[i * width + c] = ((x[c] - x[0]) - nm.mean_c) * nm.rstd;
     }
     gemm_nn(m, d, Strided{t, width, 1}, w.down_t.data(), hw, hw, hid, hw, false);  // x̂ (Wd∘γ)ᵀ
     for (int64_t i = 0; i < m; ++i)
@@ -369,13 +382,9 @@ void forward_block(const ForwardArgs<T>& a, const Weights& w, const float* b_pro
   if (!s.pre_norm) {
     for (int64_t i = 0; i < m; ++i) {
       const float* u = t + i * width;
-      const RowStats st = row_stats(u, d, u[0]);
-      const float r = inv_std(st, s.eps);
-      a.mean[r0 + i] = u[0];
-      a.mean[s.n + r0 + i] = st.mean;
-      a.rstd[r0 + i] = r;
+      const RowNorm nm = normalize_stats(a, r0 + i, u, d);
       FA_SIMD
-      for (int64_t c = 0; c < d; ++c) y[i * width + c] = ((u[c] - u[0]) - st.mean) * r * w.gamma[c] + w.beta[c];
+      for (int64_t c = 0; c < d; ++c) y[i * width + c] = ((u[c] - u[0]) - nm.mean_c) * nm.rstd * w.gamma[c] + w.beta[c];
     }
   }
 

@@ -73,6 +73,24 @@ __device__ RowStats warp_stats(int64_t d0, int64_t d1, float shift, Load load) {
   return s;
 }
 
+// A D slice's statistics of row n, written by lane 0 (``stats``: (slices, n_rows, 3) of count, mean, M2).
+__device__ void store_slice_stats(float* stats, int64_t slice, int64_t n_rows, int64_t n, const RowStats& st) {
+  float* out = stats + (slice * n_rows + n) * 3;
+  out[0] = st.count;
+  out[1] = st.mean;
+  out[2] = st.m2;
+}
+
+// Row n's statistics over the whole row: the slices' merged in slice order.
+__device__ RowStats merged_stats(const float* stats, int64_t slices, int64_t n_rows, int64_t n) {
+  RowStats st{0.0f, 0.0f, 0.0f};
+  for (int64_t t = 0; t < slices; ++t) {
+    const float* part = stats + (t * n_rows + n) * 3;
+    st = merge_stats(st, RowStats{part[0], part[1], part[2]});
+  }
+  return st;
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads) decode_forward_kernel(ForwardArgs<T> a, float* workspace) {
   cg::grid_group grid = cg::this_grid();
@@ -108,12 +126,7 @@ __global__ void __launch_bounds__(kThreads) decode_forward_kernel(ForwardArgs<T>
     }
     for (int64_t n = warp; n < n_rows; n += kWarps) {
       const RowStats st = warp_stats(d0, d1, x_at(n, 0), [&](int64_t c) { return x_at(n, c); });
-      if (lane == 0) {
-        float* out = w.stats + (slice * n_rows + n) * 3;
-        out[0] = st.count;
-        out[1] = st.mean;
-        out[2] = st.m2;
-      }
+      if (lane == 0) store_slice_stats(w.stats, slice, n_rows, n, st);
     }
   }
   grid.sync();
@@ -125,11 +138,9 @@ __global__ void __launch_bounds__(kThreads) decode_forward_kernel(ForwardArgs<T>
     for (int64_t t = 0; t < slices; ++t) acc += w.partial[(t * n_rows + n) * h + j];
     float hv = acc;
     if (s.pre_norm) {
-      RowStats st{0.0f, 0.0f, 0.0f};
+      const RowStats st = merged_stats(w.stats, slices, n_rows, n);
       float g = 0.0f, b = 0.0f;
       for (int64_t t = 0; t < slices; ++t) {
-        const float* part = w.stats + (t * n_rows + n) * 3;
-        st = merge_stats(st, RowStats{part[0], part[1], part[2]});
         g += w.proj[(t * 2) * h + j];
         b += w.proj[(t * 2 + 1) * h + j];
       }
@@ -161,12 +172,7 @@ __global__ void __launch_bounds__(kThreads) decode_forward_kernel(ForwardArgs<T>
   if (!s.pre_norm) {
     for (int64_t n = warp; n < n_rows; n += kWarps) {
       const RowStats st = warp_stats(d0, d1, u_at(n, 0), [&](int64_t c) { return u_at(n, c); });
-      if (lane == 0) {
-        float* out = w.stats + (slice * n_rows + n) * 3;
-        out[0] = st.count;
-        out[1] = st.mean;
-        out[2] = st.m2;
-      }
+      if (lane == 0) store_slice_stats(w.stats, slice, n_rows, n, st);
     }
     grid.sync();
   }
@@ -175,11 +181,7 @@ __global__ void __launch_bounds__(kThreads) decode_forward_kernel(ForwardArgs<T>
   for (int64_t n = warp; n < n_rows; n += kWarps) {
     float shift = 0.0f, mean_c = 0.0f, r = 0.0f;
     if (!s.pre_norm) {
-      RowStats st{0.0f, 0.0f, 0.0f};
-      for (int64_t t = 0; t < slices; ++t) {
-        const float* part = w.stats + (t * n_rows + n) * 3;
-        st = merge_stats(st, RowStats{part[0], part[1], part[2]});
-      }
+      const RowStats st = merged_stats(w.stats, slices, n_rows, n);
       shift = u_at(n, 0);
       mean_c = st.mean;
       r = inv_std(st, s.eps);

@@ -247,6 +247,18 @@ def run(
                        seed=seed, adapter=adapter, stream=sys.stdout if stream is None else stream)
 
 
+def _distill_step(model: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimizer, batch: int, dim: int,
+                  generator: torch.Generator) -> torch.Tensor:
+    """One optimizer step fitting ``model`` to ``teacher`` on a fresh random batch; returns the loss."""
+    x = torch.randn(batch, dim, generator=generator)
+    with torch.no_grad():
+        y = teacher(x)
+    loss = nn.functional.mse_loss(model(x), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
 def _run_in(
     out_dir: Path, keep: bool, *, steps: int, dim: int, hidden: int, batch: int, lr: float, seed: int,
     adapter: str, stream: TextIO,
@@ -280,14 +292,7 @@ def _run_in(
     progress = _Progress(steps, stream)
     try:
         for step in range(1, steps + 1):
-            x = torch.randn(batch, dim, generator=generator)
-            with torch.no_grad():
-                y = teacher(x)
-            loss = nn.functional.mse_loss(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            progress.update(step, loss.item())
+            progress.update(step, _distill_step(model, teacher, optimizer, batch, dim, generator).item())
     finally:
         progress.close()
     train_seconds = time.perf_counter() - start
@@ -359,13 +364,7 @@ def serve_mixed_batch(
     model.unfreeze_enabled_adapters()
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     for _ in range(steps):
-        x = torch.randn(batch, model.decoder.dim, generator=generator)
-        with torch.no_grad():
-            y = teacher(x)
-        loss = nn.functional.mse_loss(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        _distill_step(model, teacher, optimizer, batch, model.decoder.dim, generator)
     model.eval()
 
     names = [list(teachers)[i % len(teachers)] for i in range(3 * len(teachers))]

@@ -164,15 +164,22 @@ def _linear_adapter_fwd_fake(
     x, ln_weight, ln_bias, down_weight, up_weight, dropout_seed, scale, activation, norm_position,
     eps, dropout_p, residual, compute_row_sq, backend="triton",
 ):
-    n, h = math.prod(x.shape[:-1]), down_weight.shape[0]
+    h = down_weight.shape[0]
+    return forward_outputs_like(x, h, (2, h) if norm_position == "pre" else (0,), compute_row_sq)
+
+
+def forward_outputs_like(x: Tensor, hidden: int, proj_shape: Tuple[int, ...], compute_row_sq: bool) -> Tuple[Tensor, ...]:
+    """Empty tensors shaped as a fused forward's outputs ``(out, row_sq, hidden, mean, rstd, proj)``, for
+    the custom ops' fake (meta) kernels; ``proj`` (the folded LayerNorm projections) is ``proj_shape``."""
+    n = math.prod(x.shape[:-1])
     f32 = dict(dtype=torch.float32)
     return (
         x.new_empty(x.shape),
         x.new_empty(x.shape[:-1] if compute_row_sq else (0,), **f32),
-        x.new_empty((n, h), **f32),
+        x.new_empty((n, hidden), **f32),
         x.new_empty((2, n), **f32),
         x.new_empty((n,), **f32),
-        x.new_empty((2, h) if norm_position == "pre" else (0,), **f32),
+        x.new_empty(proj_shape, **f32),
     )
 
 

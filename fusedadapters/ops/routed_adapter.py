@@ -22,7 +22,6 @@ any in-place write restacks), and gradients flow back to each adapter's own para
 
 from __future__ import annotations
 
-import math
 import weakref
 from collections import OrderedDict
 from typing import List, Optional, Sequence, Tuple, Union
@@ -33,6 +32,7 @@ from torch import Tensor
 from . import reference, reference_multi
 from .adapter_params import AdapterParams
 from .backend import resolve_backend
+from .linear_adapter import forward_outputs_like
 
 __all__ = ["routed_adapter", "stack_adapter_params"]
 
@@ -246,16 +246,8 @@ def _routed_adapter_fwd_fake(
     x, adapter_index, ln_weight, ln_bias, down_weight, up_weight, dropout_seed, scale, dropout_p,
     activation, norm_position, eps, residual, compute_row_sq,
 ):
-    n, (a_count, h) = math.prod(x.shape[:-1]), down_weight.shape[:2]
-    f32 = dict(dtype=torch.float32)
-    return (
-        x.new_empty(x.shape),
-        x.new_empty(x.shape[:-1] if compute_row_sq else (0,), **f32),
-        x.new_empty((n, h), **f32),
-        x.new_empty((2, n), **f32),
-        x.new_empty((n,), **f32),
-        x.new_empty((a_count, 2, h) if norm_position == "pre" else (0,), **f32),
-    )
+    a_count, h = down_weight.shape[:2]
+    return forward_outputs_like(x, h, (a_count, 2, h) if norm_position == "pre" else (0,), compute_row_sq)
 
 
 @torch.library.custom_op("fusedadapters::routed_adapter_bwd", mutates_args=())

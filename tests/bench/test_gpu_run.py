@@ -10,7 +10,6 @@ is counted is checked on results files written here.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -20,6 +19,8 @@ import tarfile
 from pathlib import Path
 
 import pytest
+
+from helpers import load_script
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "bench" / "gpu_run.py"
@@ -31,17 +32,8 @@ TEXT_FILES = ("summary.md", "command.txt", "install.log", "pytest.log", "junit.x
               "chain/report.md", "mixed/report.md", "chain/bench.log", "mixed/bench.log")
 
 
-def _load(name: str, path: Path):
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up while the file executes
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
 def gpu_run():
-    return _load("gpu_run_under_test", SCRIPT)
+    return load_script(SCRIPT, "gpu_run_under_test")
 
 
 def _prediction(direction, dtype, d, h, arch="sm_90", features="plain", fraction=None, **extra):
@@ -119,7 +111,7 @@ def test_dry_run_passes_and_writes_the_layout(dry_run):
 
 def test_environment_names_the_cpu(dry_run):
     env = json.loads((dry_run["out"] / "environment.json").read_text())
-    harness = _load("harness", REPO / "bench" / "harness.py")
+    harness = load_script(REPO / "bench" / "harness.py", "harness")
     assert env["device_type"] == "cpu" and env["device_name"] == harness._cpu_name() and env["arch"] is None
     assert env["env"]["TRITON_INTERPRET"] == "1" and env["mode"] == "dry-run"
     assert "gpu_run.py" in env["command"] and "--dry-run" in env["command"]
@@ -162,7 +154,7 @@ def test_summary_has_a_row_per_fused_point(dry_run):
 
 def test_many_adapter_sweeps_ran_in_their_own_folders_and_are_in_the_summary(dry_run):
     out, summary = dry_run["out"], dry_run["summary"]
-    many = _load("many_adapters", REPO / "bench" / "many_adapters.py")
+    many = load_script(REPO / "bench" / "many_adapters.py", "many_adapters")
     parts = {p["name"]: p for p in dry_run["run"]["steps"]["bench"]["parts"]}
     assert list(parts) == ["core", "chain", "mixed", "dtypes"]  # after the core part, before the others
     for name, counts in (("chain", (1, 2)), ("mixed", (1, 4))):
@@ -193,7 +185,7 @@ def test_many_adapter_sweeps_ran_in_their_own_folders_and_are_in_the_summary(dry
 
 
 def harness_fmt4(value):
-    return _load("harness", REPO / "bench" / "harness.py").fmt(value, ".4g")
+    return load_script(REPO / "bench" / "harness.py", "harness").fmt(value, ".4g")
 
 
 def _sweep_results(sweep, rows, targets=()):
@@ -278,7 +270,7 @@ def test_predictions_beside_measurements(dry_run):
             assert m["predicted_fraction"] is None and "no prediction" in m["note"], m
     expected = {(r["direction"], r["dtype"]): r["predicted_fraction"] for r in synthetic_static_report()["predictions"]
                 if r["arch"] == "sm_90" and r["features"] == "plain" and r["D"] == 1024 and r["H"] == 16}
-    bench = _load("bench_linear_adapter", REPO / "bench" / "bench_linear_adapter.py")
+    bench = load_script(REPO / "bench" / "bench_linear_adapter.py", "bench_linear_adapter")
     for m in matches:
         assert (m["prediction_D"], m["prediction_H"]) == (1024, 16) and "nearest" in m["note"]
         row = triton[(m["mode"], m["dtype"], m["n"])]
@@ -298,7 +290,7 @@ def test_predictions_beside_measurements(dry_run):
 
 
 def harness_fmt(value):
-    return _load("harness", REPO / "bench" / "harness.py").fmt(value, ".3g")
+    return load_script(REPO / "bench" / "harness.py", "harness").fmt(value, ".3g")
 
 
 def test_failing_run_exits_non_zero_and_records_why(failing_run):
@@ -355,7 +347,7 @@ def test_parse_junit_counts_an_interrupted_test_as_unfinished(tmp_path):
 def test_bench_time_budget_records_the_shapes_it_left(tmp_path):
     """The benchmark's --time-budget-s (which gpu_run passes to every part): the first shape always runs,
     the ones that no longer fit are rows with status skipped and stage budget."""
-    bench = _load("bench_linear_adapter", REPO / "bench" / "bench_linear_adapter.py")
+    bench = load_script(REPO / "bench" / "bench_linear_adapter.py", "bench_linear_adapter")
     status = bench.main(["--device", "cpu", "--cpu-small", "--n", "3,5", "--backends", "eager", "--modes", "forward",
                          "--rep-ms", "1", "--warmup-ms", "0", "--no-plot", "--time-budget-s", "0",
                          "--copy-bytes", str(1 << 20), "--out", str(tmp_path)])

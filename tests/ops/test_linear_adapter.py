@@ -199,23 +199,27 @@ def test_shapes(device, shape, hidden, norm_position):
           vanishing=vanishing)
 
 
-@devices
-@pytest.mark.parametrize("norm_position", reference.NORM_POSITIONS)
-def test_non_contiguous(device, norm_position):
+def check_non_contiguous(norm_position, backend, device="cpu"):
+    """x strided in every dim, a non-contiguous down weight and an expanded (stride 0) upstream gradient."""
     torch.manual_seed(4)
     base = make_x((3, 2, 80), device=device)
     x = base.transpose(0, 1)[..., ::2]  # (2, 3, 40), strides in every dim
     assert not x.is_contiguous()
     params = make_params(40, 12, device=device)
-    check(x, params, activation="selu", norm_position=norm_position)
-    # A non-contiguous weight and an expanded (stride 0) upstream gradient.
+    check(x, params, activation="selu", norm_position=norm_position, backend=backend)
     down_t = params[2].detach().t().contiguous().t().requires_grad_()
-    out = linear_adapter(x, params[0], params[1], down_t, params[3], norm_position=norm_position, backend="triton")
-    g_triton = torch.autograd.grad(out.sum(), [base, down_t])
+    out = linear_adapter(x, params[0], params[1], down_t, params[3], norm_position=norm_position, backend=backend)
+    got = torch.autograd.grad(out.sum(), [base, down_t])
     x64, p64, _ = as_float64(base, params, {})
     ref = reference.linear_adapter(x64.transpose(0, 1)[..., ::2], *p64, norm_position=norm_position)[0]
-    g_ref = torch.autograd.grad(ref.sum(), [x64, p64[2]])
-    assert rel_err(g_triton[0], g_ref[0]) < 1e-5 and rel_err(g_triton[1], g_ref[1]) < 1e-5
+    expected = torch.autograd.grad(ref.sum(), [x64, p64[2]])
+    assert rel_err(got[0], expected[0]) < 1e-5 and rel_err(got[1], expected[1]) < 1e-5
+
+
+@devices
+@pytest.mark.parametrize("norm_position", reference.NORM_POSITIONS)
+def test_non_contiguous(device, norm_position):
+    check_non_contiguous(norm_position, "triton", device)
 
 
 @devices

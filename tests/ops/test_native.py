@@ -21,7 +21,7 @@ import torch
 from fusedadapters.ops import backend as backend_mod
 from fusedadapters.ops import linear_adapter, native, reference
 
-from .test_linear_adapter import PARAM_NAMES, as_float64, check, make_params, make_x, rel_err
+from .test_linear_adapter import PARAM_NAMES, as_float64, check, check_non_contiguous, make_params, make_x, rel_err
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -181,20 +181,7 @@ def test_shapes(shape, hidden, norm_position):
 
 @pytest.mark.parametrize("norm_position", reference.NORM_POSITIONS)
 def test_non_contiguous(norm_position):
-    torch.manual_seed(4)
-    base = make_x((3, 2, 80))
-    x = base.transpose(0, 1)[..., ::2]  # (2, 3, 40), strides in every dim
-    assert not x.is_contiguous()
-    params = make_params(40, 12)
-    check(x, params, activation="selu", norm_position=norm_position, backend="native")
-    # A non-contiguous weight and an expanded (stride 0) upstream gradient.
-    down_t = params[2].detach().t().contiguous().t().requires_grad_()
-    out = linear_adapter(x, params[0], params[1], down_t, params[3], norm_position=norm_position, backend="native")
-    got = torch.autograd.grad(out.sum(), [base, down_t])
-    x64, p64, _ = as_float64(base, params, {})
-    ref = reference.linear_adapter(x64.transpose(0, 1)[..., ::2], *p64, norm_position=norm_position)[0]
-    expected = torch.autograd.grad(ref.sum(), [x64, p64[2]])
-    assert rel_err(got[0], expected[0]) < 1e-5 and rel_err(got[1], expected[1]) < 1e-5
+    check_non_contiguous(norm_position, "native")
 
 
 @pytest.mark.parametrize("norm_position", reference.NORM_POSITIONS)

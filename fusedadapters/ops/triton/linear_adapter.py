@@ -65,7 +65,7 @@ Block sizes come from ``DeviceLimits`` (SM count, shared memory per block, compu
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -342,6 +342,28 @@ def _pre_norm_fwd_kernel(
 
 
 @triton.jit
+def _up_projection_stats(a, WU, hcols, h_ok, D, H, eps, DOT_F32: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                         BM: tl.constexpr, BD: tl.constexpr):
+    """Post norm's row statistics (c, μ - c, r) of u = a Wuᵀ, recomputed chunk by chunk and shifted by
+    each row's mean over the first chunk; ``WU`` is one adapter's (D, H) up weight."""
+    cols = tl.arange(0, BD)
+    wu_t = tl.load(WU + cols[None, :] * H + hcols[:, None], mask=h_ok[:, None] & (cols < D)[None, :], other=0.0)
+    shift = tl.sum(_dot(a, wu_t, DOT_F32, DOT_DTYPE), 1) / tl.sum((cols < D).to(tl.float32), 0)
+    s1 = tl.zeros((BM,), tl.float32)
+    s2 = tl.zeros((BM,), tl.float32)
+    for d0 in range(0, D, BD):
+        cols = d0 + tl.arange(0, BD)
+        d_ok = cols < D
+        wu_t = tl.load(WU + cols[None, :] * H + hcols[:, None], mask=h_ok[:, None] & d_ok[None, :], other=0.0)
+        uc = tl.where(d_ok[None, :], _dot(a, wu_t, DOT_F32, DOT_DTYPE) - shift[:, None], 0.0)
+        s1 += tl.sum(uc, 1)
+        s2 += tl.sum(uc * uc, 1)
+    mean_c = s1 / D
+    rstd = 1.0 / tl.sqrt(tl.maximum(s2 / D - mean_c * mean_c, 0.0) + eps)
+    return shift, mean_c, rstd
+
+
+@triton.jit
 def _post_norm_fwd_kernel(
     X, OUT, ROW_SQ, HID, MEAN, RSTD, LN_W, LN_B, WD, WU, SEED, SCALE,
     N, D, H, stride_xn, stride_xd, eps, dropout_p, keep_scale,
@@ -370,21 +392,8 @@ def _post_norm_fwd_kernel(
     tl.store(HID + rows.to(tl.int64)[:, None] * H + hcols[None, :], h, mask=row_ok[:, None] & h_ok[None, :])
     a = _act(h, ACT)
 
-    # Pass 2: statistics of u = a Wuᵀ, shifted by each row's mean over the first chunk.
-    cols = tl.arange(0, BD)
-    wu_t = tl.load(WU + cols[None, :] * H + hcols[:, None], mask=h_ok[:, None] & (cols < D)[None, :], other=0.0)
-    shift = tl.sum(_dot(a, wu_t, DOT_F32, dot_dtype), 1) / tl.sum((cols < D).to(tl.float32), 0)
-    s1 = tl.zeros((BM,), tl.float32)
-    s2 = tl.zeros((BM,), tl.float32)
-    for d0 in range(0, D, BD):
-        cols = d0 + tl.arange(0, BD)
-        d_ok = cols < D
-        wu_t = tl.load(WU + cols[None, :] * H + hcols[:, None], mask=h_ok[:, None] & d_ok[None, :], other=0.0)
-        uc = tl.where(d_ok[None, :], _dot(a, wu_t, DOT_F32, dot_dtype) - shift[:, None], 0.0)
-        s1 += tl.sum(uc, 1)
-        s2 += tl.sum(uc * uc, 1)
-    mean_c = s1 / D
-    rstd = 1.0 / tl.sqrt(tl.maximum(s2 / D - mean_c * mean_c, 0.0) + eps)
+    # Pass 2: statistics of u = a Wuᵀ.
+    shift, mean_c, rstd = _up_projection_stats(a, WU, hcols, h_ok, D, H, eps, DOT_F32, dot_dtype, BM, BD)
     _store_stats(MEAN, RSTD, rows, row_ok, N, shift, mean_c, rstd)
 
     # Pass 3, D backwards: out = [x +] s m LN(u).
@@ -489,6 +498,39 @@ def _post_norm_dy(a, wu, dout, gamma, beta, shift, mean_c, rstd, grad_sq, row_ha
 
 
 @triton.jit
+def _post_norm_rows_sums(a, g_rows, LN_W, LN_B, WU, shift, mean_c, rstd, grad_sq, row_hash, row_ok, hcols, h_ok,
+                         D, H, stride_gd, scale, dropout_p, keep_scale, HAS_DROPOUT: tl.constexpr,
+                         HAS_SCALE: tl.constexpr, HAS_ROW_SQ_GRAD: tl.constexpr, DOT_F32: tl.constexpr,
+                         DOT_DTYPE: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr):
+    """Post norm's rows pass over D for one adapter (``LN_W``, ``LN_B``, ``WU`` its own): ``(c1, c2, da)``
+    with c1 = Σ_d dû, c2 = Σ_d dû ⊙ û and da = du Wu = r (dû Wu - (c1 Σ_d Wu + c2 û Wu) / D)."""
+    c1 = tl.zeros((BM,), tl.float32)
+    c2 = tl.zeros((BM,), tl.float32)
+    duhat_wu = tl.zeros((BM, BH), tl.float32)  # dû Wu
+    uhat_wu = tl.zeros((BM, BH), tl.float32)  # û Wu
+    wu_sum = tl.zeros((BH,), tl.float32)  # Σ_d Wu
+    for d0 in range(0, D, BD):
+        cols = d0 + tl.arange(0, BD)
+        d_ok = cols < D
+        mask = row_ok[:, None] & d_ok[None, :]
+        dout = tl.load(g_rows + cols[None, :] * stride_gd, mask=mask, other=0.0).to(tl.float32)
+        gamma = tl.load(LN_W + cols, mask=d_ok, other=0.0).to(tl.float32)
+        beta = tl.load(LN_B + cols, mask=d_ok, other=0.0).to(tl.float32)
+        wu = tl.load(WU + cols[:, None] * H + hcols[None, :], mask=d_ok[:, None] & h_ok[None, :], other=0.0)
+        uhat, dy = _post_norm_dy(a, wu, dout, gamma, beta, shift, mean_c, rstd, grad_sq, row_hash, cols, mask,
+                                 scale, dropout_p, keep_scale, HAS_DROPOUT, HAS_SCALE, HAS_ROW_SQ_GRAD,
+                                 DOT_F32, DOT_DTYPE)
+        duhat = dy * gamma[None, :]
+        c1 += tl.sum(duhat, 1)
+        c2 += tl.sum(duhat * uhat, 1)
+        duhat_wu += _dot(duhat, wu, DOT_F32, DOT_DTYPE)
+        uhat_wu += _dot(uhat, wu, DOT_F32, DOT_DTYPE)
+        wu_sum += tl.sum(wu.to(tl.float32), 0)
+    da = rstd[:, None] * (duhat_wu - (c1[:, None] * wu_sum[None, :] + c2[:, None] * uhat_wu) / D)
+    return c1, c2, da
+
+
+@triton.jit
 def _post_norm_bwd_rows_kernel(
     DOUT, GRAD_SQ, HID, MEAN, RSTD, LN_W, LN_B, WU, SEED, SCALE, ACTS, DH, K,
     N, D, H, stride_gn, stride_gd, stride_q, dropout_p, keep_scale,
@@ -512,32 +554,11 @@ def _post_norm_bwd_rows_kernel(
     scale = _load_scale(SCALE, HAS_SCALE)
     row_hash = _row_hash(SEED, rows) if HAS_DROPOUT else rows
 
-    # One pass over D: c1 = Σ_d dû, c2 = Σ_d dû ⊙ û, and da = du Wu = r (dû Wu - (c1 Σ_d Wu + c2 û Wu) / D).
-    c1 = tl.zeros((BM,), tl.float32)
-    c2 = tl.zeros((BM,), tl.float32)
-    duhat_wu = tl.zeros((BM, BH), tl.float32)  # dû Wu
-    uhat_wu = tl.zeros((BM, BH), tl.float32)  # û Wu
-    wu_sum = tl.zeros((BH,), tl.float32)  # Σ_d Wu
-    for d0 in range(0, D, BD):
-        cols = d0 + tl.arange(0, BD)
-        d_ok = cols < D
-        mask = row_ok[:, None] & d_ok[None, :]
-        dout = tl.load(g_rows + cols[None, :] * stride_gd, mask=mask, other=0.0).to(tl.float32)
-        gamma = tl.load(LN_W + cols, mask=d_ok, other=0.0).to(tl.float32)
-        beta = tl.load(LN_B + cols, mask=d_ok, other=0.0).to(tl.float32)
-        wu = tl.load(WU + cols[:, None] * H + hcols[None, :], mask=d_ok[:, None] & h_ok[None, :], other=0.0)
-        uhat, dy = _post_norm_dy(a, wu, dout, gamma, beta, shift, mean_c, rstd, grad_sq, row_hash, cols, mask,
-                                 scale, dropout_p, keep_scale, HAS_DROPOUT, HAS_SCALE, HAS_ROW_SQ_GRAD,
-                                 DOT_F32, dot_dtype)
-        duhat = dy * gamma[None, :]
-        c1 += tl.sum(duhat, 1)
-        c2 += tl.sum(duhat * uhat, 1)
-        duhat_wu += _dot(duhat, wu, DOT_F32, dot_dtype)
-        uhat_wu += _dot(uhat, wu, DOT_F32, dot_dtype)
-        wu_sum += tl.sum(wu.to(tl.float32), 0)
+    c1, c2, da = _post_norm_rows_sums(a, g_rows, LN_W, LN_B, WU, shift, mean_c, rstd, grad_sq, row_hash, row_ok,
+                                      hcols, h_ok, D, H, stride_gd, scale, dropout_p, keep_scale, HAS_DROPOUT,
+                                      HAS_SCALE, HAS_ROW_SQ_GRAD, DOT_F32, dot_dtype, BM, BD, BH)
     k1 = c1 / D
     k2 = c2 / D
-    da = rstd[:, None] * (duhat_wu - k1[:, None] * wu_sum[None, :] - k2[:, None] * uhat_wu)
     dh = da * _act_grad(tl.load(HID + hid_offs, mask=hid_mask, other=0.0), ACT)
     _store_rows_outputs(ACTS, DH, K, a, dh, k1, k2, rows, row_ok, hcols, h_ok, N, H)
 

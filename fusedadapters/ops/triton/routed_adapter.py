@@ -48,8 +48,10 @@ from .linear_adapter import (
     _load_scale,
     _load_stats,
     _normalize,
+    _post_norm_rows_sums,
     _row_hash,
     _store_stats,
+    _up_projection_stats,
 )
 
 __all__ = ["KernelLaunch", "record_launches", "routed_adapter_backward", "routed_adapter_forward", "segment_table"]
@@ -131,21 +133,7 @@ def _adapter_rows_fwd(
     tl.store(HID + rows[:, None] * H + hcols[None, :], h, mask=row_ok[:, None] & h_ok[None, :])
     a = _act(h, ACT)
     if not PRE_NORM:
-        # Statistics of u = a Wuᵀ (recomputed chunk by chunk), shifted by the first chunk's mean.
-        cols = tl.arange(0, BD)
-        wu_t = tl.load(wu_ptr + cols[None, :] * H + hcols[:, None], mask=h_ok[:, None] & (cols < D)[None, :], other=0.0)
-        shift = tl.sum(_dot(a, wu_t, DOT_F32, dot_dtype), 1) / tl.sum((cols < D).to(tl.float32), 0)
-        s1 = tl.zeros((BM,), tl.float32)
-        s2 = tl.zeros((BM,), tl.float32)
-        for d0 in range(0, D, BD):
-            cols = d0 + tl.arange(0, BD)
-            d_ok = cols < D
-            wu_t = tl.load(wu_ptr + cols[None, :] * H + hcols[:, None], mask=h_ok[:, None] & d_ok[None, :], other=0.0)
-            uc = tl.where(d_ok[None, :], _dot(a, wu_t, DOT_F32, dot_dtype) - shift[:, None], 0.0)
-            s1 += tl.sum(uc, 1)
-            s2 += tl.sum(uc * uc, 1)
-        mean_c = s1 / D
-        rstd = 1.0 / tl.sqrt(tl.maximum(s2 / D - mean_c * mean_c, 0.0) + eps)
+        shift, mean_c, rstd = _up_projection_stats(a, wu_ptr, hcols, h_ok, D, H, eps, DOT_F32, dot_dtype, BM, BD)
     _store_stats(MEAN, RSTD, rows, row_ok, N, shift, mean_c, rstd)
 
     # Last pass: out = [x +] s m y with y = a Wuᵀ (pre) or LN(a Wuᵀ) (post).
@@ -255,29 +243,10 @@ def _routed_bwd_rows_kernel(
             c2 = tl.sum(dh * (h - b[None, :]), 1)
         else:
             shift, mean_c, rstd = _load_stats(MEAN, RSTD, rows, row_ok, N)
-            c1 = tl.zeros((BM,), tl.float32)
-            c2 = tl.zeros((BM,), tl.float32)
-            duhat_wu = tl.zeros((BM, BH), tl.float32)  # dû Wu
-            uhat_wu = tl.zeros((BM, BH), tl.float32)  # û Wu
-            wu_sum = tl.zeros((BH,), tl.float32)  # Σ_d Wu
-            for d0 in range(0, D, BD):
-                cols = d0 + tl.arange(0, BD)
-                d_ok = cols < D
-                mask = row_ok[:, None] & d_ok[None, :]
-                dout = tl.load(g_rows + cols[None, :] * stride_gd, mask=mask, other=0.0).to(tl.float32)
-                gamma = tl.load(LN_W + a64 * D + cols, mask=d_ok, other=0.0).to(tl.float32)
-                beta = tl.load(LN_B + a64 * D + cols, mask=d_ok, other=0.0).to(tl.float32)
-                wu = tl.load(wu_ptr + cols[:, None] * H + hcols[None, :], mask=d_ok[:, None] & h_ok[None, :], other=0.0)
-                uhat = _normalize(_dot(a, tl.trans(wu), DOT_F32, dot_dtype), shift, mean_c, rstd, mask)
-                dy = _dy(dout, uhat * gamma[None, :] + beta[None, :], grad_sq, row_hash, cols, scale, dropout_p,
-                         keep_scale, HAS_DROPOUT, HAS_SCALE, HAS_ROW_SQ_GRAD)
-                duhat = tl.where(mask, dy * gamma[None, :], 0.0)
-                c1 += tl.sum(duhat, 1)
-                c2 += tl.sum(duhat * uhat, 1)
-                duhat_wu += _dot(duhat, wu, DOT_F32, dot_dtype)
-                uhat_wu += _dot(uhat, wu, DOT_F32, dot_dtype)
-                wu_sum += tl.sum(wu.to(tl.float32), 0)
-            da = rstd[:, None] * (duhat_wu - (c1[:, None] * wu_sum[None, :] + c2[:, None] * uhat_wu) / D)
+            c1, c2, da = _post_norm_rows_sums(a, g_rows, LN_W + a64 * D, LN_B + a64 * D, wu_ptr, shift, mean_c, rstd,
+                                              grad_sq, row_hash, row_ok, hcols, h_ok, D, H, stride_gd, scale,
+                                              dropout_p, keep_scale, HAS_DROPOUT, HAS_SCALE, HAS_ROW_SQ_GRAD,
+                                              DOT_F32, dot_dtype, BM, BD, BH)
             dh = da * _act_grad(h, ACT)
         tl.store(DH + hid_offs, dh, mask=hid_mask)
         tl.store(C1 + rows, c1, mask=row_ok)
