@@ -234,10 +234,15 @@ def test_scale_no_residual(device, norm_position):
 
 @devices
 def test_row_sq_alone_reaches_the_loss(device):
+    check_row_sq_alone(device, "triton")
+
+
+def check_row_sq_alone(device, backend):
+    """row_sq as the whole loss: every gradient against float64."""
     torch.manual_seed(6)
     x = make_x((9, 30), device=device)
     params = make_params(30, 16, device=device)
-    _, row_sq = linear_adapter(x, *params, return_row_sq=True, backend="triton")
+    _, row_sq = linear_adapter(x, *params, return_row_sq=True, backend=backend)
     grads = torch.autograd.grad(row_sq.sum(), [x, *params])
     x64, p64, _ = as_float64(x, params, {})
     ref_grads = torch.autograd.grad(reference.linear_adapter(x64, *p64)[1].sum(), [x64, *p64])
