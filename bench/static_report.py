@@ -31,16 +31,19 @@ the launches it would make on that device, and for every launch:
    an mbarrier wait loop) count as part of the outer one. Every outermost loop is one of the kernel's
    ``for`` loops, whose iteration covers a BM × BD tile (BR × BD for the weight-folding kernel), so
    its cost is ``instructions in the body × num_warps / (BM · BD)`` warp-instructions per element
-   (each warp issues every instruction of the body once per iteration). The kernel's figure is the sum
-   over its loops, each of which walks all of the launch's ``elements`` (N·D for the row and column
-   kernels) once. Code outside loops (prologue, epilogue) is left out; it runs once per program and is
-   small at large N. A loop that ptxas unrolled would show as one iteration of twice the body; Triton's
+   (each warp issues every instruction of the body once per iteration); in a grid-stride launch
+   (``Launch.work_units`` > 0: its programs walk row blocks in an outer loop) the tile loops are those
+   one level inside that loop. The kernel's figure is the sum over its tile loops, each of which walks
+   all of the launch's ``elements`` (N·D for the row and column kernels) once. Code outside them
+   (prologue, epilogue, a grid-stride loop's own body) is left out; it runs once per row block and is
+   small at large D. A loop that ptxas unrolled would show as one iteration of twice the body; Triton's
    loops over runtime bounds are not unrolled by ptxas in the kernels seen so far.
 5. **Traffic model.** The planner states, per launch, its compulsory HBM bytes (``hbm_bytes``), the L2
    re-reads of shared operands (``l2_bytes``), and its second reads of N·D data (``reread_bytes``) with
    the bytes each program keeps live for them (``live_bytes_per_program``). Second reads come from L2
    when the live set of the resident programs (``live_bytes_per_program`` × min(programs, blocks per SM
-   × SMs)) fits in L2 (50 MB on the H100, 40 MB on the A100), from HBM otherwise. The report gives HBM
+   × SMs)) fits in L2 (50 MB on the H100, 40 MB on the A100), from HBM otherwise. (The forward's
+   stores of out are marked evict-first, so they are not counted in the live set.) The report gives HBM
    and L2 bytes per token (row of x) and passes over N·D (HBM bytes / (N · D · bytes per element)).
 
 Prediction (a model; the first GPU run calibrates it, predicted beside measured)::
@@ -50,8 +53,10 @@ Prediction (a model; the first GPU run calibrates it, predicted beside measured)
                             launch names no tile)
                  e        = min(1, resident warps per SM / 8)       (issue efficiency: 2 warps per scheduler
                                                                      are taken to keep it issuing)
-                 balance  = P / (S · ceil(P / S))                    (P programs over S SMs; the busiest SM
-                                                                     sets the time)
+                 balance  = U / (S · ceil(P / S) · ceil(U / P))      (P programs over S SMs sharing U equal
+                                                                     units of work: U = P but for persistent
+                                                                     grids, whose programs walk U row blocks;
+                                                                     the busiest SM sets the time)
     per direction:  predicted fraction of the floor = t_floor / Σ t,
                     t_floor = (2 N D for forward, 3 N D for backward) × bytes per element / B_hbm
 
@@ -357,6 +362,7 @@ class Loop:
     header: int  # address of the loop's first block
     instructions: int  # static instructions in the body (NOPs excluded), nested loops included
     opcodes: Dict[str, int]  # counts of the instruction classes that matter for the model
+    depth: int = 0  # loops that hold it: 0 outermost, 1 inside a grid-stride loop
 
 
 _CLASSES = {
@@ -448,7 +454,7 @@ def _natural_loops(cfg: ControlFlowGraph) -> Dict[int, set]:
 
 
 def sass_loops(text: str) -> List[Loop]:
-    """Outermost natural loops of a kernel's SASS (see the module docstring)."""
+    """The natural loops of a kernel's SASS at depths 0 and 1 (see the module docstring)."""
     instructions, labels = parse_sass(text)
     if not instructions:
         raise RuntimeError("no SASS instructions found in the nvdisasm output")
@@ -456,11 +462,12 @@ def sass_loops(text: str) -> List[Loop]:
     bodies = _natural_loops(cfg)
     loops = []
     for h in sorted(bodies):
-        if any(h != g and h in bodies[g] for g in bodies):
-            continue  # nested: counted with the loop that holds it
+        depth = sum(h != g and h in bodies[g] for g in bodies)
+        if depth > 1:
+            continue  # counted with the loop that holds it
         body = [instructions[i] for b in bodies[h] for i in cfg.blocks[b] if _base(instructions[i].opcode) != "NOP"]
         opcodes = {name: sum(_base(inst.opcode) in ops for inst in body) for name, ops in _CLASSES.items()}
-        loops.append(Loop(instructions[cfg.blocks[h][0]].address, len(body), opcodes))
+        loops.append(Loop(instructions[cfg.blocks[h][0]].address, len(body), opcodes, depth))
     return loops
 
 
@@ -522,8 +529,9 @@ def launch_time_model(record: Dict[str, Any], gpu: GpuModel) -> Dict[str, Any]:
     if record["blocks_per_sm"] == 0:
         return dict(bound="does not fit an SM", predicted_us=None)
     programs = record["programs"]
+    units = record.get("work_units") or programs
     per_sm = math.ceil(programs / gpu.sm_count)
-    balance = programs / (gpu.sm_count * per_sm)
+    balance = units / (gpu.sm_count * per_sm * math.ceil(units / programs))
     resident_warps = min(record["blocks_per_sm"], per_sm) * record["num_warps"]
     efficiency = min(1.0, resident_warps / gpu.warps_for_full_issue)
     warp_instructions = (record["sass_instructions_per_element"] or 0.0) * record["elements"]
@@ -604,13 +612,16 @@ def _constexpr_fields(launch: Any) -> Dict[str, Any]:
 ROW_TILE_NAMES = ("BM", "BR")  # the constexpr that names a loop iteration's rows, per kernel family
 
 
-def sass_per_element(loops: List[Dict[str, Any]], meta: Dict[str, Any], num_warps: int) -> Optional[float]:
-    """Warp-instructions per element summed over the loops (an iteration covers a BM (or BR) × BD tile);
-    None when the launch's meta names no tile."""
+def sass_per_element(loops: List[Dict[str, Any]], meta: Dict[str, Any], num_warps: int,
+                     grid_stride: bool = False) -> Optional[float]:
+    """Warp-instructions per element summed over the tile loops (an iteration covers a BM (or BR) × BD
+    tile): the outermost loops, or for a grid-stride kernel (whose programs walk row blocks in an
+    outer loop) the loops inside that one; None when the launch's meta names no tile."""
     rows = next((meta[k] for k in ROW_TILE_NAMES if k in meta), None)
     if rows is None or "BD" not in meta:
         return None
-    return sum(loop["instructions"] for loop in loops) * num_warps / (rows * meta["BD"])
+    depth = 1 if grid_stride else 0
+    return sum(loop["instructions"] for loop in loops if loop.get("depth", 0) == depth) * num_warps / (rows * meta["BD"])
 
 
 def traffic(launch: Any, resident_programs: Optional[int], gpu: GpuModel) -> Dict[str, Any]:
@@ -635,7 +646,8 @@ def launch_record(point: Point, launch: Any, job: CompileJob, analysis: Dict[str
     record = dict(point.as_fields())
     record.update(
         launch=launch.name, kernel=launch.kernel.fn.__name__, grid=list(launch.grid),
-        programs=math.prod(launch.grid), meta=_constexpr_fields(launch), elements=int(launch.elements),
+        programs=math.prod(launch.grid), work_units=int(launch.work_units) or math.prod(launch.grid),
+        meta=_constexpr_fields(launch), elements=int(launch.elements),
         shared_limit=gpu.shared_memory_per_block, **job.specialization(launch.kernel),
     )
     resident_programs = None
@@ -647,7 +659,7 @@ def launch_record(point: Point, launch: Any, job: CompileJob, analysis: Dict[str
         record.update(status="ok", shared_total=shared_total, shared_ok=shared_total <= gpu.shared_memory_per_block)
         record.update(occupancy(analysis["registers"], shared_total, analysis["num_warps"], gpu))
         record["sass_instructions_per_element"] = sass_per_element(analysis["loops"], launch.meta,
-                                                                   analysis["num_warps"])
+                                                                   analysis["num_warps"], launch.work_units > 0)
         resident_programs = min(record["programs"], record["blocks_per_sm"] * gpu.sm_count)
     record["resident_programs"] = resident_programs
     record.update(traffic(launch, resident_programs, gpu))

@@ -52,6 +52,8 @@ TOKENS_TIMES_D = 1 << 28  # x is 512 MB in bf16: far over the L2
 # Candidates of the sweep, per launch kind: (BM, BD, num_warps, num_stages).
 ROW_CANDIDATES = [c for c in itertools.product((16, 32, 64, 128), (64, 128, 256), (4, 8), (2, 4))
                   if c[0] * c[1] <= 128 * 128]
+# The forward's also name its grid: k >= 1 programs per SM walking the row blocks, 0 one program per block.
+FWD_CANDIDATES = [c + (k,) for c in ROW_CANDIDATES for k in (0, 1, 2) if k < 2 or c[0] <= 32]
 COL_CANDIDATES = list(itertools.product((16, 32, 64), (64, 128, 256), (4, 8), (1, 2, 3)))
 STAGES = {"fwd": "forward", "bwd_rows": "backward", "bwd_cols": "backward"}
 
@@ -110,15 +112,20 @@ class Case:
 
 
 @contextlib.contextmanager
-def forced_config(stage: str, candidate: Tuple[int, int, int, int]) -> Iterator[None]:
-    """The planner with ``candidate`` in place of its own configuration for ``stage``'s launches. The
-    forward and the backward rows pass share ``_row_config``: plan only ``stage``'s direction inside."""
-    bm, bd, warps, stages = candidate
-    name = "_col_config" if stage == "bwd_cols" else "_row_config"
+def forced_config(stage: str, candidate: Tuple[int, ...]) -> Iterator[None]:
+    """The planner with ``candidate`` in place of its own configuration for ``stage``'s launches: (BM, BD,
+    warps, stages), and for the forward its row blocks per SM (``_forward_config``). The forward's
+    configuration starts from ``_row_config``, which the backward rows pass shares: plan only
+    ``stage``'s direction inside."""
+    bm, bd, warps, stages = candidate[:4]
+    name = {"fwd": "_forward_config", "bwd_rows": "_row_config", "bwd_cols": "_col_config"}[stage]
     original = getattr(kernels, name)
 
     def config(h, d, dtype, limits, *args, **kwargs):
         default = original(h, d, dtype, limits, *args, **kwargs)
+        if stage == "fwd":
+            cfg, per_sm = default
+            return kernels._Config(cfg.BH, bm, kernels._clamp_bd(bd, d), warps, stages), candidate[4]
         return kernels._Config(default.BH, bm, kernels._clamp_bd(bd, d), warps, stages)
 
     setattr(kernels, name, config)
@@ -255,7 +262,7 @@ def sweep_stage(case: Case, stage: str, candidates: Sequence[Tuple[int, int, int
     for index, candidate in enumerate(candidates):
         row = dict(stage=stage, norm_position=case.norm, dtype=case.dtype_name, N=case.n, D=case.d, H=case.h,
                    BM=candidate[0], BD=candidate[1], num_warps=candidate[2], num_stages=candidate[3],
-                   compiled=analyses.get(index, []))
+                   blocks_per_sm=candidate[4] if len(candidate) > 4 else None, compiled=analyses.get(index, []))
         if time.perf_counter() > deadline:
             rows.append(dict(row, status="skipped", reason="time budget"))
             continue
@@ -278,6 +285,12 @@ def sweep_stage(case: Case, stage: str, candidates: Sequence[Tuple[int, int, int
             if direction == "forward":
                 case.run_forward()  # the saved tensors the backward reads, from the default configuration
     return rows
+
+
+def _grid_cell(row: Dict[str, Any]) -> str:
+    """The forward candidate's grid: k programs per SM walking the row blocks, or one per block."""
+    k = row.get("blocks_per_sm")
+    return "–" if k is None else "1 per block" if k == 0 else f"{k} per SM"
 
 
 def render(results: Dict[str, Any]) -> str:
@@ -317,8 +330,8 @@ def render(results: Dict[str, Any]) -> str:
                       f"default configuration: {default['config'] if default else '–'}, "
                       f"{harness.fmt(default['ms'] if default else None, '.4f')} ms", ""]
             lines.append(harness.markdown_table(
-                ["BM", "BD", "warps", "stages", "ms", "% copy BW", "× default", "registers", "spill stores"],
-                [[r["BM"], r["BD"], r["num_warps"], r["num_stages"], harness.fmt(r["ms"], ".4f"),
+                ["BM", "BD", "warps", "stages", "grid", "ms", "% copy BW", "× default", "registers", "spill stores"],
+                [[r["BM"], r["BD"], r["num_warps"], r["num_stages"], _grid_cell(r), harness.fmt(r["ms"], ".4f"),
                   harness.fmt(100 * r["frac_copy_bw"], ".1f"),
                   harness.fmt(default["ms"] / r["ms"] if default else None, ".2f"),
                   ",".join(str(c.get("registers")) for c in r["compiled"]) or "–",
@@ -404,10 +417,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             meta = plan[idx[0]].meta
             key = "|".join(map(str, (stage, case.norm, case.dtype_name, case.d, case.h)))
             results["defaults"][key] = dict(
-                config=f"{meta['BM']}/{meta['BD']}/{meta['num_warps']}/{meta['num_stages']}",
+                config=f"{meta['BM']}/{meta['BD']}/{meta['num_warps']}/{meta['num_stages']}" + (
+                    f", {plan[idx[0]].grid[0]} programs" + (" walking the row blocks" if meta["GRID_STRIDE"] else "")
+                    if "GRID_STRIDE" in meta else ""),
                 ms=sum(r["ms"] for r, launch in zip(fwd_rows if STAGES[stage] == "forward" else bwd_rows, plan)
                        if launch.name == plan[idx[0]].name))
-            candidates = ROW_CANDIDATES if stage != "bwd_cols" else COL_CANDIDATES
+            candidates = {"fwd": FWD_CANDIDATES, "bwd_rows": ROW_CANDIDATES, "bwd_cols": COL_CANDIDATES}[stage]
             print(f"[{time.perf_counter() - started:4.0f} s] sweep {stage} {point}: {len(candidates)} candidates",
                   flush=True)
             rows = sweep_stage(case, stage, candidates, copy_gbps, args.rep_ms, deadline, args.workers, print)

@@ -190,14 +190,15 @@ $__internal_0_slowpath:
 """
 
 
-def test_sass_loops_are_the_outermost_natural_loops():
-    """Two loops: the first holds a nested wait loop (counted once, inside it), the padding self-loop
-    after EXIT and the called subroutine's loop are unreachable from the entry and left out; NOPs
-    are not counted."""
+def test_sass_loops_are_the_natural_loops_by_depth():
+    """Two outermost loops, the first holding a wait loop (counted inside it, and listed at depth 1);
+    the padding self-loop after EXIT and the called subroutine's loop are unreachable from the entry and
+    left out; NOPs are not counted."""
     loops = _load_script().sass_loops(SASS)
-    assert [(loop.header, loop.instructions) for loop in loops] == [(0x30, 7), (0xC0, 3)]
+    assert [(loop.header, loop.instructions, loop.depth) for loop in loops] == [(0x30, 7, 0), (0x50, 2, 1),
+                                                                                 (0xC0, 3, 0)]
     assert loops[0].opcodes["global_loads"] == 1 and loops[0].opcodes["mufu"] == 0
-    assert loops[1].opcodes["shared"] == 1 and loops[1].opcodes["mufu"] == 1
+    assert loops[2].opcodes["shared"] == 1 and loops[2].opcodes["mufu"] == 1
 
 
 def test_repeated_launch_names_are_numbered():
@@ -212,6 +213,10 @@ def test_sass_per_element_counts_warps_and_tile():
     assert script.sass_per_element(loops, dict(BM=64, BD=64), 4) == pytest.approx(800 * 4 / 4096)
     assert script.sass_per_element(loops, dict(BR=4, BD=256), 4) == pytest.approx(800 * 4 / 1024)
     assert script.sass_per_element(loops, dict(BLOCK=64), 4) is None
+    # A grid-stride kernel: its tile loops are those inside the loop over row blocks.
+    nested = [dict(instructions=900, depth=0), dict(instructions=600, depth=1), dict(instructions=200, depth=1)]
+    assert script.sass_per_element(nested, dict(BM=64, BD=64), 4, grid_stride=True) == pytest.approx(800 * 4 / 4096)
+    assert script.sass_per_element(nested, dict(BM=64, BD=64), 4) == pytest.approx(900 * 4 / 4096)
 
 
 def test_occupancy_calculator():
@@ -227,6 +232,22 @@ def test_occupancy_calculator():
                                                              occupancy_limiter="shared_memory")
     assert script.occupancy(64, 100 * 1024, 4, a100)["blocks_per_sm"] == 1
     assert script.occupancy(64, 200 * 1024, 4, a100)["blocks_per_sm"] == 0
+
+
+def test_balance_counts_the_row_blocks_of_grid_stride_launches():
+    """The busiest SM sets the time: 264 one-block programs on 132 SMs are balanced; 132 programs walking
+    512 row blocks are not (some walk 4, some 3); 200 programs leave 68 SMs a second program."""
+    script = _load_script()
+    h100 = script.GPU_MODELS["sm_90"]
+    record = dict(blocks_per_sm=2, num_warps=8, sass_instructions_per_element=None, elements=1,
+                  hbm_bytes_total=3_000_000, l2_bytes_total=0)
+
+    def balance(programs, work_units=None):
+        return script.launch_time_model(dict(record, programs=programs, work_units=work_units), h100)["balance"]
+
+    assert balance(264) == pytest.approx(1.0)
+    assert balance(132, 512) == pytest.approx(512 / (132 * 4))
+    assert balance(200) == pytest.approx(200 / 264)
 
 
 def test_ptxas_log_parser():

@@ -40,19 +40,21 @@ def _plans(stage=None, candidate=None, n=1000, d=4096, h=64):
 
 @pytest.mark.parametrize("stage", ["fwd", "bwd_rows", "bwd_cols"])
 def test_forced_configuration_reaches_only_its_launches_and_is_undone(stage):
-    default = _plans()
-    candidate = (16, 128, 8, 3)
-    forced = _plans(stage, candidate)
+    default = _plans(n=8192)
+    candidate = (16, 128, 8, 3) + ((2,) if stage == "fwd" else ())  # the forward's: 2 programs per SM
+    forced = _plans(stage, candidate, n=8192)
     assert [launch.name for launch in forced] == [launch.name for launch in default]
     chosen = set(tune.stage_launches(stage, forced))
     assert chosen
     for i, (before, after) in enumerate(zip(default, forced)):
         config = tuple(after.meta.get(k) for k in ("BM", "BD", "num_warps", "num_stages"))
         if i in chosen:
-            assert config == candidate
+            assert config == candidate[:4]
+            if stage == "fwd":
+                assert after.grid == (2 * kernels.H100.sm_count,) and after.meta["GRID_STRIDE"]
         else:
             assert after.meta == before.meta, after.name
-    assert [launch.meta for launch in _plans()] == [launch.meta for launch in default]
+    assert [launch.meta for launch in _plans(n=8192)] == [launch.meta for launch in default]
 
 
 def test_rerender_puts_the_scaled_model_beside_each_launch(tmp_path):

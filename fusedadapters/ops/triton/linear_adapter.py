@@ -11,7 +11,7 @@ tensor cores directly.
 Forward, pre norm. LayerNorm folds into the down-projection, ``LN(x) Wdᵀ = r ((x - μ)(Wd∘γ)ᵀ) + Wd β``,
 so one pass over x gives the statistics and the projection. ``_fold_ln_kernel`` computes, once per
 call, ``Wg = Wd∘γ`` (H×D, input dtype), ``g = Wd γ`` and ``b = Wd β``; then ``_pre_norm_fwd_kernel``
-(one program per block of BM rows)::
+(per block of BM rows)::
 
     pass 1 over D:  A = (x - c) Wgᵀ,  S1 = Σ_d (x - c),  S2 = Σ_d (x - c)²
                     (c: the row's mean over the first chunk, against cancellation in S2)
@@ -27,6 +27,9 @@ Forward, post norm (``_post_norm_fwd_kernel``)::
     pass 3 over D (backwards):  û = (u - μ) r,  y = û γ + β,  z = s m y,  out = [x +] z,  row_sq = Σ_d z²
 
 Both save h (N×H), (c, μ - c) (2×N) and r (N) in float32; pre norm also saves (g, b) (2×H).
+Both read x twice. Where a few row blocks per SM fit in L2, the grid is that many programs per SM,
+walking the row blocks, so that the second read hits L2 (``_forward_config``); otherwise one program
+per row block, and x crosses HBM twice.
 
 Backward, given dout and the row_sq gradient q (absent unless row_sq was returned)::
 
@@ -219,7 +222,7 @@ def _residual_chunk(x_rows, cols, row_ok, D, stride_xd):
     reads it one chunk ahead: Triton's pipeliner leaves the load (no dot takes it) synchronous. (The
     post-norm output pass keeps the synchronous load: held there, the chunk spills at H = 16.)"""
     return tl.load(x_rows + cols[None, :] * stride_xd, mask=row_ok[:, None] & ((cols >= 0) & (cols < D))[None, :],
-                   other=0.0)
+                   other=0.0, eviction_policy="evict_first")
 
 
 @triton.jit
@@ -267,15 +270,16 @@ def _fold_ln_kernel(WD, LN_W, LN_B, WG, PROJ, D, H, BR: tl.constexpr, BD: tl.con
 
 
 @triton.jit
-def _pre_norm_fwd_kernel(
-    X, OUT, ROW_SQ, HID, MEAN, RSTD, PROJ, WG, WU, SEED, SCALE,
+def _pre_norm_fwd_block(
+    blk, X, OUT, ROW_SQ, HID, MEAN, RSTD, PROJ, WG, WU, SEED, SCALE,
     N, D, H, stride_xn, stride_xd, eps, dropout_p, keep_scale,
     ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr, RESIDUAL: tl.constexpr,
-    STORE_ROW_SQ: tl.constexpr, DOT_F32: tl.constexpr,
+    STORE_ROW_SQ: tl.constexpr, DOT_F32: tl.constexpr, FIRST_READ: tl.constexpr,
     BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid * BM + tl.arange(0, BM)
+    """The pre-norm forward of row block ``blk``; x's first reads carry the L2 policy ``FIRST_READ``,
+    its second read and the stores of out are marked evict-first (last use)."""
+    rows = blk * BM + tl.arange(0, BM)
     row_ok = rows < N
     hcols = tl.arange(0, BH)
     h_ok = hcols < H
@@ -286,7 +290,8 @@ def _pre_norm_fwd_kernel(
     # Shift: each row's mean over the first chunk.
     cols = tl.arange(0, BD)
     first = row_ok[:, None] & (cols < D)[None, :]
-    shift = tl.sum(tl.load(x_rows + cols[None, :] * stride_xd, mask=first, other=0.0).to(tl.float32), 1)
+    shift = tl.sum(tl.load(x_rows + cols[None, :] * stride_xd, mask=first, other=0.0,
+                           eviction_policy=FIRST_READ).to(tl.float32), 1)
     shift = shift / tl.sum((cols < D).to(tl.float32), 0)
 
     # Pass 1: A = (x - c) Wgᵀ and the shifted moments.
@@ -297,7 +302,8 @@ def _pre_norm_fwd_kernel(
         cols = d0 + tl.arange(0, BD)
         d_ok = cols < D
         mask = row_ok[:, None] & d_ok[None, :]
-        x = tl.load(x_rows + cols[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_rows + cols[None, :] * stride_xd, mask=mask, other=0.0,
+                    eviction_policy=FIRST_READ).to(tl.float32)
         wg_t = tl.load(WG + hcols[None, :] * D + cols[:, None],  # (BD, BH) = Wg[:, cols]ᵀ
                        mask=d_ok[:, None] & h_ok[None, :], other=0.0)
         xc = tl.where(mask, x - shift[:, None], 0.0)
@@ -336,9 +342,30 @@ def _pre_norm_fwd_kernel(
             sq += tl.sum(z * z, 1)
         if RESIDUAL:
             z += x.to(tl.float32)
-        tl.store(out_rows + cols[None, :], z, mask=mask)
+        tl.store(out_rows + cols[None, :], z, mask=mask, eviction_policy="evict_first")
     if STORE_ROW_SQ:
         tl.store(ROW_SQ + rows, sq, mask=row_ok)
+
+
+@triton.jit
+def _pre_norm_fwd_kernel(
+    X, OUT, ROW_SQ, HID, MEAN, RSTD, PROJ, WG, WU, SEED, SCALE,
+    N, D, H, stride_xn, stride_xd, eps, dropout_p, keep_scale,
+    ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr, RESIDUAL: tl.constexpr,
+    STORE_ROW_SQ: tl.constexpr, DOT_F32: tl.constexpr, FIRST_READ: tl.constexpr, GRID_STRIDE: tl.constexpr,
+    BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
+):
+    """Row block pid, or with GRID_STRIDE row blocks pid, pid + P, ... of a grid of P programs (see
+    ``_forward_config``; the loop costs registers, so a grid of one program per row block goes without)."""
+    if GRID_STRIDE:
+        for blk in range(tl.program_id(0), tl.cdiv(N, BM), tl.num_programs(0)):
+            _pre_norm_fwd_block(blk, X, OUT, ROW_SQ, HID, MEAN, RSTD, PROJ, WG, WU, SEED, SCALE,
+                                N, D, H, stride_xn, stride_xd, eps, dropout_p, keep_scale, ACT, HAS_DROPOUT,
+                                HAS_SCALE, RESIDUAL, STORE_ROW_SQ, DOT_F32, FIRST_READ, BM, BD, BH)
+    else:
+        _pre_norm_fwd_block(tl.program_id(0), X, OUT, ROW_SQ, HID, MEAN, RSTD, PROJ, WG, WU, SEED, SCALE,
+                            N, D, H, stride_xn, stride_xd, eps, dropout_p, keep_scale, ACT, HAS_DROPOUT,
+                            HAS_SCALE, RESIDUAL, STORE_ROW_SQ, DOT_F32, FIRST_READ, BM, BD, BH)
 
 
 @triton.jit
@@ -364,15 +391,15 @@ def _up_projection_stats(a, WU, hcols, h_ok, D, H, eps, DOT_F32: tl.constexpr, D
 
 
 @triton.jit
-def _post_norm_fwd_kernel(
-    X, OUT, ROW_SQ, HID, MEAN, RSTD, LN_W, LN_B, WD, WU, SEED, SCALE,
+def _post_norm_fwd_block(
+    blk, X, OUT, ROW_SQ, HID, MEAN, RSTD, LN_W, LN_B, WD, WU, SEED, SCALE,
     N, D, H, stride_xn, stride_xd, eps, dropout_p, keep_scale,
     ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr, RESIDUAL: tl.constexpr,
-    STORE_ROW_SQ: tl.constexpr, DOT_F32: tl.constexpr,
+    STORE_ROW_SQ: tl.constexpr, DOT_F32: tl.constexpr, FIRST_READ: tl.constexpr,
     BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid * BM + tl.arange(0, BM)
+    """The post-norm forward of row block ``blk``, with the L2 policies of ``_pre_norm_fwd_block``."""
+    rows = blk * BM + tl.arange(0, BM)
     row_ok = rows < N
     hcols = tl.arange(0, BH)
     h_ok = hcols < H
@@ -385,7 +412,8 @@ def _post_norm_fwd_kernel(
     for d0 in range(0, D, BD):
         cols = d0 + tl.arange(0, BD)
         d_ok = cols < D
-        x = tl.load(x_rows + cols[None, :] * stride_xd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        x = tl.load(x_rows + cols[None, :] * stride_xd, mask=row_ok[:, None] & d_ok[None, :], other=0.0,
+                    eviction_policy=FIRST_READ)
         wd_t = tl.load(WD + hcols[None, :] * D + cols[:, None],  # (BD, BH) = Wd[:, cols]ᵀ
                        mask=d_ok[:, None] & h_ok[None, :], other=0.0)
         h += _dot(x, wd_t, DOT_F32, dot_dtype)
@@ -406,7 +434,7 @@ def _post_norm_fwd_kernel(
         d_ok = cols < D
         mask = row_ok[:, None] & d_ok[None, :]
         if RESIDUAL:
-            x = tl.load(x_rows + cols[None, :] * stride_xd, mask=mask, other=0.0)
+            x = tl.load(x_rows + cols[None, :] * stride_xd, mask=mask, other=0.0, eviction_policy="evict_first")
         wu_t = tl.load(WU + cols[None, :] * H + hcols[:, None], mask=h_ok[:, None] & d_ok[None, :], other=0.0)
         gamma = tl.load(LN_W + cols, mask=d_ok, other=0.0).to(tl.float32)
         beta = tl.load(LN_B + cols, mask=d_ok, other=0.0).to(tl.float32)
@@ -417,9 +445,29 @@ def _post_norm_fwd_kernel(
             sq += tl.sum(tl.where(mask, z * z, 0.0), 1)
         if RESIDUAL:
             z += x.to(tl.float32)
-        tl.store(out_rows + cols[None, :], z, mask=mask)
+        tl.store(out_rows + cols[None, :], z, mask=mask, eviction_policy="evict_first")
     if STORE_ROW_SQ:
         tl.store(ROW_SQ + rows, sq, mask=row_ok)
+
+
+@triton.jit
+def _post_norm_fwd_kernel(
+    X, OUT, ROW_SQ, HID, MEAN, RSTD, LN_W, LN_B, WD, WU, SEED, SCALE,
+    N, D, H, stride_xn, stride_xd, eps, dropout_p, keep_scale,
+    ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr, RESIDUAL: tl.constexpr,
+    STORE_ROW_SQ: tl.constexpr, DOT_F32: tl.constexpr, FIRST_READ: tl.constexpr, GRID_STRIDE: tl.constexpr,
+    BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
+):
+    """Row block pid, or with GRID_STRIDE row blocks pid, pid + P, ... (as ``_pre_norm_fwd_kernel``)."""
+    if GRID_STRIDE:
+        for blk in range(tl.program_id(0), tl.cdiv(N, BM), tl.num_programs(0)):
+            _post_norm_fwd_block(blk, X, OUT, ROW_SQ, HID, MEAN, RSTD, LN_W, LN_B, WD, WU, SEED, SCALE,
+                                 N, D, H, stride_xn, stride_xd, eps, dropout_p, keep_scale, ACT, HAS_DROPOUT,
+                                 HAS_SCALE, RESIDUAL, STORE_ROW_SQ, DOT_F32, FIRST_READ, BM, BD, BH)
+    else:
+        _post_norm_fwd_block(tl.program_id(0), X, OUT, ROW_SQ, HID, MEAN, RSTD, LN_W, LN_B, WD, WU, SEED, SCALE,
+                             N, D, H, stride_xn, stride_xd, eps, dropout_p, keep_scale, ACT, HAS_DROPOUT,
+                             HAS_SCALE, RESIDUAL, STORE_ROW_SQ, DOT_F32, FIRST_READ, BM, BD, BH)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -699,26 +747,30 @@ def _store_weight_partials(DWD, DWU, DLN_W, DLN_B, dwd, dwu, dgamma, dbeta, spli
 
 class DeviceLimits(NamedTuple):
     """What the launcher sizes its blocks for: the device's SM count, the shared memory one block may
-    use (bytes, opt-in maximum) and the compute capability."""
+    use (bytes, opt-in maximum), the compute capability and the L2 cache size (bytes)."""
 
     name: str
     sm_count: int
     shared_memory_per_block: int
     capability: Tuple[int, int]
+    l2_size: int
 
 
-H100 = DeviceLimits("H100", 132, 227 * 1024, (9, 0))
-A100 = DeviceLimits("A100", 108, 163 * 1024, (8, 0))
+H100 = DeviceLimits("H100", 132, 227 * 1024, (9, 0), 50 << 20)
+A100 = DeviceLimits("A100", 108, 163 * 1024, (8, 0), 40 << 20)
 # Triton's interpreter: no shared-memory limit; two "SMs" so that the tests cover split reductions;
-# sm_90's capability, so that the tests run the block sizes an H100 gets.
-INTERPRETER = DeviceLimits("interpreter", 2, 1 << 30, (9, 0))
+# sm_90's capability, so that the tests run the block sizes an H100 gets; a 64 KB "L2", so that the
+# tests' shapes cover both forward grids (row blocks walked by L2-sized persistent programs, and one
+# program per row block).
+INTERPRETER = DeviceLimits("interpreter", 2, 1 << 30, (9, 0), 64 << 10)
 
 
 @functools.lru_cache(maxsize=None)
 def _cuda_limits(index: int) -> DeviceLimits:
     props = torch.cuda.get_device_properties(index)
     shared = getattr(props, "shared_memory_per_block_optin", 0) or 48 * 1024
-    return DeviceLimits(props.name, props.multi_processor_count, shared, (props.major, props.minor))
+    return DeviceLimits(props.name, props.multi_processor_count, shared, (props.major, props.minor),
+                        getattr(props, "L2_cache_size", 0))
 
 
 def device_limits(device: torch.device) -> DeviceLimits:
@@ -750,6 +802,7 @@ class Launch(NamedTuple):
     live_bytes_per_program: int
     l2_bytes: int
     elements: int
+    work_units: int = 0  # row blocks a grid-stride kernel's programs walk; 0: one program per unit of work
 
 
 class _Config(NamedTuple):
@@ -810,6 +863,36 @@ def _row_config(h: int, d: int, dtype: torch.dtype, limits: DeviceLimits, tiles:
     if limits.shared_memory_per_block < 128 * 1024 and bh >= 256:
         stages = 1
     return _Config(bh, bm, _clamp_bd(bd, d), warps, stages)
+
+
+# The share of the L2 that the row blocks of x held between the forward's two reads may fill: the rest is
+# for the weights, the stores of out on their way to memory and whatever else the device runs.
+L2_RESIDENT_SHARE = 0.75
+
+
+def _forward_config(h: int, d: int, dtype: torch.dtype, limits: DeviceLimits) -> Tuple[_Config, int]:
+    """The forward's configuration and its row blocks per SM: k >= 1 for a grid of k programs per SM
+    that walk the row blocks (``GRID_STRIDE``), 0 for one program per row block.
+
+    The forward reads each row block of x twice (pass 1 for h and the statistics, pass 2 for the
+    residual). Where k row blocks per SM fit ``L2_RESIDENT_SHARE`` of the L2, a grid of k programs per
+    SM keeps the second read in L2: x's first reads are marked evict-last, its second read and the
+    stores of out evict-first (last uses), and x crosses HBM once. Row blocks shrink to 32 rows to fit
+    where H <= 64 (not below 32 rows, nor for wider H: the weight tiles' L2 traffic, 2 H D per block
+    against x's BM D, would outgrow what L2 serves faster than HBM). One program per
+    SM gets 8 warps and a 4-stage pipeline to keep enough of x in flight on its own. Where not even one
+    32-row block per SM fits (D large), one program per row block: x crosses HBM twice."""
+    cfg = _row_config(h, d, dtype, limits)
+    element_size = torch.empty((), dtype=dtype).element_size()
+    share = int(L2_RESIDENT_SHARE * limits.l2_size)
+    per_sm = share // (limits.sm_count * cfg.BM * d * element_size)
+    if per_sm == 0 and cfg.BM > 32 and cfg.BH <= 64:
+        per_sm = share // (limits.sm_count * 32 * d * element_size)
+        if per_sm:
+            cfg = cfg._replace(BM=32)
+    if per_sm == 1:
+        cfg = cfg._replace(num_warps=max(cfg.num_warps, 8), num_stages=max(cfg.num_stages, 4))
+    return cfg, per_sm
 
 
 def _col_config(h: int, d: int, dtype: torch.dtype, limits: DeviceLimits, accumulators: int = 2) -> _Config:
@@ -946,10 +1029,12 @@ def plan_forward(
             l2_bytes=0, elements=h_size * d,
         ))
     has_dropout, p, keep_scale = _dropout_args(dropout_p)
-    cfg = _row_config(h_size, d, x.dtype, limits)
-    programs = _cdiv(n, cfg.BM)
+    cfg, per_sm = _forward_config(h_size, d, x.dtype, limits)
+    blocks = _cdiv(n, cfg.BM)
+    programs = min(blocks, per_sm * limits.sm_count) if per_sm else blocks
     meta = _meta(cfg, ACT=activation, HAS_DROPOUT=has_dropout, HAS_SCALE=scale is not None, RESIDUAL=residual,
-                 STORE_ROW_SQ=compute_row_sq, DOT_F32=_dot_f32(x.dtype, limits, h_size))
+                 STORE_ROW_SQ=compute_row_sq, DOT_F32=_dot_f32(x.dtype, limits, h_size),
+                 FIRST_READ="evict_last" if per_sm else "", GRID_STRIDE=programs < blocks)
     common = (_optional(dropout_seed, mean), _optional(scale, mean),
               n, d, h_size, x2.stride(0), x2.stride(1), eps, p, keep_scale)
     side_bytes = n * (4 * h_size + 12 + (4 if compute_row_sq else 0))  # hidden, mean, rstd, row_sq
@@ -964,8 +1049,8 @@ def plan_forward(
         hbm_bytes=2 * n * d * e + side_bytes + 2 * h_size * d * e,
         reread_bytes=n * d * e if residual else 0,
         live_bytes_per_program=cfg.BM * d * e,
-        l2_bytes=programs * weight_passes * h_size * d * e,
-        elements=n * d,
+        l2_bytes=blocks * weight_passes * h_size * d * e,
+        elements=n * d, work_units=blocks if programs < blocks else 0,
     ))
     return outputs, launches
 
