@@ -524,14 +524,15 @@ def _pre_norm_bwd_rows_kernel(
         dy = _dy(dout, y, grad_sq, row_hash, cols, scale, dropout_p, keep_scale,
                  HAS_DROPOUT, HAS_SCALE, HAS_ROW_SQ_GRAD)
         da += _dot(dy, wu, DOT_F32, dot_dtype)
+    # a is stored before dh is formed, so that at most three BM×BH tiles are live (da, h, then a or dh).
     h = tl.load(HID + hid_offs, mask=hid_mask, other=0.0)
-    a = _act(h, ACT)
+    tl.store(ACTS + hid_offs, _act(h, ACT), mask=hid_mask)
     dh = da * _act_grad(h, ACT)
     g = tl.load(PROJ + hcols, mask=h_ok, other=0.0)
     b = tl.load(PROJ + H + hcols, mask=h_ok, other=0.0)
-    k1 = tl.sum(dh * g[None, :], 1) / D
-    k2 = tl.sum(dh * (h - b[None, :]), 1) / D
-    _store_rows_outputs(ACTS, DH, K, a, dh, k1, k2, rows, row_ok, hcols, h_ok, N, H)
+    tl.store(K + rows, tl.sum(dh * g[None, :], 1) / D, mask=row_ok)
+    tl.store(K + N + rows, tl.sum(dh * (h - b[None, :]), 1) / D, mask=row_ok)
+    tl.store(DH + hid_offs, dh, mask=hid_mask)
 
 
 @triton.jit
@@ -841,16 +842,14 @@ def _register_pressure(dtype: torch.dtype, limits: DeviceLimits) -> int:
 def _row_config(h: int, d: int, dtype: torch.dtype, limits: DeviceLimits, tiles: int = 2,
                 budget: int = 128) -> _Config:
     """Forward and backward rows pass. A program keeps about ``tiles`` BM×BH float32 tiles live (forward:
-    the h accumulator and a; pre-norm backward rows: da in the loop, h, a and dh after it, counted as
-    two; post norm: a and two accumulators in the loop, h after it, counted as four); BM is the largest power of two from 16 to 64 that keeps them within
-    ``budget`` registers a thread (halved under register pressure). D chunks narrow as H grows, and
-    software pipelining goes where its stages would not fit the block's shared memory."""
+    the h accumulator and a; pre-norm backward rows: da in the loop, then h and a or dh after it, a
+    stored before dh is formed, counted as two within 128 registers, the third in the headroom up to
+    255; post norm: a and two accumulators in the loop, h after it, counted as four); BM is the largest
+    power of two from 16 to 64 that keeps them within ``budget`` registers a thread (halved under
+    register pressure). D chunks narrow as H grows, and software pipelining goes where its stages
+    would not fit the block's shared memory."""
     bh = _padded_hidden(h)
     pressure = _register_pressure(dtype, limits)
-    if pressure == 1 and bh <= 64 and (tiles, budget) == (2, 128):
-        # The forward at fp16/bf16 on sm_90, measured (bench/tune_launches.py on an H100, pre norm,
-        # D = 4096, H = 64; bench/results/2026-11-25-h100-tune/): 8 % faster than 64/64/4/3.
-        return _Config(bh, 32, _clamp_bd(128, d), 4, 2)
     warps = 4 if bh <= (64 if tiles <= 2 else 32) else 8
     budget //= pressure
     bm = 64
@@ -882,7 +881,12 @@ def _forward_config(h: int, d: int, dtype: torch.dtype, limits: DeviceLimits) ->
     against x's BM D, would outgrow what L2 serves faster than HBM). One program per
     SM gets 8 warps and a 4-stage pipeline to keep enough of x in flight on its own. Where not even one
     32-row block per SM fits (D large), one program per row block: x crosses HBM twice."""
-    cfg = _row_config(h, d, dtype, limits)
+    if _register_pressure(dtype, limits) == 1 and _padded_hidden(h) <= 64:
+        # fp16/bf16 on sm_90, measured (bench/tune_launches.py on an H100, pre norm, D = 4096, H = 64,
+        # one program per row block; bench/results/2026-11-25-h100-tune/): 8 % faster than 64/64/4/3.
+        cfg = _Config(_padded_hidden(h), 32, _clamp_bd(128, d), 4, 2)
+    else:
+        cfg = _row_config(h, d, dtype, limits)
     element_size = torch.empty((), dtype=dtype).element_size()
     share = int(L2_RESIDENT_SHARE * limits.l2_size)
     per_sm = share // (limits.sm_count * cfg.BM * d * element_size)
@@ -1109,7 +1113,8 @@ def plan_backward(
     need_rows = need_dx or need_dwd or (need_dln if pre else need_dwu)
     need_acts = need_dwu or (not pre and need_dln)
     if (need_rows or need_acts) and n > 0:
-        cfg = _row_config(h_size, d, x.dtype, limits, tiles=2 if pre else 4, budget=96)
+        # The row_sq gradient keeps a live through the pre-norm loop as well: a tighter budget.
+        cfg = _row_config(h_size, d, x.dtype, limits, tiles=2 if pre else 4, budget=128 if pre and q is None else 96)
         programs = _cdiv(n, cfg.BM)
         tail = (acts, dh, k, n, d, h_size, g2.stride(0), g2.stride(1), q_stride, p, keep_scale)
         meta = _meta(cfg, ACT=activation, **flags)
