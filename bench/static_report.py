@@ -27,16 +27,16 @@ the launches it would make on that device, and for every launch:
 4. **SASS instructions per element in the hot loops.** ``nvdisasm`` disassembles the cubin; the
    script splits it into basic blocks (branch targets and the instructions after branches, exits and
    returns start blocks; ``CALL`` falls through), computes dominators, and takes the natural loop of
-   every back edge (an edge to a block that dominates its source). Loops nested in another loop (e.g.
-   an mbarrier wait loop) count as part of the outer one. Every outermost loop is one of the kernel's
-   ``for`` loops, whose iteration covers a BM × BD tile (BR × BD for the weight-folding kernel), so
-   its cost is ``instructions in the body × num_warps / (BM · BD)`` warp-instructions per element
-   (each warp issues every instruction of the body once per iteration); in a grid-stride launch
-   (``Launch.work_units`` > 0: its programs walk row blocks in an outer loop) the tile loops are those
-   one level inside that loop. The kernel's figure is the sum over its tile loops, each of which walks
-   all of the launch's ``elements`` (N·D for the row and column kernels) once. Code outside them
-   (prologue, epilogue, a grid-stride loop's own body) is left out; it runs once per row block and is
-   small at large D. A loop that ptxas unrolled would show as one iteration of twice the body; Triton's
+   every back edge (an edge to a block that dominates its source). A tile loop is one that holds no
+   loop but short ones (under ``WAIT_LOOP_MAX`` instructions: mbarrier waits, spins), which count as
+   part of it. Every tile loop is one of the kernel's ``for`` loops over D chunks or rows, whose
+   iteration covers a BM × BD tile (BR × BD for the weight-folding kernel), so its cost is
+   ``instructions in the body × num_warps / (BM · BD)`` warp-instructions per element (each warp
+   issues every instruction of the body once per iteration); a loop that holds tile loops (the
+   forward's grid-stride loop over row blocks) is not one. The kernel's figure is the sum over its tile
+   loops, each of which walks all of the launch's ``elements`` (N·D for the row and column kernels)
+   once. Code outside them (prologue, epilogue, a grid-stride loop's own body) is left out; it runs
+   once per row block and is small at large D. A loop that ptxas unrolled would show as one iteration of twice the body; Triton's
    loops over runtime bounds are not unrolled by ptxas in the kernels seen so far.
 5. **Traffic model.** The planner states, per launch, its compulsory HBM bytes (``hbm_bytes``), the L2
    re-reads of shared operands (``l2_bytes``), and its second reads of N·D data (``reread_bytes``) with
@@ -362,7 +362,8 @@ class Loop:
     header: int  # address of the loop's first block
     instructions: int  # static instructions in the body (NOPs excluded), nested loops included
     opcodes: Dict[str, int]  # counts of the instruction classes that matter for the model
-    depth: int = 0  # loops that hold it: 0 outermost, 1 inside a grid-stride loop
+    depth: int = 0  # loops that hold it
+    tile: bool = True  # a tile loop: it holds no loop but short wait loops (see ``sass_loops``)
 
 
 _CLASSES = {
@@ -453,21 +454,29 @@ def _natural_loops(cfg: ControlFlowGraph) -> Dict[int, set]:
     return bodies
 
 
+WAIT_LOOP_MAX = 16  # a nested loop shorter than this is a wait (an mbarrier or a spin), not a tile loop
+
+
 def sass_loops(text: str) -> List[Loop]:
-    """The natural loops of a kernel's SASS at depths 0 and 1 (see the module docstring)."""
+    """The tile loops of a kernel's SASS and the loops that hold them (see the module docstring): a tile
+    loop holds no loop of ``WAIT_LOOP_MAX`` instructions or more; loops inside a tile loop are left out
+    (counted with it)."""
     instructions, labels = parse_sass(text)
     if not instructions:
         raise RuntimeError("no SASS instructions found in the nvdisasm output")
     cfg = control_flow_graph(instructions, labels)
     bodies = _natural_loops(cfg)
+    counted = {h: [instructions[i] for b in bodies[h] for i in cfg.blocks[b] if _base(instructions[i].opcode) != "NOP"]
+               for h in bodies}
+    inside = {h: [g for g in bodies if g != h and g in bodies[h]] for h in bodies}
+    tile = {h: all(len(counted[g]) < WAIT_LOOP_MAX for g in inside[h]) for h in bodies}
     loops = []
     for h in sorted(bodies):
-        depth = sum(h != g and h in bodies[g] for g in bodies)
-        if depth > 1:
-            continue  # counted with the loop that holds it
-        body = [instructions[i] for b in bodies[h] for i in cfg.blocks[b] if _base(instructions[i].opcode) != "NOP"]
-        opcodes = {name: sum(_base(inst.opcode) in ops for inst in body) for name, ops in _CLASSES.items()}
-        loops.append(Loop(instructions[cfg.blocks[h][0]].address, len(body), opcodes, depth))
+        holders = [g for g in bodies if g != h and h in bodies[g]]
+        if any(tile[g] for g in holders):
+            continue  # counted with the tile loop that holds it
+        opcodes = {name: sum(_base(inst.opcode) in ops for inst in counted[h]) for name, ops in _CLASSES.items()}
+        loops.append(Loop(instructions[cfg.blocks[h][0]].address, len(counted[h]), opcodes, len(holders), tile[h]))
     return loops
 
 
@@ -612,16 +621,13 @@ def _constexpr_fields(launch: Any) -> Dict[str, Any]:
 ROW_TILE_NAMES = ("BM", "BR")  # the constexpr that names a loop iteration's rows, per kernel family
 
 
-def sass_per_element(loops: List[Dict[str, Any]], meta: Dict[str, Any], num_warps: int,
-                     grid_stride: bool = False) -> Optional[float]:
+def sass_per_element(loops: List[Dict[str, Any]], meta: Dict[str, Any], num_warps: int) -> Optional[float]:
     """Warp-instructions per element summed over the tile loops (an iteration covers a BM (or BR) × BD
-    tile): the outermost loops, or for a grid-stride kernel (whose programs walk row blocks in an
-    outer loop) the loops inside that one; None when the launch's meta names no tile."""
+    tile); None when the launch's meta names no tile."""
     rows = next((meta[k] for k in ROW_TILE_NAMES if k in meta), None)
     if rows is None or "BD" not in meta:
         return None
-    depth = 1 if grid_stride else 0
-    return sum(loop["instructions"] for loop in loops if loop.get("depth", 0) == depth) * num_warps / (rows * meta["BD"])
+    return sum(loop["instructions"] for loop in loops if loop.get("tile", True)) * num_warps / (rows * meta["BD"])
 
 
 def traffic(launch: Any, resident_programs: Optional[int], gpu: GpuModel) -> Dict[str, Any]:
@@ -659,7 +665,7 @@ def launch_record(point: Point, launch: Any, job: CompileJob, analysis: Dict[str
         record.update(status="ok", shared_total=shared_total, shared_ok=shared_total <= gpu.shared_memory_per_block)
         record.update(occupancy(analysis["registers"], shared_total, analysis["num_warps"], gpu))
         record["sass_instructions_per_element"] = sass_per_element(analysis["loops"], launch.meta,
-                                                                   analysis["num_warps"], launch.work_units > 0)
+                                                                   analysis["num_warps"])
         resident_programs = min(record["programs"], record["blocks_per_sm"] * gpu.sm_count)
     record["resident_programs"] = resident_programs
     record.update(traffic(launch, resident_programs, gpu))

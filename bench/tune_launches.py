@@ -124,8 +124,9 @@ def forced_config(stage: str, candidate: Tuple[int, ...]) -> Iterator[None]:
     def config(h, d, dtype, limits, *args, **kwargs):
         default = original(h, d, dtype, limits, *args, **kwargs)
         if stage == "fwd":
-            cfg, per_sm = default
-            return kernels._Config(cfg.BH, bm, kernels._clamp_bd(bd, d), warps, stages), candidate[4]
+            cfg, _, first_read = default
+            return (kernels._Config(cfg.BH, bm, kernels._clamp_bd(bd, d), warps, stages), candidate[4],
+                    "evict_last" if candidate[4] else first_read)
         return kernels._Config(default.BH, bm, kernels._clamp_bd(bd, d), warps, stages)
 
     setattr(kernels, name, config)

@@ -190,15 +190,36 @@ $__internal_0_slowpath:
 """
 
 
-def test_sass_loops_are_the_natural_loops_by_depth():
-    """Two outermost loops, the first holding a wait loop (counted inside it, and listed at depth 1);
-    the padding self-loop after EXIT and the called subroutine's loop are unreachable from the entry and
-    left out; NOPs are not counted."""
+def test_sass_loops_are_the_tile_loops():
+    """Two tile loops, the first holding a wait loop (counted inside it, not listed); the padding
+    self-loop after EXIT and the called subroutine's loop are unreachable from the entry and left out;
+    NOPs are not counted."""
     loops = _load_script().sass_loops(SASS)
-    assert [(loop.header, loop.instructions, loop.depth) for loop in loops] == [(0x30, 7, 0), (0x50, 2, 1),
-                                                                                 (0xC0, 3, 0)]
+    assert [(loop.header, loop.instructions, loop.depth, loop.tile) for loop in loops] == [(0x30, 7, 0, True),
+                                                                                           (0xC0, 3, 0, True)]
     assert loops[0].opcodes["global_loads"] == 1 and loops[0].opcodes["mufu"] == 0
-    assert loops[2].opcodes["shared"] == 1 and loops[2].opcodes["mufu"] == 1
+    assert loops[1].opcodes["shared"] == 1 and loops[1].opcodes["mufu"] == 1
+
+
+def test_a_loop_over_tile_loops_is_not_one():
+    """A grid-stride loop holding a 16-instruction loop: the inner one is the tile loop, the outer one is
+    listed (not a tile loop) with all 20 of its instructions."""
+    body = "\n".join(f"        /*{0x30 + 16 * i:04x}*/                   FADD R3, R3, R2 ;" for i in range(15))
+    sass = f"""
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_0:
+        /*0010*/                   LDG.E R2, desc[UR4][R4.64] ;
+.L_x_1:
+        /*0020*/                   FADD R3, R3, R2 ;
+{body}
+        /*0120*/               @P1 BRA `(.L_x_1) ;
+        /*0130*/                   STG.E desc[UR4][R4.64], R3 ;
+        /*0140*/               @P2 BRA `(.L_x_0) ;
+        /*0150*/                   EXIT ;
+"""
+    loops = _load_script().sass_loops(sass)
+    assert [(loop.header, loop.instructions, loop.depth, loop.tile) for loop in loops] == [(0x10, 20, 0, False),
+                                                                                           (0x20, 17, 1, True)]
 
 
 def test_repeated_launch_names_are_numbered():
@@ -213,10 +234,9 @@ def test_sass_per_element_counts_warps_and_tile():
     assert script.sass_per_element(loops, dict(BM=64, BD=64), 4) == pytest.approx(800 * 4 / 4096)
     assert script.sass_per_element(loops, dict(BR=4, BD=256), 4) == pytest.approx(800 * 4 / 1024)
     assert script.sass_per_element(loops, dict(BLOCK=64), 4) is None
-    # A grid-stride kernel: its tile loops are those inside the loop over row blocks.
-    nested = [dict(instructions=900, depth=0), dict(instructions=600, depth=1), dict(instructions=200, depth=1)]
-    assert script.sass_per_element(nested, dict(BM=64, BD=64), 4, grid_stride=True) == pytest.approx(800 * 4 / 4096)
-    assert script.sass_per_element(nested, dict(BM=64, BD=64), 4) == pytest.approx(900 * 4 / 4096)
+    # A grid-stride kernel: the loop over row blocks holds the tile loops and does not count itself.
+    nested = [dict(instructions=900, tile=False), dict(instructions=600), dict(instructions=200, tile=True)]
+    assert script.sass_per_element(nested, dict(BM=64, BD=64), 4) == pytest.approx(800 * 4 / 4096)
 
 
 def test_occupancy_calculator():

@@ -177,23 +177,27 @@ def test_columns_pass_split_in_two_at_large_hidden(device, norm_position):
 
 @devices
 @pytest.mark.parametrize("norm_position", reference.NORM_POSITIONS)
-@pytest.mark.parametrize("d, grid_stride", [(40, True), (400, False)], ids=["fits-L2", "streams"])
-def test_forward_grid(device, norm_position, d, grid_stride):
-    """Where a few row blocks per SM fit the L2, the forward's programs walk the row blocks (pid, pid + P,
-    ...; the interpreter's limits give 2 programs per "SM" for 5 blocks of 64 rows at D = 40); where they
-    do not, one program per row block."""
+@pytest.mark.parametrize(
+    "dtype, d, grid_stride, first_read",
+    [(torch.bfloat16, 300, True, "evict_last"), (torch.bfloat16, 1000, False, ""),
+     (torch.float32, 150, False, "evict_last")],
+    ids=["one-block-per-SM-fits-L2", "streams", "fp32-fits-L2"],
+)
+def test_forward_grid(device, norm_position, dtype, d, grid_stride, first_read):
+    """Where one row block per SM fits the L2 (the interpreter's limits: 2 "SMs", 64 KB), the forward is
+    one program per SM walking the row blocks (pid, pid + P, ...) in fp16/bf16; where none fits, or in
+    float32, one program per row block."""
     from fusedadapters.ops.triton import linear_adapter as kernels
 
     torch.manual_seed(9)
-    x = make_x((300, d), device=device)
-    params = make_params(d, 16, device=device)
+    x = make_x((300, d), dtype, device)
+    params = make_params(d, 16, dtype, device)
     _, launches = kernels.plan_forward(x.detach().cpu(), *(p.detach().cpu() for p in params), None, None, "gelu",
                                        norm_position, 1e-5, 0.0, True, True, kernels.INTERPRETER)
     fwd = launches[-1]
     blocks = -(-300 // fwd.meta["BM"])
-    assert fwd.meta["GRID_STRIDE"] is grid_stride
-    assert (fwd.grid[0] < blocks, fwd.work_units) == ((True, blocks) if grid_stride else (False, 0))
-    assert fwd.meta["FIRST_READ"] == ("evict_last" if grid_stride else "")
+    assert fwd.meta["GRID_STRIDE"] is grid_stride and fwd.meta["FIRST_READ"] == first_read
+    assert (fwd.grid[0], fwd.work_units) == ((kernels.INTERPRETER.sm_count, blocks) if grid_stride else (blocks, 0))
     check(x, params, activation="gelu", norm_position=norm_position)
 
 

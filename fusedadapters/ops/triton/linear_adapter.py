@@ -869,34 +869,39 @@ def _row_config(h: int, d: int, dtype: torch.dtype, limits: DeviceLimits, tiles:
 L2_RESIDENT_SHARE = 0.75
 
 
-def _forward_config(h: int, d: int, dtype: torch.dtype, limits: DeviceLimits) -> Tuple[_Config, int]:
-    """The forward's configuration and its row blocks per SM: k >= 1 for a grid of k programs per SM
-    that walk the row blocks (``GRID_STRIDE``), 0 for one program per row block.
+def _forward_config(h: int, d: int, dtype: torch.dtype, limits: DeviceLimits) -> Tuple[_Config, int, str]:
+    """The forward's configuration, its programs per SM (k >= 1: a grid of k programs per SM that walk
+    the row blocks, ``GRID_STRIDE``; 0: one program per row block) and the L2 policy of x's first reads.
 
     The forward reads each row block of x twice (pass 1 for h and the statistics, pass 2 for the
-    residual). Where k row blocks per SM fit ``L2_RESIDENT_SHARE`` of the L2, a grid of k programs per
-    SM keeps the second read in L2: x's first reads are marked evict-last, its second read and the
-    stores of out evict-first (last uses), and x crosses HBM once. Row blocks shrink to 32 rows to fit
-    where H <= 64 (not below 32 rows, nor for wider H: the weight tiles' L2 traffic, 2 H D per block
-    against x's BM D, would outgrow what L2 serves faster than HBM). One program per
-    SM gets 8 warps and a 4-stage pipeline to keep enough of x in flight on its own. Where not even one
-    32-row block per SM fits (D large), one program per row block: x crosses HBM twice."""
+    residual); the second read comes from L2 when the row blocks resident between the two fit there.
+    Where k >= 1 row blocks per SM fit, x's first reads are marked evict-last, its second read and the
+    stores of out evict-first (last uses). Where exactly one fits (fp16/bf16 at D = 4096 on an H100 or
+    A100), the grid is one program per SM walking the row blocks (``GRID_STRIDE``), with 8 warps and a
+    4-stage pipeline to keep enough of x in flight on its own, and x crosses HBM once. Where two or more
+    fit, a grid of one program per row block keeps its 2-5 resident blocks per SM (by registers) mostly
+    within them, and goes without the grid-stride loop, which costs registers (spills at D = 1024,
+    compiled). Row blocks shrink to 32 rows to fit where H <= 64 (not below 32 rows, nor for wider H: the
+    weight tiles' L2 traffic, 2 H D per block against x's BM D, would outgrow what L2 serves faster than
+    HBM). float32 keeps one program per row block: its tf32x3 dots need the registers the loop takes.
+    Where not even one row block per SM fits (D large), x crosses HBM twice."""
     if _register_pressure(dtype, limits) == 1 and _padded_hidden(h) <= 64:
         # fp16/bf16 on sm_90, measured (bench/tune_launches.py on an H100, pre norm, D = 4096, H = 64,
         # one program per row block; bench/results/2026-11-25-h100-tune/): 8 % faster than 64/64/4/3.
         cfg = _Config(_padded_hidden(h), 32, _clamp_bd(128, d), 4, 2)
     else:
         cfg = _row_config(h, d, dtype, limits)
-    element_size = torch.empty((), dtype=dtype).element_size()
+    element_size = dtype.itemsize
     share = int(L2_RESIDENT_SHARE * limits.l2_size)
     per_sm = share // (limits.sm_count * cfg.BM * d * element_size)
     if per_sm == 0 and cfg.BM > 32 and cfg.BH <= 64:
         per_sm = share // (limits.sm_count * 32 * d * element_size)
         if per_sm:
             cfg = cfg._replace(BM=32)
-    if per_sm == 1:
-        cfg = cfg._replace(num_warps=max(cfg.num_warps, 8), num_stages=max(cfg.num_stages, 4))
-    return cfg, per_sm
+    first_read = "evict_last" if per_sm else ""
+    if per_sm != 1 or dtype == torch.float32:
+        return cfg, 0, first_read
+    return cfg._replace(num_warps=max(cfg.num_warps, 8), num_stages=max(cfg.num_stages, 4)), 1, first_read
 
 
 def _col_config(h: int, d: int, dtype: torch.dtype, limits: DeviceLimits, accumulators: int = 2) -> _Config:
@@ -1033,12 +1038,12 @@ def plan_forward(
             l2_bytes=0, elements=h_size * d,
         ))
     has_dropout, p, keep_scale = _dropout_args(dropout_p)
-    cfg, per_sm = _forward_config(h_size, d, x.dtype, limits)
+    cfg, per_sm, first_read = _forward_config(h_size, d, x.dtype, limits)
     blocks = _cdiv(n, cfg.BM)
     programs = min(blocks, per_sm * limits.sm_count) if per_sm else blocks
     meta = _meta(cfg, ACT=activation, HAS_DROPOUT=has_dropout, HAS_SCALE=scale is not None, RESIDUAL=residual,
                  STORE_ROW_SQ=compute_row_sq, DOT_F32=_dot_f32(x.dtype, limits, h_size),
-                 FIRST_READ="evict_last" if per_sm else "", GRID_STRIDE=programs < blocks)
+                 FIRST_READ=first_read, GRID_STRIDE=programs < blocks)
     common = (_optional(dropout_seed, mean), _optional(scale, mean),
               n, d, h_size, x2.stride(0), x2.stride(1), eps, p, keep_scale)
     side_bytes = n * (4 * h_size + 12 + (4 if compute_row_sq else 0))  # hidden, mean, rstd, row_sq
