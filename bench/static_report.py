@@ -917,7 +917,9 @@ def render_markdown(report: Dict[str, Any]) -> str:
         "`t = max(HBM bytes / B_hbm, L2 bytes / B_l2, W / (4 f S e)) / balance + t_launch` per launch, summed "
         "per direction; predicted fraction = copy floor time / Σ t, floor = (2 N D forward, 3 N D backward) × "
         "bytes per element / B_hbm. W = SASS warp-instructions per element × elements, e = min(1, resident "
-        "warps / 8), balance = P / (S ⌈P / S⌉) for P programs on S SMs.",
+        "warps / 8), balance = U / (S ⌈P / S⌉ ⌈U / P⌉) for P programs on S SMs sharing U row blocks (U = P "
+        "but for the forward's grid-stride launches). The first GPU run measured the streaming launches "
+        "within 10 % of this model and others up to 6× slower: see bench/NOTES.md.",
         "",
         harness.markdown_table(
             ["arch", "GPU", "SMs", "B_hbm GB/s", "B_l2 GB/s", "clock GHz", "smem/SM KB", "smem/block KB",
