@@ -35,8 +35,10 @@ the launches it would make on that device, and for every launch:
    issues every instruction of the body once per iteration); a loop that holds tile loops (the
    forward's grid-stride loop over row blocks) is not one. The kernel's figure is the sum over its tile
    loops, each of which walks all of the launch's ``elements`` (N·D for the row and column kernels)
-   once. Code outside them (prologue, epilogue, a grid-stride loop's own body) is left out; it runs
-   once per row block and is small at large D. A loop that ptxas unrolled would show as one iteration of twice the body; Triton's
+   once, but for a launch that says only its first k tile loops in code order do
+   (``Launch.element_loops``: the post-norm rows pass's second loop steps through an H×H matrix, H / BK
+   times per row block). Code outside them (prologue, epilogue, a grid-stride loop's own body) is left
+   out; it runs once per row block and is small at large D. A loop that ptxas unrolled would show as one iteration of twice the body; Triton's
    loops over runtime bounds are not unrolled by ptxas in the kernels seen so far.
 5. **Traffic model.** The planner states, per launch, its compulsory HBM bytes (``hbm_bytes``), the L2
    re-reads of shared operands (``l2_bytes``), and its second reads of N·D data (``reread_bytes``) with
@@ -621,13 +623,18 @@ def _constexpr_fields(launch: Any) -> Dict[str, Any]:
 ROW_TILE_NAMES = ("BM", "BR")  # the constexpr that names a loop iteration's rows, per kernel family
 
 
-def sass_per_element(loops: List[Dict[str, Any]], meta: Dict[str, Any], num_warps: int) -> Optional[float]:
+def sass_per_element(loops: List[Dict[str, Any]], meta: Dict[str, Any], num_warps: int,
+                     element_loops: int = 0) -> Optional[float]:
     """Warp-instructions per element summed over the tile loops (an iteration covers a BM (or BR) × BD
-    tile); None when the launch's meta names no tile."""
+    tile), or over the first ``element_loops`` of them in code order where the launch says only those
+    walk its elements; None when the launch's meta names no tile."""
     rows = next((meta[k] for k in ROW_TILE_NAMES if k in meta), None)
     if rows is None or "BD" not in meta:
         return None
-    return sum(loop["instructions"] for loop in loops if loop.get("tile", True)) * num_warps / (rows * meta["BD"])
+    tiles = sorted((loop for loop in loops if loop.get("tile", True)), key=lambda loop: loop.get("header", 0))
+    if element_loops:
+        tiles = tiles[:element_loops]
+    return sum(loop["instructions"] for loop in tiles) * num_warps / (rows * meta["BD"])
 
 
 def traffic(launch: Any, resident_programs: Optional[int], gpu: GpuModel) -> Dict[str, Any]:
@@ -665,7 +672,7 @@ def launch_record(point: Point, launch: Any, job: CompileJob, analysis: Dict[str
         record.update(status="ok", shared_total=shared_total, shared_ok=shared_total <= gpu.shared_memory_per_block)
         record.update(occupancy(analysis["registers"], shared_total, analysis["num_warps"], gpu))
         record["sass_instructions_per_element"] = sass_per_element(analysis["loops"], launch.meta,
-                                                                   analysis["num_warps"])
+                                                                   analysis["num_warps"], launch.element_loops)
         resident_programs = min(record["programs"], record["blocks_per_sm"] * gpu.sm_count)
     record["resident_programs"] = resident_programs
     record.update(traffic(launch, resident_programs, gpu))

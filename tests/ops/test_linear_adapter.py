@@ -202,6 +202,25 @@ def test_forward_grid(device, norm_position, dtype, d, grid_stride, first_read):
 
 
 @devices
+@pytest.mark.parametrize("activation", ["gelu", "hardtanh"])
+def test_post_norm_folds_the_up_weight_over_split_rows(device, activation):
+    """Post norm's backward folds the up weight (Wu shifted, its centred Gram matrix) over groups of 256
+    rows of D added in order: D = 700 makes three, with an up weight whose column means (2) are large
+    next to its spread, so that the fold's centring matters."""
+    from fusedadapters.ops.triton import linear_adapter as kernels
+
+    torch.manual_seed(12)
+    x = make_x((45, 700), device=device)
+    params = make_params(700, 40, device=device, up_mean=2.0)
+    outs, _ = kernels.plan_forward(x, *params, None, None, activation, "post", 1e-5, 0.0, True, True,
+                                   kernels.device_limits(x.device))
+    _, launches = kernels.plan_backward(x, None, x, *params, None, None, *outs[2:], activation, "post", 0.0,
+                                        True, True, True, True, True, kernels.device_limits(x.device))
+    assert [launch.name for launch in launches][:2] == ["fold_up", "gram_up"] and launches[0].grid[2] == 3
+    check(x, params, activation=activation, norm_position="post")
+
+
+@devices
 @pytest.mark.parametrize(
     "shape, hidden",
     [((1, 37), 1), ((70, 16), 16), ((2, 3, 100), 100), ((65, 1), 3), ((5, 20), 1024), ((130, 24), 8)],

@@ -551,7 +551,8 @@ def _post_norm_rows_sums(a, g_rows, LN_W, LN_B, WU, shift, mean_c, rstd, grad_sq
                          D, H, stride_gd, scale, dropout_p, keep_scale, HAS_DROPOUT: tl.constexpr,
                          HAS_SCALE: tl.constexpr, HAS_ROW_SQ_GRAD: tl.constexpr, DOT_F32: tl.constexpr,
                          DOT_DTYPE: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr):
-    """Post norm's rows pass over D for one adapter (``LN_W``, ``LN_B``, ``WU`` its own): ``(c1, c2, da)``
+    """Post norm's rows pass over D for one adapter of the routed kernels, on the unfolded up weight (the
+    single-adapter rows pass folds it first, ``_post_norm_bwd_rows_kernel``): ``(c1, c2, da)``
     with c1 = Σ_d dû, c2 = Σ_d dû ⊙ û and da = du Wu = r (dû Wu - (c1 Σ_d Wu + c2 û Wu) / D)."""
     c1 = tl.zeros((BM,), tl.float32)
     c2 = tl.zeros((BM,), tl.float32)
@@ -580,13 +581,91 @@ def _post_norm_rows_sums(a, g_rows, LN_W, LN_B, WU, shift, mean_c, rstd, grad_sq
 
 
 @triton.jit
+def _dot_operand(a, DOT_F32: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """``a`` (float32) rounded as ``_dot`` rounds its operands, as float32."""
+    if DOT_F32 == 0:
+        return a.to(DOT_DTYPE).to(tl.float32)
+    else:
+        return a
+
+
+@triton.jit
+def _column_shift(WU, cols, cols_ok, D, H, BD: tl.constexpr):
+    """Each column's mean over Wu's first BD rows: the shift s of ``_up_weight_fold_kernel``."""
+    rows = tl.arange(0, BD)
+    w = tl.load(WU + rows[:, None] * H + cols[None, :], mask=(rows < D)[:, None] & cols_ok[None, :], other=0.0)
+    return tl.sum(w.to(tl.float32), 0) / tl.sum((rows < D).to(tl.float32), 0)
+
+
+@triton.jit
+def _up_weight_fold_kernel(WU, WS, P1, P2, D, H, rows_per_split, BR: tl.constexpr, BD: tl.constexpr):
+    """Post norm's fold of the up weight, part 1, per split of D's rows: with s each column's mean over
+    the first BD rows, ``Ws = Wu - s`` (WS, D×H, WS' dtype; programs (i, 0, k) write their columns and
+    rows), and the partial sums S1 = Σ_d (Wu_d - s) (P1, float32 S×H) and S2 = Σ_d (Wu_d - s)ᵀ (Wu_d - s)
+    (P2, float32 S×H×H), program (i, j, k) the BR×BR tile (i, j) over split k."""
+    ci = tl.program_id(0) * BR + tl.arange(0, BR)
+    cj = tl.program_id(1) * BR + tl.arange(0, BR)
+    split = tl.program_id(2)
+    i_ok = ci < H
+    j_ok = cj < H
+    si = _column_shift(WU, ci, i_ok, D, H, BD)
+    sj = _column_shift(WU, cj, j_ok, D, H, BD)
+    s1 = tl.zeros((BR,), tl.float32)
+    s2 = tl.zeros((BR, BR), tl.float32)
+    first = split * rows_per_split
+    for d0 in range(first, tl.minimum(first + rows_per_split, D), BD):
+        rows = d0 + tl.arange(0, BD)
+        r_ok = (rows < D) & (rows < first + rows_per_split)
+        mask_i = r_ok[:, None] & i_ok[None, :]
+        wi = tl.where(mask_i, tl.load(WU + rows[:, None] * H + ci[None, :], mask=mask_i, other=0.0).to(tl.float32)
+                      - si[None, :], 0.0)
+        mask_j = r_ok[:, None] & j_ok[None, :]
+        wj = tl.where(mask_j, tl.load(WU + rows[:, None] * H + cj[None, :], mask=mask_j, other=0.0).to(tl.float32)
+                      - sj[None, :], 0.0)
+        s1 += tl.sum(wi, 0)
+        s2 += _dot(tl.trans(wi), wj, 1, tl.float32)
+        if tl.program_id(1) == 0:
+            tl.store(WS + rows[:, None] * H + ci[None, :], wi, mask=mask_i)
+    tl.store(P2 + split * H * H + ci[:, None] * H + cj[None, :], s2, mask=i_ok[:, None] & j_ok[None, :])
+    if tl.program_id(1) == 0:
+        tl.store(P1 + split * H + ci, s1, mask=i_ok)
+
+
+@triton.jit
+def _up_weight_gram_kernel(P1, P2, GRAM, DELTA, D, H, splits, BR: tl.constexpr):
+    """Part 2: the splits' partial sums added in order, then the centred Gram matrix
+    ``Gc = Σ_d (Wu_d - w̄)ᵀ (Wu_d - w̄) = S2 - S1ᵀ S1 / D`` (GRAM, float32 H×H, tile (i, j) per program)
+    and ``δ = w̄ - s = S1 / D`` (DELTA, float32 H)."""
+    ci = tl.program_id(0) * BR + tl.arange(0, BR)
+    cj = tl.program_id(1) * BR + tl.arange(0, BR)
+    i_ok = ci < H
+    j_ok = cj < H
+    s1i = tl.zeros((BR,), tl.float32)
+    s1j = tl.zeros((BR,), tl.float32)
+    s2 = tl.zeros((BR, BR), tl.float32)
+    for k in range(0, splits):
+        s1i += tl.load(P1 + k * H + ci, mask=i_ok, other=0.0)
+        s1j += tl.load(P1 + k * H + cj, mask=j_ok, other=0.0)
+        s2 += tl.load(P2 + k * H * H + ci[:, None] * H + cj[None, :], mask=i_ok[:, None] & j_ok[None, :], other=0.0)
+    tl.store(GRAM + ci[:, None] * H + cj[None, :], s2 - s1i[:, None] * s1j[None, :] / D,
+             mask=i_ok[:, None] & j_ok[None, :])
+    if tl.program_id(1) == 0:
+        tl.store(DELTA + ci, s1i / D, mask=i_ok)
+
+
+@triton.jit
 def _post_norm_bwd_rows_kernel(
-    DOUT, GRAD_SQ, HID, MEAN, RSTD, LN_W, LN_B, WU, SEED, SCALE, ACTS, DH, K,
+    DOUT, GRAD_SQ, HID, RSTD, LN_W, LN_B, WS, GRAM, DELTA, SEED, SCALE, ACTS, DH, K,
     N, D, H, stride_gn, stride_gd, stride_q, dropout_p, keep_scale,
     ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_ROW_SQ_GRAD: tl.constexpr, DOT_F32: tl.constexpr,
-    BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
+    BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
 ):
+    """Post norm's rows pass on the folded up weight (``_up_weight_fold_kernel``, ``_up_weight_gram_kernel``):
+    with a as the dots round it, μ = a·w̄ and û_d = r a·Wc_d, Wc = Wu - w̄ = Ws - δ, so over D only
+    dû = γ dy, c1 = Σ_d dû and t = dû Ws remain (and, for the row_sq gradient, û itself); then
+    dû Wc = t - c1 δ, c2 = Σ_d dû û = r a·(dû Wc), û Wu = r a Gc, and da = r (dû Wc - c2 (û Wu) / D).
+    Ws is centred on a shift close to w̄, so that neither correction by δ cancels."""
     pid = tl.program_id(0)
     rows = pid * BM + tl.arange(0, BM)
     row_ok = rows < N
@@ -594,22 +673,61 @@ def _post_norm_bwd_rows_kernel(
     h_ok = hcols < H
     hid_mask = row_ok[:, None] & h_ok[None, :]
     g_rows = DOUT + rows.to(tl.int64)[:, None] * stride_gn
-    dot_dtype = WU.dtype.element_ty
+    dot_dtype = WS.dtype.element_ty
+    delta = tl.load(DELTA + hcols, mask=h_ok, other=0.0)
 
     hid_offs = rows.to(tl.int64)[:, None] * H + hcols[None, :]
-    a = _act(tl.load(HID + hid_offs, mask=hid_mask, other=0.0), ACT)  # h is loaded again after the loop
-    shift, mean_c, rstd = _load_stats(MEAN, RSTD, rows, row_ok, N)
+    rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+    if HAS_ROW_SQ_GRAD:
+        a = _act(tl.load(HID + hid_offs, mask=hid_mask, other=0.0), ACT)
+        a_delta = tl.sum(_dot_operand(a, DOT_F32, dot_dtype) * delta[None, :], 1)  # a·δ
     grad_sq = _load_rows(GRAD_SQ, rows, row_ok, HAS_ROW_SQ_GRAD, stride_q)
     scale = _load_scale(SCALE, HAS_SCALE)
     row_hash = _row_hash(SEED, rows) if HAS_DROPOUT else rows
 
-    c1, c2, da = _post_norm_rows_sums(a, g_rows, LN_W, LN_B, WU, shift, mean_c, rstd, grad_sq, row_hash, row_ok,
-                                      hcols, h_ok, D, H, stride_gd, scale, dropout_p, keep_scale, HAS_DROPOUT,
-                                      HAS_SCALE, HAS_ROW_SQ_GRAD, DOT_F32, dot_dtype, BM, BD, BH)
-    k1 = c1 / D
-    k2 = c2 / D
-    dh = da * _act_grad(tl.load(HID + hid_offs, mask=hid_mask, other=0.0), ACT)
-    _store_rows_outputs(ACTS, DH, K, a, dh, k1, k2, rows, row_ok, hcols, h_ok, N, H)
+    c1 = tl.zeros((BM,), tl.float32)
+    t = tl.zeros((BM, BH), tl.float32)  # dû Ws
+    for d0 in range(0, D, BD):
+        cols = d0 + tl.arange(0, BD)
+        d_ok = cols < D
+        mask = row_ok[:, None] & d_ok[None, :]
+        dout = tl.load(g_rows + cols[None, :] * stride_gd, mask=mask, other=0.0).to(tl.float32)
+        gamma = tl.load(LN_W + cols, mask=d_ok, other=0.0).to(tl.float32)
+        ws = tl.load(WS + cols[:, None] * H + hcols[None, :], mask=d_ok[:, None] & h_ok[None, :], other=0.0)
+        y = dout
+        if HAS_ROW_SQ_GRAD:
+            beta = tl.load(LN_B + cols, mask=d_ok, other=0.0).to(tl.float32)
+            uhat = rstd[:, None] * (_dot(a, tl.trans(ws), DOT_F32, dot_dtype) - a_delta[:, None])
+            y = tl.where(mask, uhat * gamma[None, :] + beta[None, :], 0.0)
+        duhat = _dy(dout, y, grad_sq, row_hash, cols, scale, dropout_p, keep_scale,
+                    HAS_DROPOUT, HAS_SCALE, HAS_ROW_SQ_GRAD) * gamma[None, :]
+        c1 += tl.sum(duhat, 1)
+        t += _dot(duhat, ws, DOT_F32, dot_dtype)
+    t -= c1[:, None] * delta[None, :]  # dû Wc
+    h = tl.load(HID + hid_offs, mask=hid_mask, other=0.0)
+    a = _act(h, ACT)
+    tl.store(ACTS + hid_offs, a, mask=hid_mask)
+    c2 = rstd * tl.sum(_dot_operand(a, DOT_F32, dot_dtype) * t, 1)
+
+    # da / r = dû Wc - (c2 r / D) a Gc, accumulated into t one BK-row slice of Gc at a time (with the BK
+    # columns of a it meets, loaded again): H / BK steps per row block, float32 Gc as the dots' operand.
+    coef = -(c2 * rstd / D)
+    for k0 in range(0, H, BK):
+        kcols = k0 + tl.arange(0, BK)
+        k_ok = kcols < H
+        a_k = _act(tl.load(HID + rows.to(tl.int64)[:, None] * H + kcols[None, :],
+                           mask=row_ok[:, None] & k_ok[None, :], other=0.0), ACT)
+        gram = tl.load(GRAM + kcols[:, None] * H + hcols[None, :], mask=k_ok[:, None] & h_ok[None, :], other=0.0)
+        if DOT_F32 == 0:
+            t = tl.dot((coef[:, None] * a_k).to(dot_dtype), gram.to(dot_dtype), acc=t)
+        elif DOT_F32 == 1:
+            t = tl.dot(coef[:, None] * a_k, gram, acc=t, input_precision="tf32x3")
+        else:
+            t = tl.dot(coef[:, None] * a_k, gram, acc=t, input_precision="ieee")
+    dh = rstd[:, None] * t * _act_grad(tl.load(HID + hid_offs, mask=hid_mask, other=0.0), ACT)
+    tl.store(DH + hid_offs, dh, mask=hid_mask)
+    tl.store(K + rows, c1 / D, mask=row_ok)
+    tl.store(K + N + rows, c2 / D, mask=row_ok)
 
 
 @triton.jit
@@ -804,6 +922,7 @@ class Launch(NamedTuple):
     l2_bytes: int
     elements: int
     work_units: int = 0  # row blocks a grid-stride kernel's programs walk; 0: one program per unit of work
+    element_loops: int = 0  # k > 0: only the kernel's first k tile loops walk ``elements`` (0: all do)
 
 
 class _Config(NamedTuple):
@@ -862,6 +981,19 @@ def _row_config(h: int, d: int, dtype: torch.dtype, limits: DeviceLimits, tiles:
     if limits.shared_memory_per_block < 128 * 1024 and bh >= 256:
         stages = 1
     return _Config(bh, bm, _clamp_bd(bd, d), warps, stages)
+
+
+def _rows_pass_config(pre: bool, row_sq_grad: bool, h: int, d: int, dtype: torch.dtype,
+                      limits: DeviceLimits) -> _Config:
+    """The backward rows pass: da (pre norm) or dû Wc (post norm) accumulates through the loop, then h
+    and a or dh (counted as two tiles within 128 registers). The row_sq gradient keeps a live through
+    the loop as well (pre norm: 96; post norm: 48, where the loop also holds û). Post norm's epilogue
+    adds a Gc slice product: from H = 128 it counts three tiles (compiled: 64-row blocks spill at
+    H = 256)."""
+    if pre:
+        return _row_config(h, d, dtype, limits, tiles=2, budget=96 if row_sq_grad else 128)
+    return _row_config(h, d, dtype, limits, tiles=3 if _padded_hidden(h) >= 128 else 2,
+                       budget=48 if row_sq_grad else 128)
 
 
 # The share of the L2 that the row blocks of x held between the forward's two reads may fill: the rest is
@@ -982,6 +1114,38 @@ def _meta(cfg: _Config, **constexprs: Any) -> Dict[str, Any]:
 def _optional(t: Optional[torch.Tensor], fallback: torch.Tensor) -> torch.Tensor:
     """A pointer argument for an optional tensor; the kernels never read it when it is absent."""
     return t if t is not None else fallback
+
+
+def _plan_up_weight_fold(up_weight: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, ...]:
+    """Post norm's fold of the up weight (D×H), once per backward, for ``_post_norm_bwd_rows_kernel``:
+    ``(Ws, Gc, δ, launches)``, Ws = Wu - s in ``dtype`` (s: each column's mean over its first 64
+    rows), Gc the float32 H×H Gram matrix of Wu - w̄, δ = w̄ - s (float32 H). D splits into S groups of
+    rows (at most 4 MB of float32 partial Gram tiles), added in order by the second launch."""
+    d, h_size = up_weight.shape
+    f32 = dict(device=up_weight.device, dtype=torch.float32)
+    e = up_weight.element_size()
+    br, bd = (16 if h_size <= 64 else 32), 64
+    splits = max(1, min(_cdiv(d, 4 * bd), (1 << 22) // (4 * h_size * h_size)))
+    rows_per_split = _cdiv(_cdiv(d, splits), bd) * bd
+    splits = _cdiv(d, rows_per_split)
+    up_shifted = torch.empty_like(up_weight, dtype=dtype)
+    p1 = torch.empty((splits, h_size), **f32)
+    p2 = torch.empty((splits, h_size, h_size), **f32)
+    gram = torch.empty((h_size, h_size), **f32)
+    delta = torch.empty((h_size,), **f32)
+    tiles = _cdiv(h_size, br)
+    launches = [
+        Launch("fold_up", _up_weight_fold_kernel, (tiles, tiles, splits),
+               (up_weight, up_shifted, p1, p2, d, h_size, rows_per_split), dict(BR=br, BD=bd, num_warps=4 if br == 16 else 8, num_stages=2),
+               hbm_bytes=d * h_size * (e + up_shifted.element_size()) + 4 * splits * h_size * (h_size + 1),
+               reread_bytes=0, live_bytes_per_program=0, l2_bytes=(2 * tiles - 1) * d * h_size * e,
+               elements=tiles * d * h_size),
+        Launch("gram_up", _up_weight_gram_kernel, (tiles, tiles), (p1, p2, gram, delta, d, h_size, splits),
+               dict(BR=br, num_warps=4, num_stages=1),
+               hbm_bytes=4 * (splits + 1) * h_size * (h_size + 1), reread_bytes=0, live_bytes_per_program=0,
+               l2_bytes=0, elements=h_size * h_size),
+    ]
+    return up_shifted, gram, delta, launches
 
 
 def plan_forward(
@@ -1119,19 +1283,24 @@ def plan_backward(
     need_acts = need_dwu or (not pre and need_dln)
     if (need_rows or need_acts) and n > 0:
         # The row_sq gradient keeps a live through the pre-norm loop as well: a tighter budget.
-        cfg = _row_config(h_size, d, x.dtype, limits, tiles=2 if pre else 4, budget=128 if pre and q is None else 96)
+        cfg = _rows_pass_config(pre, q is not None, h_size, d, x.dtype, limits)
         programs = _cdiv(n, cfg.BM)
         tail = (acts, dh, k, n, d, h_size, g2.stride(0), g2.stride(1), q_stride, p, keep_scale)
         meta = _meta(cfg, ACT=activation, **flags)
         if pre:
             args = (g2, q_arg, hidden, proj, up_weight, seed, scale_arg, *tail)
         else:
-            args = (g2, q_arg, hidden, mean, rstd, ln_weight, ln_bias, up_weight, seed, scale_arg, *tail)
+            up_shifted, gram, delta, fold = _plan_up_weight_fold(up_weight, acts.dtype)
+            launches += fold
+            args = (g2, q_arg, hidden, rstd, ln_weight, ln_bias, up_shifted, gram, delta, seed, scale_arg, *tail)
+            meta["BK"] = min(cfg.BH, 32)
         launches.append(Launch(
             "pre_norm_bwd_rows" if pre else "post_norm_bwd_rows",
             _pre_norm_bwd_rows_kernel if pre else _post_norm_bwd_rows_kernel, (programs,), args, meta,
             hbm_bytes=n * d * e + n * h_size * (4 + 2 * acts.element_size()) + 24 * n + h_size * d * e,
-            reread_bytes=0, live_bytes_per_program=0, l2_bytes=programs * h_size * d * e, elements=n * d,
+            reread_bytes=0, live_bytes_per_program=0,
+            l2_bytes=programs * h_size * (d * e + (0 if pre else 4 * h_size)), elements=n * d,
+            element_loops=0 if pre else 1,  # post norm's second loop steps through Gc, H / BK times
         ))
 
     need = dict(NEED_DX=need_dx, NEED_DLN=need_dln, NEED_DWD=need_dwd, NEED_DWU=need_dwu)
