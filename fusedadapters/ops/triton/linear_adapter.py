@@ -48,9 +48,13 @@ H-sized products, ``c1 = Σ_d dx̂ = dh·g`` and ``c2 = Σ_d dx̂ ⊙ x̂ = dh·
                    dWd = dhᵀ (x̂ γ + β),  dWu = dyᵀ a,  dγ = Σ_n t ⊙ x̂,  dβ = Σ_n t
 
 Post norm: ``dû = dy γ``, ``c1 = Σ_d dû``, ``c2 = Σ_d dû ⊙ û``, ``du = r (dû - (c1 + û c2)/D)``,
-``da = du Wu = r (dû Wu - (c1 Σ_d Wu + c2 û Wu)/D)`` needs one pass over D:
+``da = du Wu = r (dû Wc - c2 (û Wu)/D)`` with ``Wc = Wu - w̄`` (w̄ the mean row of Wu). Since
+``μ = a·w̄``, ``û_d = r a·Wc_d``, so ``c2 = r a·(dû Wc)`` and ``û Wu = r a Gc`` with ``Gc = Wcᵀ Wc``
+(H×H): folded once per backward (``_up_weight_fold_kernel``, ``_up_weight_gram_kernel``), the rows
+pass needs one dot over D, as pre norm's does:
 
-    rows pass:     c1, c2, da, dh = da ⊙ act'(h), a, k1, k2
+    fold:          Ws = Wu - s (s: the columns' means over the first rows), Gc, δ = w̄ - s
+    rows pass:     c1, dû Wc = dû Ws - c1 δ, c2, da, dh = da ⊙ act'(h), a, k1, k2
     columns pass:  dx = [dout +] dh Wd,  dWd = dhᵀ x,  du = r (γ dy - k1 - û k2),  dWu = duᵀ a,
                    dγ = Σ_n dy ⊙ û,  dβ = Σ_n dy
 
