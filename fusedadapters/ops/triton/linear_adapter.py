@@ -996,8 +996,11 @@ def _rows_pass_config(pre: bool, row_sq_grad: bool, h: int, d: int, dtype: torch
     H = 256)."""
     if pre:
         return _row_config(h, d, dtype, limits, tiles=2, budget=96 if row_sq_grad else 128)
-    return _row_config(h, d, dtype, limits, tiles=3 if _padded_hidden(h) >= 128 else 2,
-                       budget=48 if row_sq_grad else 128)
+    cfg = _row_config(h, d, dtype, limits, tiles=3 if _padded_hidden(h) >= 128 else 2,
+                      budget=48 if row_sq_grad else 128)
+    if row_sq_grad and cfg.BM == 16 and dtype != torch.float32 and limits.capability < (9, 0):
+        cfg = cfg._replace(num_warps=4)  # compiled for sm_80 at H = 256: 8 warps spill, 4 do not
+    return cfg
 
 
 # The share of the L2 that the row blocks of x held between the forward's two reads may fill: the rest is
