@@ -259,8 +259,11 @@ def run_streamed(label: str, cmd: Sequence[str], log_path: Path, timeout_s: floa
     with open(log_path, "w") as log_file:
         log_file.write(f"$ {shlex.join(cmd)}\n")
         log_file.flush()
+        # SIGINT restored to its default in the command: a shell's background job inherits it ignored, and
+        # Python then installs no KeyboardInterrupt handler, so the interruption below would not reach it.
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, errors="replace", start_new_session=True)
+                                text=True, errors="replace", start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
         def pump() -> None:
             for line in proc.stdout:

@@ -252,7 +252,14 @@ def _load_rows(PTR, rows, row_ok, HAS: tl.constexpr, stride):
 @triton.jit
 def _fold_ln_kernel(WD, LN_W, LN_B, WG, PROJ, D, H, BR: tl.constexpr, BD: tl.constexpr):
     """``Wg = Wd∘γ`` (stored in WG's dtype), ``g = Wd γ`` and ``b = Wd β`` (PROJ, float32 2×H), for BR
-    rows of Wd per program."""
+    rows of Wd per program; adapter ``program_id(1)`` of stacked ones (Wd A×H×D, γ and β A×D, Wg A×H×D,
+    PROJ A×2×H)."""
+    adapter = tl.program_id(1).to(tl.int64)
+    WD += adapter * H * D
+    WG += adapter * H * D
+    LN_W += adapter * D
+    LN_B += adapter * D
+    PROJ += adapter * 2 * H
     hrows = tl.program_id(0) * BR + tl.arange(0, BR)
     h_ok = hrows < H
     g = tl.zeros((BR,), tl.float32)
@@ -481,12 +488,10 @@ def _post_norm_fwd_kernel(
 
 
 @triton.jit
-def _store_rows_outputs(ACTS, DH, K, a, dh, k1, k2, rows, row_ok, hcols, h_ok, N, H):
-    """What the columns pass reads: a and dh (N×H, in ACTS' and DH's dtype), K = (k1, k2) (2×N)."""
-    offs = rows.to(tl.int64)[:, None] * H + hcols[None, :]
-    mask = row_ok[:, None] & h_ok[None, :]
-    tl.store(ACTS + offs, a, mask=mask)
-    tl.store(DH + offs, dh, mask=mask)
+def _store_rows_outputs(DH, K, dh, k1, k2, rows, row_ok, hid_offs, hid_mask, N):
+    """What the columns pass reads besides a (which the rows kernels store as soon as they form it, to
+    free its registers): dh (N×H, in DH's dtype) and K = (k1, k2) (2×N)."""
+    tl.store(DH + hid_offs, dh, mask=hid_mask)
     tl.store(K + rows, k1, mask=row_ok)
     tl.store(K + N + rows, k2, mask=row_ok)
 
@@ -534,9 +539,8 @@ def _pre_norm_bwd_rows_kernel(
     dh = da * _act_grad(h, ACT)
     g = tl.load(PROJ + hcols, mask=h_ok, other=0.0)
     b = tl.load(PROJ + H + hcols, mask=h_ok, other=0.0)
-    tl.store(K + rows, tl.sum(dh * g[None, :], 1) / D, mask=row_ok)
-    tl.store(K + N + rows, tl.sum(dh * (h - b[None, :]), 1) / D, mask=row_ok)
-    tl.store(DH + hid_offs, dh, mask=hid_mask)
+    _store_rows_outputs(DH, K, dh, tl.sum(dh * g[None, :], 1) / D, tl.sum(dh * (h - b[None, :]), 1) / D, rows, row_ok,
+                        hid_offs, hid_mask, N)
 
 
 @triton.jit
@@ -729,9 +733,7 @@ def _post_norm_bwd_rows_kernel(
         else:
             t = tl.dot(coef[:, None] * a_k, gram, acc=t, input_precision="ieee")
     dh = rstd[:, None] * t * _act_grad(tl.load(HID + hid_offs, mask=hid_mask, other=0.0), ACT)
-    tl.store(DH + hid_offs, dh, mask=hid_mask)
-    tl.store(K + rows, c1 / D, mask=row_ok)
-    tl.store(K + N + rows, c2 / D, mask=row_ok)
+    _store_rows_outputs(DH, K, dh, c1 / D, c2 / D, rows, row_ok, hid_offs, hid_mask, N)
 
 
 @triton.jit
@@ -1203,7 +1205,7 @@ def plan_forward(
         weight = torch.empty_like(down_weight, dtype=_operand_dtype(x.dtype, limits))  # Wd∘γ
         br, bd = 4, _clamp_bd(256, d)
         launches.append(Launch(
-            "fold_ln", _fold_ln_kernel, (_cdiv(h_size, br),),
+            "fold_ln", _fold_ln_kernel, (_cdiv(h_size, br), 1),
             (down_weight, ln_weight, ln_bias, weight, proj, d, h_size), dict(BR=br, BD=bd, num_warps=4, num_stages=1),
             hbm_bytes=h_size * d * (e + weight.element_size()) + 2 * d * e + 8 * h_size, reread_bytes=0, live_bytes_per_program=0,
             l2_bytes=0, elements=h_size * d,

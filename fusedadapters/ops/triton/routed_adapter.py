@@ -44,6 +44,7 @@ from .linear_adapter import (
     _dot,
     _drop_scale,
     _dy,
+    _fold_ln_kernel,
     _load_rows,
     _load_scale,
     _load_stats,
@@ -78,7 +79,7 @@ def _adapter_scalars(SCALE, DROP_P, KEEP, adapter, HAS_SCALE: tl.constexpr, HAS_
 
 @triton.jit
 def _adapter_rows_fwd(
-    x_rows, stride_xd, out_rows, rows, row_ok, HID, MEAN, RSTD, ROW_SQ, ln_w, ln_b, wd_ptr, wu_ptr,
+    x_rows, stride_xd, out_rows, rows, row_ok, HID, MEAN, RSTD, ROW_SQ, ln_w, ln_b, wd_ptr, wu_ptr, proj_ptr,
     N, D, H, eps, scale, dropout_p, keep_scale, row_hash,
     ACT: tl.constexpr, PRE_NORM: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr,
     RESIDUAL: tl.constexpr, STORE_ROW_SQ: tl.constexpr, DOT_F32: tl.constexpr,
@@ -87,13 +88,14 @@ def _adapter_rows_fwd(
     """One adapter over a block of BM rows (the math of linear_adapter's forward kernels).
 
     ``x_rows``/``out_rows`` point at the rows' first elements (BM×1), ``rows`` index the row outputs:
-    HID (N, H), MEAN (2, N), RSTD (N,), ROW_SQ (N,). ``ln_w``…``wu_ptr`` point at this adapter's weights.
-    """
+    HID (N, H), MEAN (2, N), RSTD (N,), ROW_SQ (N,). ``ln_w``…``proj_ptr`` point at this adapter's
+    weights; for pre norm ``wd_ptr`` is the folded ``Wd∘γ`` and ``proj_ptr`` its (g, b) = (Wd γ, Wd β)
+    (``_fold_ln_kernel``, once per call)."""
     hcols = tl.arange(0, BH)
     h_ok = hcols < H
     dot_dtype = x_rows.dtype.element_ty
     if PRE_NORM:
-        # Pass 1: A = (x - c)(Wd∘γ)ᵀ, shifted moments, g = Wd γ, b = Wd β (c: mean of the first chunk).
+        # Pass 1: A = (x - c)(Wd∘γ)ᵀ and shifted moments (c: mean of the first chunk).
         cols = tl.arange(0, BD)
         first_mask = row_ok[:, None] & (cols < D)[None, :]
         shift = tl.sum(tl.load(x_rows + cols[None, :] * stride_xd, mask=first_mask, other=0.0).to(tl.float32), 1)
@@ -101,8 +103,6 @@ def _adapter_rows_fwd(
         acc = tl.zeros((BM, BH), tl.float32)
         s1 = tl.zeros((BM,), tl.float32)
         s2 = tl.zeros((BM,), tl.float32)
-        g = tl.zeros((BH,), tl.float32)
-        b = tl.zeros((BH,), tl.float32)
         for d0 in range(0, D, BD):
             cols = d0 + tl.arange(0, BD)
             d_ok = cols < D
@@ -111,14 +111,10 @@ def _adapter_rows_fwd(
             xc = tl.where(mask, x - shift[:, None], 0.0)
             s1 += tl.sum(xc, 1)
             s2 += tl.sum(xc * xc, 1)
-            gamma = tl.load(ln_w + cols, mask=d_ok, other=0.0).to(tl.float32)
-            beta = tl.load(ln_b + cols, mask=d_ok, other=0.0).to(tl.float32)
-            wd_t = tl.load(wd_ptr + hcols[None, :] * D + cols[:, None],
-                           mask=d_ok[:, None] & h_ok[None, :], other=0.0).to(tl.float32)
-            wg_t = wd_t * gamma[:, None]
-            g += tl.sum(wg_t, 0)
-            b += tl.sum(wd_t * beta[:, None], 0)
+            wg_t = tl.load(wd_ptr + hcols[None, :] * D + cols[:, None], mask=d_ok[:, None] & h_ok[None, :], other=0.0)
             acc += _dot(xc, wg_t, DOT_F32, dot_dtype)
+        g = tl.load(proj_ptr + hcols, mask=h_ok, other=0.0)
+        b = tl.load(proj_ptr + H + hcols, mask=h_ok, other=0.0)
         mean_c = s1 / D
         rstd = 1.0 / tl.sqrt(tl.maximum(s2 / D - mean_c * mean_c, 0.0) + eps)
         h = rstd[:, None] * (acc - mean_c[:, None] * g[None, :]) + b[None, :]
@@ -161,7 +157,7 @@ def _adapter_rows_fwd(
 
 @triton.jit
 def _routed_fwd_kernel(
-    X, OUT, ROW_SQ, HID, MEAN, RSTD, LN_W, LN_B, WD, WU, PERM, TABLE, SEED, SCALE, DROP_P, KEEP,
+    X, OUT, ROW_SQ, HID, MEAN, RSTD, LN_W, LN_B, WD, WU, PROJ, PERM, TABLE, SEED, SCALE, DROP_P, KEEP,
     N, D, H, stride_xn, stride_xd, eps,
     ACT: tl.constexpr, PRE_NORM: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr,
     RESIDUAL: tl.constexpr, STORE_ROW_SQ: tl.constexpr, DOT_F32: tl.constexpr,
@@ -190,7 +186,7 @@ def _routed_fwd_kernel(
         row_hash = _row_hash(SEED, rows) if HAS_DROPOUT else rows
         _adapter_rows_fwd(
             x_rows, stride_xd, out_rows, rows, row_ok, HID, MEAN, RSTD, ROW_SQ,
-            LN_W + a64 * D, LN_B + a64 * D, WD + a64 * H * D, WU + a64 * D * H,
+            LN_W + a64 * D, LN_B + a64 * D, WD + a64 * H * D, WU + a64 * D * H, PROJ + a64 * 2 * H,
             N, D, H, eps, scale, dropout_p, keep_scale, row_hash,
             ACT, PRE_NORM, HAS_DROPOUT, HAS_SCALE, RESIDUAL, STORE_ROW_SQ, DOT_F32, BM, BD, BH,
         )
@@ -527,13 +523,6 @@ def _dropout_tensors(dropout_p: List[float], device: torch.device) -> Tuple[bool
     return any(p > 0.0 for p in dropout_p), probs, keep
 
 
-def _ln_projections(ln_weight: torch.Tensor, ln_bias: torch.Tensor, down_weight: torch.Tensor) -> torch.Tensor:
-    """(A, 2, H) float32: Wd γ and Wd β of each adapter (the pre-norm backward's c1 and c2 need them)."""
-    wd = down_weight.float()
-    return torch.stack([torch.einsum("ahd,ad->ah", wd, ln_weight.float()),
-                        torch.einsum("ahd,ad->ah", wd, ln_bias.float())], dim=1).contiguous()
-
-
 def routed_adapter_forward(
     x, adapter_index, ln_weight, ln_bias, down_weight, up_weight, dropout_seed: Optional[torch.Tensor],
     scale: Optional[torch.Tensor], dropout_p: List[float], activation: str, norm_position: str, eps: float,
@@ -557,7 +546,12 @@ def routed_adapter_forward(
     mean = torch.empty((2, n), **f32)
     rstd = torch.empty((n,), **f32)
     pre = norm_position == "pre"
-    proj = _ln_projections(ln_weight, ln_bias, down_weight) if pre else torch.empty((0,), **f32)
+    proj = torch.empty((a_count, 2, h_size) if pre else (0,), **f32)
+    weight = down_weight
+    if pre:  # Wd∘γ, Wd γ and Wd β of every adapter, once per call (the backward's c1 and c2 need the last two)
+        weight = torch.empty_like(down_weight, dtype=torch.float32 if _dot_f32(x.dtype) else x.dtype)
+        _launch(_fold_ln_kernel, (triton.cdiv(h_size, 4), a_count), down_weight, ln_weight, ln_bias, weight, proj,
+                d, h_size, BR=4, BD=min(256, max(16, triton.next_power_of_2(d))), num_warps=4, num_stages=1)
     if n == 0:
         return out, row_sq, hidden, mean, rstd, proj
     cfg = _blocks(h_size, d)
@@ -565,7 +559,8 @@ def routed_adapter_forward(
     has_dropout, probs, keep = _dropout_tensors(dropout_p, x.device)
     _launch(
         _routed_fwd_kernel, (seg.table.shape[0],),
-        x2, out, row_sq, hidden, mean, rstd, ln_weight, ln_bias, down_weight, up_weight, seg.perm, seg.table,
+        x2, out, row_sq, hidden, mean, rstd, ln_weight, ln_bias, weight, up_weight, proj if pre else mean, seg.perm,
+        seg.table,
         dropout_seed if dropout_seed is not None else seg.perm, scale if scale is not None else probs, probs, keep,
         n, d, h_size, x2.stride(0), x2.stride(1), eps,
         ACT=activation, PRE_NORM=pre, HAS_DROPOUT=has_dropout, HAS_SCALE=scale is not None, RESIDUAL=residual,
