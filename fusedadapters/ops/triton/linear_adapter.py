@@ -488,15 +488,6 @@ def _post_norm_fwd_kernel(
 
 
 @triton.jit
-def _store_rows_outputs(DH, K, dh, k1, k2, rows, row_ok, hid_offs, hid_mask, N):
-    """What the columns pass reads besides a (which the rows kernels store as soon as they form it, to
-    free its registers): dh (N×H, in DH's dtype) and K = (k1, k2) (2×N)."""
-    tl.store(DH + hid_offs, dh, mask=hid_mask)
-    tl.store(K + rows, k1, mask=row_ok)
-    tl.store(K + N + rows, k2, mask=row_ok)
-
-
-@triton.jit
 def _pre_norm_bwd_rows_kernel(
     DOUT, GRAD_SQ, HID, PROJ, WU, SEED, SCALE, ACTS, DH, K,
     N, D, H, stride_gn, stride_gd, stride_q, dropout_p, keep_scale,
@@ -539,8 +530,11 @@ def _pre_norm_bwd_rows_kernel(
     dh = da * _act_grad(h, ACT)
     g = tl.load(PROJ + hcols, mask=h_ok, other=0.0)
     b = tl.load(PROJ + H + hcols, mask=h_ok, other=0.0)
-    _store_rows_outputs(DH, K, dh, tl.sum(dh * g[None, :], 1) / D, tl.sum(dh * (h - b[None, :]), 1) / D, rows, row_ok,
-                        hid_offs, hid_mask, N)
+    # k1, k2 and dh, what the columns pass reads with a, each stored as soon as formed (forming k1 and k2
+    # before storing either spills at H = 256, compiled).
+    tl.store(K + rows, tl.sum(dh * g[None, :], 1) / D, mask=row_ok)
+    tl.store(K + N + rows, tl.sum(dh * (h - b[None, :]), 1) / D, mask=row_ok)
+    tl.store(DH + hid_offs, dh, mask=hid_mask)
 
 
 @triton.jit
@@ -733,7 +727,9 @@ def _post_norm_bwd_rows_kernel(
         else:
             t = tl.dot(coef[:, None] * a_k, gram, acc=t, input_precision="ieee")
     dh = rstd[:, None] * t * _act_grad(tl.load(HID + hid_offs, mask=hid_mask, other=0.0), ACT)
-    _store_rows_outputs(DH, K, dh, c1 / D, c2 / D, rows, row_ok, hid_offs, hid_mask, N)
+    tl.store(DH + hid_offs, dh, mask=hid_mask)
+    tl.store(K + rows, c1 / D, mask=row_ok)
+    tl.store(K + N + rows, c2 / D, mask=row_ok)
 
 
 @triton.jit
