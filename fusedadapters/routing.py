@@ -18,7 +18,9 @@ How a module runs its routed samples:
   ``_wants_auxiliary_loss(adapter, host)`` and ``_register_l2_loss(row_sq, batch, adapter)`` (this
   package's ``ResidualAddAdapterStrategy`` and ``fusedadapters.nemo.FusedResidualAddAdapterStrategy``);
 * generic: otherwise each adapter runs through its strategy on its own samples, gathered with
-  ``index_select`` and scattered back with ``index_copy`` (both differentiable).
+  ``index_select`` and scattered back with ``index_copy`` (both differentiable);
+* one adapter: when every sample names the same adapter, the module runs it as it would with only
+  that adapter enabled (``forward_single_enabled_adapter_``), neither gathering nor routing.
 
 Either way an adapter's gradients come only from its own samples, and a routed adapter's strategy runs
 as if the batch held only that adapter's samples: one stochastic-depth draw per adapter, and the
@@ -51,6 +53,8 @@ class Route:
     def __init__(self, names: Tuple[Optional[str], ...]):
         self.names = names
         self.adapter_names = tuple(dict.fromkeys(n for n in names if n is not None))
+        # The adapter every sample names, when they all name the same one.
+        self.single = self.adapter_names[0] if len(self.adapter_names) == 1 and None not in names else None
         self._samples: Dict[Tuple[str, torch.device], torch.Tensor] = {}
         self._slots: Dict[tuple, torch.Tensor] = {}
 
@@ -150,6 +154,10 @@ def forward_routed(host: nn.Module, input: Any, route: Route) -> Any:
         return input
     for name, adapter in chosen:
         _strategy(name, adapter)
+    if route.single is not None:  # the whole batch on one adapter
+        name, adapter = chosen[0]
+        return host.forward_single_enabled_adapter_(input, adapter, adapter_name=name,
+                                                    adapter_strategy=adapter.adapter_strategy)
     fused = _fused_plan(host, input, chosen)
     if fused is not None:
         return _forward_fused(host, input, route, chosen, *fused)

@@ -145,6 +145,23 @@ def test_fused_path_is_one_routed_launch_per_module(monkeypatch):
     assert len(calls) == 2  # one per block, whatever the number of adapters
 
 
+@pytest.mark.parametrize("config_cls", [LinearAdapterConfig, FusedLinearAdapterConfig], ids=["generic", "fused"])
+def test_a_batch_on_one_adapter_runs_it_as_the_only_enabled_one(monkeypatch, config_cls):
+    """Every sample on adapter c: each module runs c as if it were the only one enabled (the same
+    result, bit for bit), without the routed op or the gather and scatter."""
+    model = make_model(config_cls)
+    x = torch.randn(4, 3, D)
+    enable_only(model, "c")
+    want = model(x)
+    for block in model:
+        block.set_enabled_adapters(enabled=True)
+    monkeypatch.setattr(routing.ops, "routed_adapter", _must_not_run)
+    monkeypatch.setattr(torch.Tensor, "index_copy", _must_not_run)
+    with route_adapters(model, ["c"] * 4):
+        got = model(x)
+    assert torch.equal(got, want)
+
+
 def test_routing_ignores_enabled_flags_and_restores_them():
     model = make_model()
     for block in model:
