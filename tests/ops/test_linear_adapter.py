@@ -184,20 +184,28 @@ def test_columns_pass_split_in_two_at_large_hidden(device, norm_position):
     ids=["one-block-per-SM-fits-L2", "streams", "fp32-fits-L2"],
 )
 def test_forward_grid(device, norm_position, dtype, d, grid_stride, first_read):
-    """Where one row block per SM fits the L2 (the interpreter's limits: 2 "SMs", 64 KB), the forward is
-    one program per SM walking the row blocks (pid, pid + P, ...) in fp16/bf16; where none fits, or in
-    float32, one program per row block."""
+    """Where one row block per SM fits the L2, the forward is one program per SM walking the row blocks
+    (pid, pid + P, ...) in fp16/bf16; where none fits, or in float32, one program per row block. The
+    device's limits are shrunk to the interpreter's (2 "SMs", 64 KB of L2), so that a GPU runs these
+    grids too: the planned launches run as they are, against the float64 reference."""
     from fusedadapters.ops.triton import linear_adapter as kernels
 
     torch.manual_seed(9)
     x = make_x((300, d), dtype, device)
     params = make_params(d, 16, dtype, device)
-    _, launches = kernels.plan_forward(x.detach().cpu(), *(p.detach().cpu() for p in params), None, None, "gelu",
-                                       norm_position, 1e-5, 0.0, True, True, kernels.INTERPRETER)
+    limits = kernels.device_limits(x.device)
+    if limits is not kernels.INTERPRETER:
+        limits = limits._replace(sm_count=kernels.INTERPRETER.sm_count, l2_size=kernels.INTERPRETER.l2_size)
+    outs, launches = kernels.plan_forward(x.detach(), *(p.detach() for p in params), None, None, "gelu",
+                                          norm_position, 1e-5, 0.0, True, True, limits)
     fwd = launches[-1]
     blocks = -(-300 // fwd.meta["BM"])
     assert fwd.meta["GRID_STRIDE"] is grid_stride and fwd.meta["FIRST_READ"] == first_read
-    assert (fwd.grid[0], fwd.work_units) == ((kernels.INTERPRETER.sm_count, blocks) if grid_stride else (blocks, 0))
+    assert (fwd.grid[0], fwd.work_units) == ((limits.sm_count, blocks) if grid_stride else (blocks, 0))
+    kernels._run(launches, limits)
+    x64, p64, _ = as_float64(x, params, {})
+    want = reference.linear_adapter(x64, *p64, activation="gelu", norm_position=norm_position)[0]
+    assert rel_err(outs[0], want) < TOL[dtype]
     check(x, params, activation="gelu", norm_position=norm_position)
 
 
