@@ -14,8 +14,9 @@ residual) it plans the forward and the backward with the launcher's own configur
   leave out (allocations, the sum of split partials) shows.
 
 ``--sweep`` then replaces, one launch kind at a time, the planner's block configuration
-(``_row_config`` for the forward and the backward rows pass, ``_col_config`` for the columns pass) by
-each candidate of a grid (BM, BD, num_warps, num_stages), re-plans, runs every launch of the direction,
+(``_forward_config`` for the forward, ``_row_config`` for the backward rows pass, ``_col_config`` for
+the columns pass) by each candidate of a grid (BM, BD, num_warps, num_stages, and for the forward its
+programs per SM: 0 for one program per row block), re-plans, runs every launch of the direction,
 checks the results against the default configuration's (a candidate that disagrees is recorded as
 wrong and never timed; one that does not fit is recorded as refused), and times the launches of that
 kind. Candidates are compiled first in a process pool (``static_report``'s exact specialisation), which

@@ -27,9 +27,9 @@ Forward, post norm (``_post_norm_fwd_kernel``)::
     pass 3 over D (backwards):  û = (u - μ) r,  y = û γ + β,  z = s m y,  out = [x +] z,  row_sq = Σ_d z²
 
 Both save h (N×H), (c, μ - c) (2×N) and r (N) in float32; pre norm also saves (g, b) (2×H).
-Both read x twice. Where a few row blocks per SM fit in L2, the grid is that many programs per SM,
-walking the row blocks, so that the second read hits L2 (``_forward_config``); otherwise one program
-per row block, and x crosses HBM twice.
+Both read x twice. Where one row block per SM fits in L2, the grid is one program per SM walking the
+row blocks, so that the second read hits L2 (``_forward_config``); otherwise one program per row
+block, whose second reads hit L2 only as far as its resident blocks fit.
 
 Backward, given dout and the row_sq gradient q (absent unless row_sq was returned)::
 
@@ -712,7 +712,7 @@ def _post_norm_bwd_rows_kernel(
     c2 = rstd * tl.sum(_dot_operand(a, DOT_F32, dot_dtype) * t, 1)
 
     # da / r = dû Wc - (c2 r / D) a Gc, accumulated into t one BK-row slice of Gc at a time (with the BK
-    # columns of a it meets, loaded again): H / BK steps per row block, float32 Gc as the dots' operand.
+    # columns of a it meets, loaded again): H / BK steps per row block.
     coef = -(c2 * rstd / D)
     for k0 in range(0, H, BK):
         kcols = k0 + tl.arange(0, BK)
@@ -720,12 +720,7 @@ def _post_norm_bwd_rows_kernel(
         a_k = _act(tl.load(HID + rows.to(tl.int64)[:, None] * H + kcols[None, :],
                            mask=row_ok[:, None] & k_ok[None, :], other=0.0), ACT)
         gram = tl.load(GRAM + kcols[:, None] * H + hcols[None, :], mask=k_ok[:, None] & h_ok[None, :], other=0.0)
-        if DOT_F32 == 0:
-            t = tl.dot((coef[:, None] * a_k).to(dot_dtype), gram.to(dot_dtype), acc=t)
-        elif DOT_F32 == 1:
-            t = tl.dot(coef[:, None] * a_k, gram, acc=t, input_precision="tf32x3")
-        else:
-            t = tl.dot(coef[:, None] * a_k, gram, acc=t, input_precision="ieee")
+        t += _dot(coef[:, None] * a_k, gram, DOT_F32, dot_dtype)
     dh = rstd[:, None] * t * _act_grad(tl.load(HID + hid_offs, mask=hid_mask, other=0.0), ACT)
     tl.store(DH + hid_offs, dh, mask=hid_mask)
     tl.store(K + rows, c1 / D, mask=row_ok)
@@ -880,9 +875,8 @@ class DeviceLimits(NamedTuple):
 H100 = DeviceLimits("H100", 132, 227 * 1024, (9, 0), 50 << 20)
 A100 = DeviceLimits("A100", 108, 163 * 1024, (8, 0), 40 << 20)
 # Triton's interpreter: no shared-memory limit; two "SMs" so that the tests cover split reductions;
-# sm_90's capability, so that the tests run the block sizes an H100 gets; a 64 KB "L2", so that the
-# tests' shapes cover both forward grids (row blocks walked by L2-sized persistent programs, and one
-# program per row block).
+# sm_90's capability, so that the tests run the block sizes an H100 gets; a 64 KB "L2", so that small
+# shapes reach both forward grids (tests/ops/test_linear_adapter.py::test_forward_grid).
 INTERPRETER = DeviceLimits("interpreter", 2, 1 << 30, (9, 0), 64 << 10)
 
 
@@ -962,13 +956,11 @@ def _register_pressure(dtype: torch.dtype, limits: DeviceLimits) -> int:
 
 def _row_config(h: int, d: int, dtype: torch.dtype, limits: DeviceLimits, tiles: int = 2,
                 budget: int = 128) -> _Config:
-    """Forward and backward rows pass. A program keeps about ``tiles`` BM×BH float32 tiles live (forward:
-    the h accumulator and a; pre-norm backward rows: da in the loop, then h and a or dh after it, a
-    stored before dh is formed, counted as two within 128 registers, the third in the headroom up to
-    255; post norm: a and two accumulators in the loop, h after it, counted as four); BM is the largest
-    power of two from 16 to 64 that keeps them within ``budget`` registers a thread (halved under
-    register pressure). D chunks narrow as H grows, and software pipelining goes where its stages
-    would not fit the block's shared memory."""
+    """Forward and backward rows pass. A program keeps about ``tiles`` BM×BH float32 tiles live (as its
+    callers count them: ``_forward_config``, ``_rows_pass_config``); BM is the largest power of two from
+    16 to 64 that keeps them within ``budget`` registers a thread (halved under register pressure). D
+    chunks narrow as H grows, and software pipelining goes where its stages would not fit the block's
+    shared memory."""
     bh = _padded_hidden(h)
     pressure = _register_pressure(dtype, limits)
     warps = 4 if bh <= (64 if tiles <= 2 else 32) else 8
@@ -988,7 +980,8 @@ def _row_config(h: int, d: int, dtype: torch.dtype, limits: DeviceLimits, tiles:
 def _rows_pass_config(pre: bool, row_sq_grad: bool, h: int, d: int, dtype: torch.dtype,
                       limits: DeviceLimits) -> _Config:
     """The backward rows pass: da (pre norm) or dû Wc (post norm) accumulates through the loop, then h
-    and a or dh (counted as two tiles within 128 registers). The row_sq gradient keeps a live through
+    and a or dh (a is stored before dh is formed: counted as two tiles within 128 registers, the third
+    in the headroom up to 255). The row_sq gradient keeps a live through
     the loop as well (pre norm: 96; post norm: 48, where the loop also holds û). Post norm's epilogue
     adds a Gc slice product: from H = 128 it counts three tiles (compiled: 64-row blocks spill at
     H = 256)."""
@@ -1028,11 +1021,10 @@ def _forward_config(h: int, d: int, dtype: torch.dtype, limits: DeviceLimits) ->
         cfg = _Config(_padded_hidden(h), 32, _clamp_bd(128, d), 4, 2)
     else:
         cfg = _row_config(h, d, dtype, limits)
-    element_size = dtype.itemsize
     share = int(L2_RESIDENT_SHARE * limits.l2_size)
-    per_sm = share // (limits.sm_count * cfg.BM * d * element_size)
+    per_sm = share // (limits.sm_count * cfg.BM * d * dtype.itemsize)
     if per_sm == 0 and cfg.BM > 32 and cfg.BH <= 64:
-        per_sm = share // (limits.sm_count * 32 * d * element_size)
+        per_sm = share // (limits.sm_count * 32 * d * dtype.itemsize)
         if per_sm:
             cfg = cfg._replace(BM=32)
     first_read = "evict_last" if per_sm else ""
