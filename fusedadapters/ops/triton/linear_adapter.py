@@ -636,7 +636,8 @@ def _up_weight_fold_kernel(WU, WS, P1, P2, D, H, rows_per_split, BR: tl.constexp
 @triton.jit
 def _up_weight_gram_kernel(P1, P2, GRAM, DELTA, D, H, splits, BR: tl.constexpr):
     """Part 2: the splits' partial sums added in order, then the centred Gram matrix
-    ``Gc = Σ_d (Wu_d - w̄)ᵀ (Wu_d - w̄) = S2 - S1ᵀ S1 / D`` (GRAM, float32 H×H, tile (i, j) per program)
+    ``Gc = Σ_d (Wu_d - w̄)ᵀ (Wu_d - w̄) = S2 - S1ᵀ S1 / D`` (GRAM, H×H in the dots' operand
+    dtype, which is all the rows pass's dot sees of it; tile (i, j) per program)
     and ``δ = w̄ - s = S1 / D`` (DELTA, float32 H)."""
     ci = tl.program_id(0) * BR + tl.arange(0, BR)
     cj = tl.program_id(1) * BR + tl.arange(0, BR)
@@ -676,13 +677,13 @@ def _post_norm_bwd_rows_kernel(
     hid_mask = row_ok[:, None] & h_ok[None, :]
     g_rows = DOUT + rows.to(tl.int64)[:, None] * stride_gn
     dot_dtype = WS.dtype.element_ty
-    delta = tl.load(DELTA + hcols, mask=h_ok, other=0.0)
 
     hid_offs = rows.to(tl.int64)[:, None] * H + hcols[None, :]
     rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
     if HAS_ROW_SQ_GRAD:
         a = _act(tl.load(HID + hid_offs, mask=hid_mask, other=0.0), ACT)
-        a_delta = tl.sum(_dot_operand(a, DOT_F32, dot_dtype) * delta[None, :], 1)  # a·δ
+        a_delta = tl.sum(_dot_operand(a, DOT_F32, dot_dtype) * tl.load(DELTA + hcols, mask=h_ok, other=0.0)[None, :],
+                         1)  # a·δ
     grad_sq = _load_rows(GRAD_SQ, rows, row_ok, HAS_ROW_SQ_GRAD, stride_q)
     scale = _load_scale(SCALE, HAS_SCALE)
     row_hash = _row_hash(SEED, rows) if HAS_DROPOUT else rows
@@ -705,7 +706,9 @@ def _post_norm_bwd_rows_kernel(
                     HAS_DROPOUT, HAS_SCALE, HAS_ROW_SQ_GRAD) * gamma[None, :]
         c1 += tl.sum(duhat, 1)
         t += _dot(duhat, ws, DOT_F32, dot_dtype)
-    t -= c1[:, None] * delta[None, :]  # dû Wc
+    # δ is loaded after the loop: a BH vector in the accumulator's layout, loaded before, held some 50
+    # registers a thread through it (compiled, sm_90, BM = 64, H = 256).
+    t -= c1[:, None] * tl.load(DELTA + hcols, mask=h_ok, other=0.0)[None, :]  # dû Wc
     h = tl.load(HID + hid_offs, mask=hid_mask, other=0.0)
     a = _act(h, ACT)
     tl.store(ACTS + hid_offs, a, mask=hid_mask)
@@ -721,8 +724,11 @@ def _post_norm_bwd_rows_kernel(
                            mask=row_ok[:, None] & k_ok[None, :], other=0.0), ACT)
         gram = tl.load(GRAM + kcols[:, None] * H + hcols[None, :], mask=k_ok[:, None] & h_ok[None, :], other=0.0)
         t += _dot(coef[:, None] * a_k, gram, DOT_F32, dot_dtype)
-    dh = rstd[:, None] * t * _act_grad(tl.load(HID + hid_offs, mask=hid_mask, other=0.0), ACT)
-    tl.store(DH + hid_offs, dh, mask=hid_mask)
+    # The block's offsets rebuilt from a scalar base rather than hid_offs: reusing those kept the BM×BH
+    # pointers live through the Gc loop, and 64-row blocks spilled at H = 256 (compiled, sm_90).
+    block_offs = pid.to(tl.int64) * BM * H + (tl.arange(0, BM)[:, None] * H + hcols[None, :])
+    dh = rstd[:, None] * t * _act_grad(tl.load(HID + block_offs, mask=hid_mask, other=0.0), ACT)
+    tl.store(DH + block_offs, dh, mask=hid_mask)
     tl.store(K + rows, c1 / D, mask=row_ok)
     tl.store(K + N + rows, c2 / D, mask=row_ok)
 
@@ -981,14 +987,12 @@ def _rows_pass_config(pre: bool, row_sq_grad: bool, h: int, d: int, dtype: torch
                       limits: DeviceLimits) -> _Config:
     """The backward rows pass: da (pre norm) or dû Wc (post norm) accumulates through the loop, then h
     and a or dh (a is stored before dh is formed: counted as two tiles within 128 registers, the third
-    in the headroom up to 255). The row_sq gradient keeps a live through
-    the loop as well (pre norm: 96; post norm: 48, where the loop also holds û). Post norm's epilogue
-    adds a Gc slice product: from H = 128 it counts three tiles (compiled: 64-row blocks spill at
-    H = 256)."""
+    in the headroom up to 255; post norm's Gc product adds BM×16 slices, and 64-row blocks fit at
+    H = 256, compiled). The row_sq gradient keeps a live through the loop as well (pre norm: 96; post
+    norm: 48, where the loop also holds û)."""
+    cfg = _row_config(h, d, dtype, limits, tiles=2, budget=(96 if pre else 48) if row_sq_grad else 128)
     if pre:
-        return _row_config(h, d, dtype, limits, tiles=2, budget=96 if row_sq_grad else 128)
-    cfg = _row_config(h, d, dtype, limits, tiles=3 if _padded_hidden(h) >= 128 else 2,
-                      budget=48 if row_sq_grad else 128)
+        return cfg
     if row_sq_grad and cfg.BM == 16 and dtype != torch.float32 and limits.capability < (9, 0):
         cfg = cfg._replace(num_warps=4)  # compiled for sm_80 at H = 256: 8 warps spill, 4 do not
     return cfg
@@ -1045,6 +1049,11 @@ def _col_config(h: int, d: int, dtype: torch.dtype, limits: DeviceLimits, accumu
         # stages, 21 % faster than 128 columns with 8 warps (the same registers a thread, twice the
         # resident programs).
         return _Config(bh, 32, _clamp_bd(64, d), 4, 2)
+    if pressure == 1 and bh == 256 and accumulators <= 1:
+        # The same at H = 256, one accumulator (_column_groups' split launches): 16 × 64 with 4 warps
+        # holds 196-252 registers a thread, two programs per SM, no spill (compiled for sm_90; at H = 512
+        # the 64×512 accumulator spills with 4 warps). Not measured on a GPU.
+        return _Config(bh, 16, _clamp_bd(64, d), 4, 2)
     bm = 16 if pressure > 1 or bh > 128 else 32
     width = bh * max(1, accumulators)
     bd = 128 if width <= 128 else 64 if width <= 256 else 32 if width <= 512 else 16
@@ -1116,8 +1125,9 @@ def _optional(t: Optional[torch.Tensor], fallback: torch.Tensor) -> torch.Tensor
 def _plan_up_weight_fold(up_weight: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, ...]:
     """Post norm's fold of the up weight (D×H), once per backward, for ``_post_norm_bwd_rows_kernel``:
     ``(Ws, Gc, δ, launches)``, Ws = Wu - s in ``dtype`` (s: each column's mean over its first 64
-    rows), Gc the float32 H×H Gram matrix of Wu - w̄, δ = w̄ - s (float32 H). D splits into S groups of
-    rows (at most 4 MB of float32 partial Gram tiles), added in order by the second launch."""
+    rows), Gc the H×H Gram matrix of Wu - w̄ in ``dtype`` (the rows pass's dot rounds it so anyway),
+    δ = w̄ - s (float32 H). D splits into S groups of rows (at most 4 MB of float32 partial Gram
+    tiles), added in order by the second launch."""
     d, h_size = up_weight.shape
     f32 = dict(device=up_weight.device, dtype=torch.float32)
     e = up_weight.element_size()
@@ -1128,7 +1138,7 @@ def _plan_up_weight_fold(up_weight: torch.Tensor, dtype: torch.dtype) -> Tuple[t
     up_shifted = torch.empty_like(up_weight, dtype=dtype)
     p1 = torch.empty((splits, h_size), **f32)
     p2 = torch.empty((splits, h_size, h_size), **f32)
-    gram = torch.empty((h_size, h_size), **f32)
+    gram = torch.empty((h_size, h_size), device=up_weight.device, dtype=dtype)
     delta = torch.empty((h_size,), **f32)
     tiles = _cdiv(h_size, br)
     launches = [
@@ -1139,7 +1149,8 @@ def _plan_up_weight_fold(up_weight: torch.Tensor, dtype: torch.dtype) -> Tuple[t
                elements=tiles * d * h_size),
         Launch("gram_up", _up_weight_gram_kernel, (tiles, tiles), (p1, p2, gram, delta, d, h_size, splits),
                dict(BR=br, num_warps=4, num_stages=1),
-               hbm_bytes=4 * (splits + 1) * h_size * (h_size + 1), reread_bytes=0, live_bytes_per_program=0,
+               hbm_bytes=4 * splits * h_size * (h_size + 1) + gram.element_size() * h_size * h_size + 4 * h_size,
+               reread_bytes=0, live_bytes_per_program=0,
                l2_bytes=0, elements=h_size * h_size),
     ]
     return up_shifted, gram, delta, launches
@@ -1290,13 +1301,13 @@ def plan_backward(
             up_shifted, gram, delta, fold = _plan_up_weight_fold(up_weight, acts.dtype)
             launches += fold
             args = (g2, q_arg, hidden, rstd, ln_weight, ln_bias, up_shifted, gram, delta, seed, scale_arg, *tail)
-            meta["BK"] = min(cfg.BH, 32)
+            meta["BK"] = 16
         launches.append(Launch(
             "pre_norm_bwd_rows" if pre else "post_norm_bwd_rows",
             _pre_norm_bwd_rows_kernel if pre else _post_norm_bwd_rows_kernel, (programs,), args, meta,
             hbm_bytes=n * d * e + n * h_size * (4 + 2 * acts.element_size()) + 24 * n + h_size * d * e,
             reread_bytes=0, live_bytes_per_program=0,
-            l2_bytes=programs * h_size * (d * e + (0 if pre else 4 * h_size)), elements=n * d,
+            l2_bytes=programs * h_size * (d * e + (0 if pre else h_size * acts.element_size())), elements=n * d,
             element_loops=0 if pre else 1,  # post norm's second loop steps through Gc, H / BK times
         ))
 
