@@ -5,8 +5,9 @@ constexprs) instead of running it. Each distinct launch is then compiled exactly
 specialise it on a GPU, for sm_90a and sm_80, and measured with the machinery of
 ``bench/static_report.py`` (``compile_job``, ``analyse_job``, ``occupancy``): registers, spill bytes,
 shared memory, resident warps per SM and what limits them. No traffic or time model here (that report
-has one for the single-adapter kernels). Grids are those the launchers make for CPU tensors (the
-backward columns pass splits the rows into fewer chunks than on a GPU); the compiled code is the same.
+has one for the single-adapter kernels). The backward is the single adapter's kernels over the rows
+grouped by adapter (``ROUTED``), planned with each target's ``DeviceLimits``: blocks, chunks and grids
+as the launcher makes them on that GPU.
 
 Grid: pre and post norm; bf16 and fp32; D = 4096; H in {16, 64, 256}; A = 8 adapters over N = 8192
 rows (forward, backward rows and columns passes, the per-adapter gradient sum). The adapter chain has
@@ -42,8 +43,9 @@ GRID = dict(norm=("pre", "post"), dtype=("bf16", "fp32"), H=(16, 64, 256), arch=
 N, D, ADAPTERS = 8192, 4096, 8
 
 
-def planned_launches(norm: str, dtype: torch.dtype, h: int) -> List[routed_kernels.KernelLaunch]:
-    """Every launch of a routed forward and backward at one grid point."""
+def planned_launches(norm: str, dtype: torch.dtype, h: int, limits: Any) -> List[routed_kernels.KernelLaunch]:
+    """Every launch of a routed forward and backward at one grid point, the backward's blocks sized for
+    ``limits`` (the target GPU's, as the launcher would size them there)."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn((N, D), generator=gen).to(dtype)
     index = torch.randint(-1, ADAPTERS, (N,), generator=gen)
@@ -57,7 +59,8 @@ def planned_launches(norm: str, dtype: torch.dtype, h: int) -> List[routed_kerne
         proj = torch.zeros(ADAPTERS, 2, h, **f32) if norm == "pre" else torch.empty(0, **f32)
         routed_kernels.routed_adapter_backward(
             x, torch.ones(N, **f32), x, index, ln_w, ln_b, down, up, None, None, torch.zeros(N, h, **f32),
-            torch.zeros(2, N, **f32), torch.ones(N, **f32), proj, probs, "swish", norm, True, True, True, True, True)
+            torch.zeros(2, N, **f32), torch.ones(N, **f32), proj, probs, "swish", norm, True, True, True, True, True,
+            limits=limits)
     return launches
 
 
@@ -67,9 +70,9 @@ def build_report() -> Dict[str, Any]:
         for dtype_name in GRID["dtype"]:
             for h in GRID["H"]:
                 seen = set()
-                for launch in planned_launches(norm, DTYPES[dtype_name], h):
-                    for arch in GRID["arch"]:
-                        gpu = static_report.GPU_MODELS[arch]
+                for arch in GRID["arch"]:
+                    gpu = static_report.GPU_MODELS[arch]
+                    for launch in planned_launches(norm, DTYPES[dtype_name], h, gpu.limits):
                         job = static_report.compile_job(launch, gpu.capability)
                         if job.key in seen:
                             continue

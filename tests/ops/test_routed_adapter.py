@@ -184,11 +184,30 @@ def test_stack_with_a_caller_cache_keeps_only_its_latest_stack():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("norm_position", ["pre", "post"])
 def test_triton_hidden_over_128_splits_the_weight_gradient_passes(device, norm_position):
-    """H = 200 pads to 256, where the columns pass runs dx, dWd and dWu as separate passes."""
+    """H = 200 pads to 256, where the columns pass runs as two launches (dx and dWd; dWu)."""
     torch.manual_seed(5)
     adapters = make_adapters(24, (200, 7), device, norm_position=norm_position)
     x = torch.randn(11, 24, device=device).requires_grad_()
     check(x, index_for("mixed", 11, 2, device), adapters)
+
+
+@needs_triton
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("norm_position", ["pre", "post"])
+def test_triton_several_blocks_and_chunks_per_adapter(device, norm_position):
+    """Enough rows that every adapter's segment spans several row blocks of the rows pass and several
+    chunks of the columns pass (whose partials the segment sum adds), next to rows without an adapter."""
+    from fusedadapters.ops.triton import linear_adapter as kernels
+
+    torch.manual_seed(11)
+    d, n = 24, 500
+    adapters = make_adapters(d, (12, 3), device, norm_position=norm_position)
+    index = torch.randint(-1, 2, (n,), generator=torch.Generator().manual_seed(n)).to(device)
+    limits = kernels.device_limits(torch.device(device))
+    rows_block = kernels._rows_pass_config(norm_position == "pre", True, 16, d, torch.float32, limits).BM
+    assert min((index == a).sum().item() for a in range(2)) > 2 * rows_block
+    x = torch.randn(n, d, device=device).requires_grad_()
+    check(x, index, adapters, dropout_p=[0.2, 0.1], dropout_seed=torch.tensor([77], device=device))
 
 
 @needs_triton

@@ -72,7 +72,7 @@ Block sizes come from ``DeviceLimits`` (SM count, shared memory per block, compu
 from __future__ import annotations
 
 import functools
-from typing import Any, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -83,7 +83,7 @@ from ..reference import HASH_MUL_1, HASH_MUL_2, ROW_STRIDE, SELU_ALPHA, SELU_SCA
 from . import fix_interpreter_scalar_index
 
 __all__ = [
-    "A100", "H100", "DeviceLimits", "Launch", "device_limits", "linear_adapter_backward",
+    "A100", "H100", "DeviceLimits", "Launch", "Routing", "device_limits", "linear_adapter_backward",
     "linear_adapter_forward", "plan_backward", "plan_forward",
 ]
 
@@ -247,6 +247,38 @@ def _load_rows(PTR, rows, row_ok, HAS: tl.constexpr, stride):
 # ----------------------------------------------------------------------------------------------
 # Forward kernels
 # ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _program_rows(TABLE, pid, N, BM: tl.constexpr, ROUTED: tl.constexpr):
+    """(adapter, first, end) of row-block program ``pid``: it owns positions first .. end - 1. Unrouted,
+    the rows themselves from pid·BM, adapter 0; routed, entry ``pid`` of a segment table (int32 rows of
+    (adapter, first, end), ``routed_adapter.segment_table``), adapter -1 for rows without one."""
+    if ROUTED:
+        return tl.load(TABLE + pid * 3), tl.load(TABLE + pid * 3 + 1), tl.load(TABLE + pid * 3 + 2)
+    else:
+        return pid * 0, pid * BM, tl.minimum(pid * BM + BM, N)
+
+
+@triton.jit
+def _gather_rows(PERM, pos, end, ROUTED: tl.constexpr):
+    """(rows, row_ok) at positions ``pos`` before ``end``: routed, the rows PERM[pos] (grouped by
+    adapter, gathered in place); unrouted, the positions themselves."""
+    row_ok = pos < end
+    if ROUTED:
+        return tl.load(PERM + pos, mask=row_ok, other=0), row_ok
+    else:
+        return pos, row_ok
+
+
+@triton.jit
+def _adapter_dropout(DROP_P, KEEP, adapter, dropout_p, keep_scale, ROUTED: tl.constexpr,
+                     HAS_DROPOUT: tl.constexpr):
+    """(p, 1 / (1 - p)) of this adapter: routed, from the per-adapter DROP_P and KEEP; else the arguments."""
+    if ROUTED and HAS_DROPOUT:
+        return tl.load(DROP_P + adapter), tl.load(KEEP + adapter)
+    else:
+        return dropout_p, keep_scale
 
 
 @triton.jit
@@ -489,52 +521,58 @@ def _post_norm_fwd_kernel(
 
 @triton.jit
 def _pre_norm_bwd_rows_kernel(
-    DOUT, GRAD_SQ, HID, PROJ, WU, SEED, SCALE, ACTS, DH, K,
+    DOUT, GRAD_SQ, HID, PROJ, WU, SEED, SCALE, ACTS, DH, K, PERM, TABLE, DROP_P, KEEP,
     N, D, H, stride_gn, stride_gd, stride_q, dropout_p, keep_scale,
     ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr,
-    HAS_ROW_SQ_GRAD: tl.constexpr, DOT_F32: tl.constexpr,
+    HAS_ROW_SQ_GRAD: tl.constexpr, DOT_F32: tl.constexpr, ROUTED: tl.constexpr,
     BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid * BM + tl.arange(0, BM)
-    row_ok = rows < N
-    hcols = tl.arange(0, BH)
-    h_ok = hcols < H
-    hid_mask = row_ok[:, None] & h_ok[None, :]
-    g_rows = DOUT + rows.to(tl.int64)[:, None] * stride_gn
-    dot_dtype = WU.dtype.element_ty
+    """Pre norm's rows pass over one row block (routed: one block of one adapter's rows; a block of rows
+    without an adapter does nothing)."""
+    adapter, first, end = _program_rows(TABLE, tl.program_id(0), N, BM, ROUTED)
+    if adapter >= 0:
+        rows, row_ok = _gather_rows(PERM, first + tl.arange(0, BM), end, ROUTED)
+        a64 = adapter.to(tl.int64)
+        PROJ += a64 * 2 * H
+        WU += a64 * D * H
+        hcols = tl.arange(0, BH)
+        h_ok = hcols < H
+        hid_mask = row_ok[:, None] & h_ok[None, :]
+        g_rows = DOUT + rows.to(tl.int64)[:, None] * stride_gn
+        dot_dtype = WU.dtype.element_ty
 
-    hid_offs = rows.to(tl.int64)[:, None] * H + hcols[None, :]
-    # Only da stays live through the loop (and a, with the row_sq gradient, for y = a Wuᵀ): h and a
-    # are loaded again after it, which lets a row block be twice as tall at large H.
-    if HAS_ROW_SQ_GRAD:
-        a = _act(tl.load(HID + hid_offs, mask=hid_mask, other=0.0), ACT)
-    grad_sq = _load_rows(GRAD_SQ, rows, row_ok, HAS_ROW_SQ_GRAD, stride_q)
-    scale = _load_scale(SCALE, HAS_SCALE)
-    row_hash = _row_hash(SEED, rows) if HAS_DROPOUT else rows
+        hid_offs = rows.to(tl.int64)[:, None] * H + hcols[None, :]
+        # Only da stays live through the loop (and a, with the row_sq gradient, for y = a Wuᵀ): h and a
+        # are loaded again after it, which lets a row block be twice as tall at large H.
+        if HAS_ROW_SQ_GRAD:
+            a = _act(tl.load(HID + hid_offs, mask=hid_mask, other=0.0), ACT)
+        grad_sq = _load_rows(GRAD_SQ, rows, row_ok, HAS_ROW_SQ_GRAD, stride_q)
+        scale = _load_scale(SCALE + adapter, HAS_SCALE)
+        dropout_p, keep_scale = _adapter_dropout(DROP_P, KEEP, adapter, dropout_p, keep_scale, ROUTED, HAS_DROPOUT)
+        row_hash = _row_hash(SEED, rows) if HAS_DROPOUT else rows
 
-    da = tl.zeros((BM, BH), tl.float32)
-    for d0 in range(0, D, BD):
-        cols = d0 + tl.arange(0, BD)
-        d_ok = cols < D
-        dout = tl.load(g_rows + cols[None, :] * stride_gd, mask=row_ok[:, None] & d_ok[None, :],
-                       other=0.0).to(tl.float32)
-        wu = tl.load(WU + cols[:, None] * H + hcols[None, :], mask=d_ok[:, None] & h_ok[None, :], other=0.0)
-        y = _dot(a, tl.trans(wu), DOT_F32, dot_dtype) if HAS_ROW_SQ_GRAD else dout
-        dy = _dy(dout, y, grad_sq, row_hash, cols, scale, dropout_p, keep_scale,
-                 HAS_DROPOUT, HAS_SCALE, HAS_ROW_SQ_GRAD)
-        da += _dot(dy, wu, DOT_F32, dot_dtype)
-    # a is stored before dh is formed, so that at most three BM×BH tiles are live (da, h, then a or dh).
-    h = tl.load(HID + hid_offs, mask=hid_mask, other=0.0)
-    tl.store(ACTS + hid_offs, _act(h, ACT), mask=hid_mask)
-    dh = da * _act_grad(h, ACT)
-    g = tl.load(PROJ + hcols, mask=h_ok, other=0.0)
-    b = tl.load(PROJ + H + hcols, mask=h_ok, other=0.0)
-    # k1, k2 and dh, what the columns pass reads with a, each stored as soon as formed (forming k1 and k2
-    # before storing either spills at H = 256, compiled).
-    tl.store(K + rows, tl.sum(dh * g[None, :], 1) / D, mask=row_ok)
-    tl.store(K + N + rows, tl.sum(dh * (h - b[None, :]), 1) / D, mask=row_ok)
-    tl.store(DH + hid_offs, dh, mask=hid_mask)
+        da = tl.zeros((BM, BH), tl.float32)
+        for d0 in range(0, D, BD):
+            cols = d0 + tl.arange(0, BD)
+            d_ok = cols < D
+            dout = tl.load(g_rows + cols[None, :] * stride_gd, mask=row_ok[:, None] & d_ok[None, :],
+                           other=0.0).to(tl.float32)
+            wu = tl.load(WU + cols[:, None] * H + hcols[None, :], mask=d_ok[:, None] & h_ok[None, :], other=0.0)
+            y = _dot(a, tl.trans(wu), DOT_F32, dot_dtype) if HAS_ROW_SQ_GRAD else dout
+            dy = _dy(dout, y, grad_sq, row_hash, cols, scale, dropout_p, keep_scale,
+                     HAS_DROPOUT, HAS_SCALE, HAS_ROW_SQ_GRAD)
+            da += _dot(dy, wu, DOT_F32, dot_dtype)
+        # a is stored before dh is formed, so that at most three BM×BH tiles are live (da, h, then a or dh).
+        h = tl.load(HID + hid_offs, mask=hid_mask, other=0.0)
+        tl.store(ACTS + hid_offs, _act(h, ACT), mask=hid_mask)
+        dh = da * _act_grad(h, ACT)
+        g = tl.load(PROJ + hcols, mask=h_ok, other=0.0)
+        b = tl.load(PROJ + H + hcols, mask=h_ok, other=0.0)
+        # k1, k2 and dh, what the columns pass reads with a, each stored as soon as formed (forming k1 and
+        # k2 before storing either spills at H = 256, compiled).
+        tl.store(K + rows, tl.sum(dh * g[None, :], 1) / D, mask=row_ok)
+        tl.store(K + N + rows, tl.sum(dh * (h - b[None, :]), 1) / D, mask=row_ok)
+        tl.store(DH + hid_offs, dh, mask=hid_mask)
 
 
 @triton.jit
@@ -546,40 +584,6 @@ def _post_norm_dy(a, wu, dout, gamma, beta, shift, mean_c, rstd, grad_sq, row_ha
     dy = _dy(dout, uhat * gamma[None, :] + beta[None, :], grad_sq, row_hash, cols, scale, dropout_p,
              keep_scale, HAS_DROPOUT, HAS_SCALE, HAS_ROW_SQ_GRAD)
     return uhat, dy
-
-
-@triton.jit
-def _post_norm_rows_sums(a, g_rows, LN_W, LN_B, WU, shift, mean_c, rstd, grad_sq, row_hash, row_ok, hcols, h_ok,
-                         D, H, stride_gd, scale, dropout_p, keep_scale, HAS_DROPOUT: tl.constexpr,
-                         HAS_SCALE: tl.constexpr, HAS_ROW_SQ_GRAD: tl.constexpr, DOT_F32: tl.constexpr,
-                         DOT_DTYPE: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr):
-    """Post norm's rows pass over D for one adapter of the routed kernels, on the unfolded up weight (the
-    single-adapter rows pass folds it first, ``_post_norm_bwd_rows_kernel``): ``(c1, c2, da)``
-    with c1 = Σ_d dû, c2 = Σ_d dû ⊙ û and da = du Wu = r (dû Wu - (c1 Σ_d Wu + c2 û Wu) / D)."""
-    c1 = tl.zeros((BM,), tl.float32)
-    c2 = tl.zeros((BM,), tl.float32)
-    duhat_wu = tl.zeros((BM, BH), tl.float32)  # dû Wu
-    uhat_wu = tl.zeros((BM, BH), tl.float32)  # û Wu
-    wu_sum = tl.zeros((BH,), tl.float32)  # Σ_d Wu
-    for d0 in range(0, D, BD):
-        cols = d0 + tl.arange(0, BD)
-        d_ok = cols < D
-        mask = row_ok[:, None] & d_ok[None, :]
-        dout = tl.load(g_rows + cols[None, :] * stride_gd, mask=mask, other=0.0).to(tl.float32)
-        gamma = tl.load(LN_W + cols, mask=d_ok, other=0.0).to(tl.float32)
-        beta = tl.load(LN_B + cols, mask=d_ok, other=0.0).to(tl.float32)
-        wu = tl.load(WU + cols[:, None] * H + hcols[None, :], mask=d_ok[:, None] & h_ok[None, :], other=0.0)
-        uhat, dy = _post_norm_dy(a, wu, dout, gamma, beta, shift, mean_c, rstd, grad_sq, row_hash, cols, mask,
-                                 scale, dropout_p, keep_scale, HAS_DROPOUT, HAS_SCALE, HAS_ROW_SQ_GRAD,
-                                 DOT_F32, DOT_DTYPE)
-        duhat = dy * gamma[None, :]
-        c1 += tl.sum(duhat, 1)
-        c2 += tl.sum(duhat * uhat, 1)
-        duhat_wu += _dot(duhat, wu, DOT_F32, DOT_DTYPE)
-        uhat_wu += _dot(uhat, wu, DOT_F32, DOT_DTYPE)
-        wu_sum += tl.sum(wu.to(tl.float32), 0)
-    da = rstd[:, None] * (duhat_wu - (c1[:, None] * wu_sum[None, :] + c2[:, None] * uhat_wu) / D)
-    return c1, c2, da
 
 
 @triton.jit
@@ -600,14 +604,19 @@ def _column_shift(WU, cols, cols_ok, D, H, BD: tl.constexpr):
 
 
 @triton.jit
-def _up_weight_fold_kernel(WU, WS, P1, P2, D, H, rows_per_split, BR: tl.constexpr, BD: tl.constexpr):
-    """Post norm's fold of the up weight, part 1, per split of D's rows: with s each column's mean over
-    the first BD rows, ``Ws = Wu - s`` (WS, D×H, WS' dtype; programs (i, 0, k) write their columns and
-    rows), and the partial sums S1 = Σ_d (Wu_d - s) (P1, float32 S×H) and S2 = Σ_d (Wu_d - s)ᵀ (Wu_d - s)
-    (P2, float32 S×H×H), program (i, j, k) the BR×BR tile (i, j) over split k."""
+def _up_weight_fold_kernel(WU, WS, P1, P2, D, H, rows_per_split, splits, BR: tl.constexpr, BD: tl.constexpr):
+    """Post norm's fold of the up weight, part 1, per adapter of a stack (A×D×H; A = 1 unstacked) and
+    split of D's rows: with s each column's mean over the first BD rows, ``Ws = Wu - s`` (WS, like WU,
+    in WS' dtype; programs (i, 0, k) write their columns and rows), and the partial sums
+    S1 = Σ_d (Wu_d - s) (P1, float32 A·S×H) and S2 = Σ_d (Wu_d - s)ᵀ (Wu_d - s) (P2, float32 A·S×H×H),
+    program (i, j, a·S + k) the BR×BR tile (i, j) of adapter a over split k."""
     ci = tl.program_id(0) * BR + tl.arange(0, BR)
     cj = tl.program_id(1) * BR + tl.arange(0, BR)
-    split = tl.program_id(2)
+    part = tl.program_id(2)
+    split = part % splits
+    adapter = (part // splits).to(tl.int64)
+    WU += adapter * D * H
+    WS += adapter * D * H
     i_ok = ci < H
     j_ok = cj < H
     si = _column_shift(WU, ci, i_ok, D, H, BD)
@@ -628,19 +637,25 @@ def _up_weight_fold_kernel(WU, WS, P1, P2, D, H, rows_per_split, BR: tl.constexp
         s2 += _dot(tl.trans(wi), wj, 1, tl.float32)
         if tl.program_id(1) == 0:
             tl.store(WS + rows[:, None] * H + ci[None, :], wi, mask=mask_i)
-    tl.store(P2 + split * H * H + ci[:, None] * H + cj[None, :], s2, mask=i_ok[:, None] & j_ok[None, :])
+    part = part.to(tl.int64)
+    tl.store(P2 + part * H * H + ci[:, None] * H + cj[None, :], s2, mask=i_ok[:, None] & j_ok[None, :])
     if tl.program_id(1) == 0:
-        tl.store(P1 + split * H + ci, s1, mask=i_ok)
+        tl.store(P1 + part * H + ci, s1, mask=i_ok)
 
 
 @triton.jit
 def _up_weight_gram_kernel(P1, P2, GRAM, DELTA, D, H, splits, BR: tl.constexpr):
-    """Part 2: the splits' partial sums added in order, then the centred Gram matrix
-    ``Gc = Σ_d (Wu_d - w̄)ᵀ (Wu_d - w̄) = S2 - S1ᵀ S1 / D`` (GRAM, H×H in the dots' operand
-    dtype, which is all the rows pass's dot sees of it; tile (i, j) per program)
-    and ``δ = w̄ - s = S1 / D`` (DELTA, float32 H)."""
+    """Part 2, per adapter ``program_id(2)``: its splits' partial sums added in order, then the centred
+    Gram matrix ``Gc = Σ_d (Wu_d - w̄)ᵀ (Wu_d - w̄) = S2 - S1ᵀ S1 / D`` (GRAM, A×H×H in the dots' operand
+    dtype, which is all the rows pass's dot sees of it; tile (i, j) per program) and ``δ = w̄ - s = S1 / D``
+    (DELTA, float32 A×H)."""
     ci = tl.program_id(0) * BR + tl.arange(0, BR)
     cj = tl.program_id(1) * BR + tl.arange(0, BR)
+    adapter = tl.program_id(2).to(tl.int64)
+    P1 += adapter * splits * H
+    P2 += adapter * splits * H * H
+    GRAM += adapter * H * H
+    DELTA += adapter * H
     i_ok = ci < H
     j_ok = cj < H
     s1i = tl.zeros((BR,), tl.float32)
@@ -658,192 +673,233 @@ def _up_weight_gram_kernel(P1, P2, GRAM, DELTA, D, H, splits, BR: tl.constexpr):
 
 @triton.jit
 def _post_norm_bwd_rows_kernel(
-    DOUT, GRAD_SQ, HID, RSTD, LN_W, LN_B, WS, GRAM, DELTA, SEED, SCALE, ACTS, DH, K,
+    DOUT, GRAD_SQ, HID, RSTD, LN_W, LN_B, WS, GRAM, DELTA, SEED, SCALE, ACTS, DH, K, PERM, TABLE, DROP_P, KEEP,
     N, D, H, stride_gn, stride_gd, stride_q, dropout_p, keep_scale,
     ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr,
-    HAS_ROW_SQ_GRAD: tl.constexpr, DOT_F32: tl.constexpr,
+    HAS_ROW_SQ_GRAD: tl.constexpr, DOT_F32: tl.constexpr, ROUTED: tl.constexpr,
     BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
 ):
     """Post norm's rows pass on the folded up weight (``_up_weight_fold_kernel``, ``_up_weight_gram_kernel``):
     with a as the dots round it, μ = a·w̄ and û_d = r a·Wc_d, Wc = Wu - w̄ = Ws - δ, so over D only
     dû = γ dy, c1 = Σ_d dû and t = dû Ws remain (and, for the row_sq gradient, û itself); then
     dû Wc = t - c1 δ, c2 = Σ_d dû û = r a·(dû Wc), û Wu = r a Gc, and da = r (dû Wc - c2 (û Wu) / D).
-    Ws is centred on a shift close to w̄, so that neither correction by δ cancels."""
+    Ws is centred on a shift close to w̄, so that neither correction by δ cancels. Routed: one block of
+    one adapter's rows, as in ``_pre_norm_bwd_rows_kernel``."""
     pid = tl.program_id(0)
-    rows = pid * BM + tl.arange(0, BM)
-    row_ok = rows < N
-    hcols = tl.arange(0, BH)
-    h_ok = hcols < H
-    hid_mask = row_ok[:, None] & h_ok[None, :]
-    g_rows = DOUT + rows.to(tl.int64)[:, None] * stride_gn
-    dot_dtype = WS.dtype.element_ty
+    adapter, first, end = _program_rows(TABLE, pid, N, BM, ROUTED)
+    if adapter >= 0:
+        rows, row_ok = _gather_rows(PERM, first + tl.arange(0, BM), end, ROUTED)
+        a64 = adapter.to(tl.int64)
+        LN_W += a64 * D
+        LN_B += a64 * D
+        WS += a64 * D * H
+        GRAM += a64 * H * H
+        DELTA += a64 * H
+        hcols = tl.arange(0, BH)
+        h_ok = hcols < H
+        hid_mask = row_ok[:, None] & h_ok[None, :]
+        g_rows = DOUT + rows.to(tl.int64)[:, None] * stride_gn
+        dot_dtype = WS.dtype.element_ty
 
-    hid_offs = rows.to(tl.int64)[:, None] * H + hcols[None, :]
-    rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
-    if HAS_ROW_SQ_GRAD:
-        a = _act(tl.load(HID + hid_offs, mask=hid_mask, other=0.0), ACT)
-        a_delta = tl.sum(_dot_operand(a, DOT_F32, dot_dtype) * tl.load(DELTA + hcols, mask=h_ok, other=0.0)[None, :],
-                         1)  # a·δ
-    grad_sq = _load_rows(GRAD_SQ, rows, row_ok, HAS_ROW_SQ_GRAD, stride_q)
-    scale = _load_scale(SCALE, HAS_SCALE)
-    row_hash = _row_hash(SEED, rows) if HAS_DROPOUT else rows
-
-    c1 = tl.zeros((BM,), tl.float32)
-    t = tl.zeros((BM, BH), tl.float32)  # dû Ws
-    for d0 in range(0, D, BD):
-        cols = d0 + tl.arange(0, BD)
-        d_ok = cols < D
-        mask = row_ok[:, None] & d_ok[None, :]
-        dout = tl.load(g_rows + cols[None, :] * stride_gd, mask=mask, other=0.0).to(tl.float32)
-        gamma = tl.load(LN_W + cols, mask=d_ok, other=0.0).to(tl.float32)
-        ws = tl.load(WS + cols[:, None] * H + hcols[None, :], mask=d_ok[:, None] & h_ok[None, :], other=0.0)
-        y = dout
+        hid_offs = rows.to(tl.int64)[:, None] * H + hcols[None, :]
+        rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
         if HAS_ROW_SQ_GRAD:
-            beta = tl.load(LN_B + cols, mask=d_ok, other=0.0).to(tl.float32)
-            uhat = rstd[:, None] * (_dot(a, tl.trans(ws), DOT_F32, dot_dtype) - a_delta[:, None])
-            y = tl.where(mask, uhat * gamma[None, :] + beta[None, :], 0.0)
-        duhat = _dy(dout, y, grad_sq, row_hash, cols, scale, dropout_p, keep_scale,
-                    HAS_DROPOUT, HAS_SCALE, HAS_ROW_SQ_GRAD) * gamma[None, :]
-        c1 += tl.sum(duhat, 1)
-        t += _dot(duhat, ws, DOT_F32, dot_dtype)
-    # δ is loaded after the loop: a BH vector in the accumulator's layout, loaded before, held some 50
-    # registers a thread through it (compiled, sm_90, BM = 64, H = 256).
-    t -= c1[:, None] * tl.load(DELTA + hcols, mask=h_ok, other=0.0)[None, :]  # dû Wc
-    h = tl.load(HID + hid_offs, mask=hid_mask, other=0.0)
-    a = _act(h, ACT)
-    tl.store(ACTS + hid_offs, a, mask=hid_mask)
-    c2 = rstd * tl.sum(_dot_operand(a, DOT_F32, dot_dtype) * t, 1)
+            a = _act(tl.load(HID + hid_offs, mask=hid_mask, other=0.0), ACT)
+            delta = tl.load(DELTA + hcols, mask=h_ok, other=0.0)
+            a_delta = tl.sum(_dot_operand(a, DOT_F32, dot_dtype) * delta[None, :], 1)  # a·δ
+        grad_sq = _load_rows(GRAD_SQ, rows, row_ok, HAS_ROW_SQ_GRAD, stride_q)
+        scale = _load_scale(SCALE + adapter, HAS_SCALE)
+        dropout_p, keep_scale = _adapter_dropout(DROP_P, KEEP, adapter, dropout_p, keep_scale, ROUTED, HAS_DROPOUT)
+        row_hash = _row_hash(SEED, rows) if HAS_DROPOUT else rows
 
-    # da / r = dû Wc - (c2 r / D) a Gc, accumulated into t one BK-row slice of Gc at a time (with the BK
-    # columns of a it meets, loaded again): H / BK steps per row block.
-    coef = -(c2 * rstd / D)
-    for k0 in range(0, H, BK):
-        kcols = k0 + tl.arange(0, BK)
-        k_ok = kcols < H
-        a_k = _act(tl.load(HID + rows.to(tl.int64)[:, None] * H + kcols[None, :],
-                           mask=row_ok[:, None] & k_ok[None, :], other=0.0), ACT)
-        gram = tl.load(GRAM + kcols[:, None] * H + hcols[None, :], mask=k_ok[:, None] & h_ok[None, :], other=0.0)
-        t += _dot(coef[:, None] * a_k, gram, DOT_F32, dot_dtype)
-    # The block's offsets rebuilt from a scalar base rather than hid_offs: reusing those kept the BM×BH
-    # pointers live through the Gc loop, and 64-row blocks spilled at H = 256 (compiled, sm_90).
-    block_offs = pid.to(tl.int64) * BM * H + (tl.arange(0, BM)[:, None] * H + hcols[None, :])
-    dh = rstd[:, None] * t * _act_grad(tl.load(HID + block_offs, mask=hid_mask, other=0.0), ACT)
-    tl.store(DH + block_offs, dh, mask=hid_mask)
-    tl.store(K + rows, c1 / D, mask=row_ok)
-    tl.store(K + N + rows, c2 / D, mask=row_ok)
+        c1 = tl.zeros((BM,), tl.float32)
+        t = tl.zeros((BM, BH), tl.float32)  # dû Ws
+        for d0 in range(0, D, BD):
+            cols = d0 + tl.arange(0, BD)
+            d_ok = cols < D
+            mask = row_ok[:, None] & d_ok[None, :]
+            dout = tl.load(g_rows + cols[None, :] * stride_gd, mask=mask, other=0.0).to(tl.float32)
+            gamma = tl.load(LN_W + cols, mask=d_ok, other=0.0).to(tl.float32)
+            ws = tl.load(WS + cols[:, None] * H + hcols[None, :], mask=d_ok[:, None] & h_ok[None, :], other=0.0)
+            y = dout
+            if HAS_ROW_SQ_GRAD:
+                beta = tl.load(LN_B + cols, mask=d_ok, other=0.0).to(tl.float32)
+                uhat = rstd[:, None] * (_dot(a, tl.trans(ws), DOT_F32, dot_dtype) - a_delta[:, None])
+                y = tl.where(mask, uhat * gamma[None, :] + beta[None, :], 0.0)
+            duhat = _dy(dout, y, grad_sq, row_hash, cols, scale, dropout_p, keep_scale,
+                        HAS_DROPOUT, HAS_SCALE, HAS_ROW_SQ_GRAD) * gamma[None, :]
+            c1 += tl.sum(duhat, 1)
+            t += _dot(duhat, ws, DOT_F32, dot_dtype)
+        # δ is loaded after the loop: a BH vector in the accumulator's layout, loaded before, held some 50
+        # registers a thread through it (compiled, sm_90, BM = 64, H = 256).
+        t -= c1[:, None] * tl.load(DELTA + hcols, mask=h_ok, other=0.0)[None, :]  # dû Wc
+        h = tl.load(HID + hid_offs, mask=hid_mask, other=0.0)
+        a = _act(h, ACT)
+        tl.store(ACTS + hid_offs, a, mask=hid_mask)
+        c2 = rstd * tl.sum(_dot_operand(a, DOT_F32, dot_dtype) * t, 1)
+
+        # da / r = dû Wc - (c2 r / D) a Gc, accumulated into t one BK-row slice of Gc at a time (with the
+        # BK columns of a it meets, loaded again): H / BK steps per row block.
+        coef = -(c2 * rstd / D)
+        for k0 in range(0, H, BK):
+            kcols = k0 + tl.arange(0, BK)
+            k_ok = kcols < H
+            a_k = _act(tl.load(HID + rows.to(tl.int64)[:, None] * H + kcols[None, :],
+                               mask=row_ok[:, None] & k_ok[None, :], other=0.0), ACT)
+            gram = tl.load(GRAM + kcols[:, None] * H + hcols[None, :], mask=k_ok[:, None] & h_ok[None, :],
+                           other=0.0)
+            t += _dot(coef[:, None] * a_k, gram, DOT_F32, dot_dtype)
+        if ROUTED:
+            block_offs = rows.to(tl.int64)[:, None] * H + hcols[None, :]
+        else:
+            # The block's offsets rebuilt from a scalar base rather than hid_offs: reusing those kept the
+            # BM×BH pointers live through the Gc loop, and 64-row blocks spilled at H = 256 (compiled, sm_90).
+            block_offs = first.to(tl.int64) * H + (tl.arange(0, BM)[:, None] * H + hcols[None, :])
+        dh = rstd[:, None] * t * _act_grad(tl.load(HID + block_offs, mask=hid_mask, other=0.0), ACT)
+        tl.store(DH + block_offs, dh, mask=hid_mask)
+        tl.store(K + rows, c1 / D, mask=row_ok)
+        tl.store(K + N + rows, c2 / D, mask=row_ok)
 
 
 @triton.jit
 def _bwd_cols_kernel(
     X, DOUT, GRAD_SQ, ACTS, DH, MEAN, RSTD, K, LN_W, LN_B, WD, WU, SEED, SCALE,
-    DX, DWD, DWU, DLN_W, DLN_B,
+    DX, DWD, DWU, DLN_W, DLN_B, PERM, CHUNKS, DROP_P, KEEP,
     N, D, H, stride_xn, stride_xd, stride_gn, stride_gd, stride_q, rows_per_split, dropout_p, keep_scale,
     HAS_DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_ROW_SQ_GRAD: tl.constexpr, RESIDUAL: tl.constexpr, DOT_F32: tl.constexpr,
     NEED_DX: tl.constexpr, NEED_DLN: tl.constexpr, NEED_DWD: tl.constexpr, NEED_DWU: tl.constexpr,
-    PRE_NORM: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
+    PRE_NORM: tl.constexpr, ROUTED: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
 ):
     """Columns pass of the backward, both norm positions: this program's D slice of dx and of every
-    weight gradient, over its split of the rows (see the module docstring)."""
+    weight gradient, over its split of the rows (see the module docstring). Routed, the splits are the
+    chunks of a segment table (``CHUNKS``: one adapter's rows each, gathered through ``PERM``), and a
+    chunk of rows without an adapter only passes dout to dx (residual) or writes 0."""
     pid_d = tl.program_id(0)
     split = tl.program_id(1)
+    if ROUTED:
+        adapter, row_begin, row_end = _program_rows(CHUNKS, split, N, BM, ROUTED)
+    else:
+        adapter = split * 0
+        row_begin = split * rows_per_split
+        row_end = tl.minimum(row_begin + rows_per_split, N)
     cols = pid_d * BD + tl.arange(0, BD)
     d_ok = cols < D
-    hcols = tl.arange(0, BH)
-    h_ok = hcols < H
-    dot_dtype = X.dtype.element_ty
+    if adapter < 0:
+        if NEED_DX:
+            _pass_dout(DOUT, DX, PERM, row_begin, row_end, cols, d_ok, D, stride_gn, stride_gd, RESIDUAL, BM, BD)
+    else:
+        a64 = adapter.to(tl.int64)
+        hcols = tl.arange(0, BH)
+        h_ok = hcols < H
+        dot_dtype = X.dtype.element_ty
 
-    gamma = tl.load(LN_W + cols, mask=d_ok, other=0.0).to(tl.float32)
-    beta = tl.load(LN_B + cols, mask=d_ok, other=0.0).to(tl.float32)
-    wd = tl.load(WD + hcols[:, None] * D + cols[None, :], mask=h_ok[:, None] & d_ok[None, :], other=0.0)
-    wu = tl.load(WU + cols[:, None] * H + hcols[None, :], mask=d_ok[:, None] & h_ok[None, :], other=0.0)
-    scale = _load_scale(SCALE, HAS_SCALE)
+        gamma = tl.load(LN_W + a64 * D + cols, mask=d_ok, other=0.0).to(tl.float32)
+        beta = tl.load(LN_B + a64 * D + cols, mask=d_ok, other=0.0).to(tl.float32)
+        wd = tl.load(WD + a64 * H * D + hcols[:, None] * D + cols[None, :], mask=h_ok[:, None] & d_ok[None, :],
+                     other=0.0)
+        wu = tl.load(WU + a64 * D * H + cols[:, None] * H + hcols[None, :], mask=d_ok[:, None] & h_ok[None, :],
+                     other=0.0)
+        scale = _load_scale(SCALE + adapter, HAS_SCALE)
+        dropout_p, keep_scale = _adapter_dropout(DROP_P, KEEP, adapter, dropout_p, keep_scale, ROUTED, HAS_DROPOUT)
 
-    dwd = tl.zeros((BH, BD), tl.float32)
-    dwu = tl.zeros((BD, BH), tl.float32)
-    dgamma = tl.zeros((BM, BD), tl.float32)  # reduced over rows once, after the loop
-    dbeta = tl.zeros((BM, BD), tl.float32)
-    row_begin = split * rows_per_split
-    row_end = tl.minimum(row_begin + rows_per_split, N)
-    # dout is read one row block ahead: Triton's pipeliner leaves its load (no dot takes it directly)
-    # synchronous, and it would stall each iteration on memory. Not with dropout or the row_sq
-    # gradient, whose extra registers the held tile would push into spills.
-    prefetch: tl.constexpr = not (HAS_DROPOUT or HAS_ROW_SQ_GRAD)
-    d_rows = DOUT + cols[None, :] * stride_gd
-    if prefetch:
-        rows = row_begin + tl.arange(0, BM)
-        nxt_dout = tl.load(d_rows + rows.to(tl.int64)[:, None] * stride_gn,
-                           mask=(rows < row_end)[:, None] & d_ok[None, :], other=0.0)
-    for r0 in range(row_begin, row_end, BM):
-        rows = r0 + tl.arange(0, BM)
-        row_ok = rows < row_end
-        mask = row_ok[:, None] & d_ok[None, :]
-        hid_offs = rows.to(tl.int64)[:, None] * H + hcols[None, :]
-        hid_mask = row_ok[:, None] & h_ok[None, :]
+        dwd = tl.zeros((BH, BD), tl.float32)
+        dwu = tl.zeros((BD, BH), tl.float32)
+        dgamma = tl.zeros((BM, BD), tl.float32)  # reduced over rows once, after the loop
+        dbeta = tl.zeros((BM, BD), tl.float32)
+        # dout is read one row block ahead: Triton's pipeliner leaves its load (no dot takes it directly)
+        # synchronous, and it would stall each iteration on memory. Not with dropout or the row_sq
+        # gradient, whose extra registers the held tile would push into spills.
+        prefetch: tl.constexpr = not (HAS_DROPOUT or HAS_ROW_SQ_GRAD)
+        d_rows = DOUT + cols[None, :] * stride_gd
         if prefetch:
-            dout = nxt_dout.to(tl.float32)
-            nxt_dout = tl.load(d_rows + (rows + BM).to(tl.int64)[:, None] * stride_gn,
-                               mask=(rows + BM < row_end)[:, None] & d_ok[None, :], other=0.0)
-        else:
-            dout = tl.load(d_rows + rows.to(tl.int64)[:, None] * stride_gn, mask=mask, other=0.0).to(tl.float32)
-        shift, mean_c, rstd = _load_stats(MEAN, RSTD, rows, row_ok, N)
-        if PRE_NORM:
-            if NEED_DWU:
-                a = tl.load(ACTS + hid_offs, mask=hid_mask, other=0.0)
-                y = _dot(a, tl.trans(wu), DOT_F32, dot_dtype) if HAS_ROW_SQ_GRAD else dout
-                grad_sq = _load_rows(GRAD_SQ, rows, row_ok, HAS_ROW_SQ_GRAD, stride_q)
-                row_hash = _row_hash(SEED, rows) if HAS_DROPOUT else rows
-                dy = _dy(dout, y, grad_sq, row_hash, cols, scale, dropout_p, keep_scale,
-                         HAS_DROPOUT, HAS_SCALE, HAS_ROW_SQ_GRAD)
-                dwu += _dot(tl.trans(dy), a, DOT_F32, dot_dtype)
-            if NEED_DX or NEED_DLN or NEED_DWD:
-                dh = tl.load(DH + hid_offs, mask=hid_mask, other=0.0)
-                x = tl.load(X + rows.to(tl.int64)[:, None] * stride_xn + cols[None, :] * stride_xd,
-                            mask=mask, other=0.0).to(tl.float32)
-                xhat = ((x - shift[:, None]) - mean_c[:, None]) * rstd[:, None]
-                if NEED_DX or NEED_DLN:
-                    t = _dot(dh, wd, DOT_F32, dot_dtype)  # dh Wd = dx̂ / γ
-                    if NEED_DX:
+            nxt_rows, nxt_ok = _gather_rows(PERM, row_begin + tl.arange(0, BM), row_end, ROUTED)
+            nxt_dout = tl.load(d_rows + nxt_rows.to(tl.int64)[:, None] * stride_gn,
+                               mask=nxt_ok[:, None] & d_ok[None, :], other=0.0)
+        for r0 in range(row_begin, row_end, BM):
+            rows, row_ok = _gather_rows(PERM, r0 + tl.arange(0, BM), row_end, ROUTED)
+            mask = row_ok[:, None] & d_ok[None, :]
+            hid_offs = rows.to(tl.int64)[:, None] * H + hcols[None, :]
+            hid_mask = row_ok[:, None] & h_ok[None, :]
+            if prefetch:
+                dout = nxt_dout.to(tl.float32)
+                nxt_rows, nxt_ok = _gather_rows(PERM, r0 + BM + tl.arange(0, BM), row_end, ROUTED)
+                nxt_dout = tl.load(d_rows + nxt_rows.to(tl.int64)[:, None] * stride_gn,
+                                   mask=nxt_ok[:, None] & d_ok[None, :], other=0.0)
+            else:
+                dout = tl.load(d_rows + rows.to(tl.int64)[:, None] * stride_gn, mask=mask, other=0.0).to(tl.float32)
+            shift, mean_c, rstd = _load_stats(MEAN, RSTD, rows, row_ok, N)
+            if PRE_NORM:
+                if NEED_DWU:
+                    a = tl.load(ACTS + hid_offs, mask=hid_mask, other=0.0)
+                    y = _dot(a, tl.trans(wu), DOT_F32, dot_dtype) if HAS_ROW_SQ_GRAD else dout
+                    grad_sq = _load_rows(GRAD_SQ, rows, row_ok, HAS_ROW_SQ_GRAD, stride_q)
+                    row_hash = _row_hash(SEED, rows) if HAS_DROPOUT else rows
+                    dy = _dy(dout, y, grad_sq, row_hash, cols, scale, dropout_p, keep_scale,
+                             HAS_DROPOUT, HAS_SCALE, HAS_ROW_SQ_GRAD)
+                    dwu += _dot(tl.trans(dy), a, DOT_F32, dot_dtype)
+                if NEED_DX or NEED_DLN or NEED_DWD:
+                    dh = tl.load(DH + hid_offs, mask=hid_mask, other=0.0)
+                    x = tl.load(X + rows.to(tl.int64)[:, None] * stride_xn + cols[None, :] * stride_xd,
+                                mask=mask, other=0.0).to(tl.float32)
+                    xhat = ((x - shift[:, None]) - mean_c[:, None]) * rstd[:, None]
+                    if NEED_DX or NEED_DLN:
+                        t = _dot(dh, wd, DOT_F32, dot_dtype)  # dh Wd = dx̂ / γ
+                        if NEED_DX:
+                            k1 = tl.load(K + rows, mask=row_ok, other=0.0)
+                            k2 = tl.load(K + N + rows, mask=row_ok, other=0.0)
+                            dx = rstd[:, None] * (t * gamma[None, :] - k1[:, None] - xhat * k2[:, None])
+                            if RESIDUAL:
+                                dx += dout
+                            tl.store(DX + rows.to(tl.int64)[:, None] * D + cols[None, :], dx, mask=mask)
+                        if NEED_DLN:
+                            dgamma += t * xhat
+                            dbeta += t
+                    if NEED_DWD:
+                        dwd += _dot(tl.trans(dh), xhat * gamma[None, :] + beta[None, :], DOT_F32, dot_dtype)
+            else:
+                if NEED_DLN or NEED_DWU:
+                    a = tl.load(ACTS + hid_offs, mask=hid_mask, other=0.0)
+                    grad_sq = _load_rows(GRAD_SQ, rows, row_ok, HAS_ROW_SQ_GRAD, stride_q)
+                    row_hash = _row_hash(SEED, rows) if HAS_DROPOUT else rows
+                    uhat, dy = _post_norm_dy(a, wu, dout, gamma, beta, shift, mean_c, rstd, grad_sq, row_hash,
+                                             cols, mask, scale, dropout_p, keep_scale, HAS_DROPOUT, HAS_SCALE,
+                                             HAS_ROW_SQ_GRAD, DOT_F32, dot_dtype)
+                    if NEED_DLN:
+                        dgamma += dy * uhat
+                        dbeta += dy
+                    if NEED_DWU:
                         k1 = tl.load(K + rows, mask=row_ok, other=0.0)
                         k2 = tl.load(K + N + rows, mask=row_ok, other=0.0)
-                        dx = rstd[:, None] * (t * gamma[None, :] - k1[:, None] - xhat * k2[:, None])
+                        du = rstd[:, None] * (dy * gamma[None, :] - k1[:, None] - uhat * k2[:, None])
+                        dwu += _dot(tl.trans(du), a, DOT_F32, dot_dtype)
+                if NEED_DX or NEED_DWD:
+                    dh = tl.load(DH + hid_offs, mask=hid_mask, other=0.0)
+                    if NEED_DX:
+                        dx = _dot(dh, wd, DOT_F32, dot_dtype)
                         if RESIDUAL:
                             dx += dout
                         tl.store(DX + rows.to(tl.int64)[:, None] * D + cols[None, :], dx, mask=mask)
-                    if NEED_DLN:
-                        dgamma += t * xhat
-                        dbeta += t
-                if NEED_DWD:
-                    dwd += _dot(tl.trans(dh), xhat * gamma[None, :] + beta[None, :], DOT_F32, dot_dtype)
-        else:
-            if NEED_DLN or NEED_DWU:
-                a = tl.load(ACTS + hid_offs, mask=hid_mask, other=0.0)
-                grad_sq = _load_rows(GRAD_SQ, rows, row_ok, HAS_ROW_SQ_GRAD, stride_q)
-                row_hash = _row_hash(SEED, rows) if HAS_DROPOUT else rows
-                uhat, dy = _post_norm_dy(a, wu, dout, gamma, beta, shift, mean_c, rstd, grad_sq, row_hash, cols,
-                                         mask, scale, dropout_p, keep_scale, HAS_DROPOUT, HAS_SCALE,
-                                         HAS_ROW_SQ_GRAD, DOT_F32, dot_dtype)
-                if NEED_DLN:
-                    dgamma += dy * uhat
-                    dbeta += dy
-                if NEED_DWU:
-                    k1 = tl.load(K + rows, mask=row_ok, other=0.0)
-                    k2 = tl.load(K + N + rows, mask=row_ok, other=0.0)
-                    du = rstd[:, None] * (dy * gamma[None, :] - k1[:, None] - uhat * k2[:, None])
-                    dwu += _dot(tl.trans(du), a, DOT_F32, dot_dtype)
-            if NEED_DX or NEED_DWD:
-                dh = tl.load(DH + hid_offs, mask=hid_mask, other=0.0)
-                if NEED_DX:
-                    dx = _dot(dh, wd, DOT_F32, dot_dtype)
-                    if RESIDUAL:
-                        dx += dout
-                    tl.store(DX + rows.to(tl.int64)[:, None] * D + cols[None, :], dx, mask=mask)
-                if NEED_DWD:
-                    x = tl.load(X + rows.to(tl.int64)[:, None] * stride_xn + cols[None, :] * stride_xd,
-                                mask=mask, other=0.0)
-                    dwd += _dot(tl.trans(dh), x, DOT_F32, dot_dtype)
-    _store_weight_partials(DWD, DWU, DLN_W, DLN_B, dwd, dwu, tl.sum(dgamma, 0), tl.sum(dbeta, 0), split, cols,
-                           d_ok, hcols, h_ok, D, H, NEED_DLN, NEED_DWD, NEED_DWU)
+                    if NEED_DWD:
+                        x = tl.load(X + rows.to(tl.int64)[:, None] * stride_xn + cols[None, :] * stride_xd,
+                                    mask=mask, other=0.0)
+                        dwd += _dot(tl.trans(dh), x, DOT_F32, dot_dtype)
+        _store_weight_partials(DWD, DWU, DLN_W, DLN_B, dwd, dwu, tl.sum(dgamma, 0), tl.sum(dbeta, 0), split, cols,
+                               d_ok, hcols, h_ok, D, H, NEED_DLN, NEED_DWD, NEED_DWU)
+
+
+@triton.jit
+def _pass_dout(DOUT, DX, PERM, first, end, cols, d_ok, D, stride_gn, stride_gd, RESIDUAL: tl.constexpr,
+               BM: tl.constexpr, BD: tl.constexpr):
+    """dx of routed rows without an adapter, positions first .. end - 1: dout (residual) or 0."""
+    for p0 in range(first, end, BM):
+        rows, row_ok = _gather_rows(PERM, p0 + tl.arange(0, BM), end, True)
+        mask = row_ok[:, None] & d_ok[None, :]
+        dx = tl.zeros((BM, BD), tl.float32)
+        if RESIDUAL:
+            dx += tl.load(DOUT + rows.to(tl.int64)[:, None] * stride_gn + cols[None, :] * stride_gd,
+                          mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + rows.to(tl.int64)[:, None] * D + cols[None, :], dx, mask=mask)
 
 
 @triton.jit
@@ -860,6 +916,22 @@ def _store_weight_partials(DWD, DWU, DLN_W, DLN_B, dwd, dwu, dgamma, dbeta, spli
     if NEED_DLN:
         tl.store(DLN_W + split * D + cols, dgamma, mask=d_ok)
         tl.store(DLN_B + split * D + cols, dbeta, mask=d_ok)
+
+
+@triton.jit
+def _segment_sum_kernel(PARTIAL, OUT, FIRST_CHUNK, SIZE, BLOCK: tl.constexpr):
+    """OUT[a, j] = Σ_{c in chunks of adapter a} PARTIAL[c, j], chunks added in order (deterministic)."""
+    adapter = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < SIZE
+    begin = tl.load(FIRST_CHUNK + adapter)
+    stop = tl.load(FIRST_CHUNK + adapter + 1)
+    acc = tl.zeros((BLOCK,), tl.float32)
+    ptrs = PARTIAL + begin.to(tl.int64) * SIZE + offs
+    for _ in range(begin, stop):
+        acc += tl.load(ptrs, mask=ok, other=0.0)
+        ptrs += SIZE
+    tl.store(OUT + adapter.to(tl.int64) * SIZE + offs, acc, mask=ok)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -925,6 +997,18 @@ class Launch(NamedTuple):
     elements: int
     work_units: int = 0  # row blocks a grid-stride kernel's programs walk; 0: one program per unit of work
     element_loops: int = 0  # k > 0: only the kernel's first k tile loops walk ``elements`` (0: all do)
+
+
+class Routing(NamedTuple):
+    """A mixed batch for ``plan_backward`` (``ops.routed_adapter``): row n goes through adapter
+    ``index[n]`` of a stack of A, or none. ``segments(block)`` groups the rows by adapter into blocks of at
+    most ``block`` rows (``routed_adapter.segment_table``: ``perm``, ``table``, ``first_chunk``);
+    ``dropout_p`` and ``keep`` are each adapter's dropout probability and 1 / (1 - p) (float32 A)."""
+
+    segments: Callable[[int], Any]
+    dropout_p: torch.Tensor
+    keep: torch.Tensor
+    has_dropout: bool
 
 
 class _Config(NamedTuple):
@@ -1123,35 +1207,38 @@ def _optional(t: Optional[torch.Tensor], fallback: torch.Tensor) -> torch.Tensor
 
 
 def _plan_up_weight_fold(up_weight: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, ...]:
-    """Post norm's fold of the up weight (D×H), once per backward, for ``_post_norm_bwd_rows_kernel``:
-    ``(Ws, Gc, δ, launches)``, Ws = Wu - s in ``dtype`` (s: each column's mean over its first 64
-    rows), Gc the H×H Gram matrix of Wu - w̄ in ``dtype`` (the rows pass's dot rounds it so anyway),
-    δ = w̄ - s (float32 H). D splits into S groups of rows (at most 4 MB of float32 partial Gram
-    tiles), added in order by the second launch."""
-    d, h_size = up_weight.shape
+    """Post norm's fold of the up weight (D×H, or a stack A×D×H), once per backward, for
+    ``_post_norm_bwd_rows_kernel``: ``(Ws, Gc, δ, launches)``, Ws = Wu - s in ``dtype`` (s: each column's
+    mean over its first 64 rows), Gc the H×H Gram matrix of Wu - w̄ in ``dtype`` (the rows pass's dot
+    rounds it so anyway), δ = w̄ - s (float32 H), each per adapter of a stack. D splits into S groups of
+    rows (at most 4 MB of float32 partial Gram tiles over the stack), added in order by the second launch."""
+    d, h_size = up_weight.shape[-2:]
+    stack = up_weight.shape[:-2]
+    a_count = up_weight.shape[0] if stack else 1
     f32 = dict(device=up_weight.device, dtype=torch.float32)
     e = up_weight.element_size()
     br, bd = (16 if h_size <= 64 else 32), 64
-    splits = max(1, min(_cdiv(d, 4 * bd), (1 << 22) // (4 * h_size * h_size)))
+    splits = max(1, min(_cdiv(d, 4 * bd), (1 << 22) // (4 * h_size * h_size * a_count)))
     rows_per_split = _cdiv(_cdiv(d, splits), bd) * bd
     splits = _cdiv(d, rows_per_split)
     up_shifted = torch.empty_like(up_weight, dtype=dtype)
-    p1 = torch.empty((splits, h_size), **f32)
-    p2 = torch.empty((splits, h_size, h_size), **f32)
-    gram = torch.empty((h_size, h_size), device=up_weight.device, dtype=dtype)
-    delta = torch.empty((h_size,), **f32)
+    p1 = torch.empty((a_count * splits, h_size), **f32)
+    p2 = torch.empty((a_count * splits, h_size, h_size), **f32)
+    gram = torch.empty(stack + (h_size, h_size), device=up_weight.device, dtype=dtype)
+    delta = torch.empty(stack + (h_size,), **f32)
     tiles = _cdiv(h_size, br)
     launches = [
-        Launch("fold_up", _up_weight_fold_kernel, (tiles, tiles, splits),
-               (up_weight, up_shifted, p1, p2, d, h_size, rows_per_split), dict(BR=br, BD=bd, num_warps=4 if br == 16 else 8, num_stages=2),
-               hbm_bytes=d * h_size * (e + up_shifted.element_size()) + 4 * splits * h_size * (h_size + 1),
-               reread_bytes=0, live_bytes_per_program=0, l2_bytes=(2 * tiles - 1) * d * h_size * e,
-               elements=tiles * d * h_size),
-        Launch("gram_up", _up_weight_gram_kernel, (tiles, tiles), (p1, p2, gram, delta, d, h_size, splits),
+        Launch("fold_up", _up_weight_fold_kernel, (tiles, tiles, a_count * splits),
+               (up_weight, up_shifted, p1, p2, d, h_size, rows_per_split, splits),
+               dict(BR=br, BD=bd, num_warps=4 if br == 16 else 8, num_stages=2),
+               hbm_bytes=a_count * (d * h_size * (e + up_shifted.element_size()) + 4 * splits * h_size * (h_size + 1)),
+               reread_bytes=0, live_bytes_per_program=0, l2_bytes=a_count * (2 * tiles - 1) * d * h_size * e,
+               elements=a_count * tiles * d * h_size),
+        Launch("gram_up", _up_weight_gram_kernel, (tiles, tiles, a_count), (p1, p2, gram, delta, d, h_size, splits),
                dict(BR=br, num_warps=4, num_stages=1),
-               hbm_bytes=4 * splits * h_size * (h_size + 1) + gram.element_size() * h_size * h_size + 4 * h_size,
-               reread_bytes=0, live_bytes_per_program=0,
-               l2_bytes=0, elements=h_size * h_size),
+               hbm_bytes=a_count * (4 * splits * h_size * (h_size + 1) + gram.element_size() * h_size * h_size
+                                    + 4 * h_size),
+               reread_bytes=0, live_bytes_per_program=0, l2_bytes=0, elements=a_count * h_size * h_size),
     ]
     return up_shifted, gram, delta, launches
 
@@ -1259,15 +1346,22 @@ def plan_backward(
     need_dwd: bool,
     need_dwu: bool,
     limits: DeviceLimits,
+    routing: Optional[Routing] = None,
 ) -> Tuple[Tuple[torch.Tensor, ...], List[Launch]]:
     """The backward's buffers (allocated, not computed) and the launches that fill them.
 
     Buffers ``(dx, dln_weight_partials, dln_bias_partials, dwd_partials, dwu_partials)``: ``dx`` like
     ``x`` (or ``(0,)`` when not needed), the weight gradients as float32 per-split partials ``(S, ...)``
     that ``linear_adapter_backward`` sums in a fixed order. Nothing is read, so any device works.
+
+    With ``routing`` (a mixed batch; the weights, scale and ``proj`` stacked per adapter, ``dropout_p``
+    ignored for ``routing``'s), the same kernels run over the rows grouped by adapter: the rows pass
+    over blocks of one adapter's rows, the columns pass over chunks of them, and a last launch per
+    weight gradient adds each adapter's chunks in order (``_segment_sum_kernel``): the weight gradients
+    come back as float32 ``(A, ...)`` totals, zero for adapters no row chose.
     """
     d = x.shape[-1]
-    h_size = down_weight.shape[0]
+    h_size = down_weight.shape[-2]
     x2 = x.reshape(-1, d)
     g2 = grad_out.reshape(-1, d)
     n = x2.shape[0]
@@ -1278,8 +1372,12 @@ def plan_backward(
     e = x.element_size()
 
     has_dropout, p, keep_scale = _dropout_args(dropout_p)
+    routed = routing is not None
+    if routed:  # each adapter's p and 1 / (1 - p) come from routing's tensors, in the kernels
+        has_dropout, p, keep_scale = routing.has_dropout, 0.0, 1.0
     flags = dict(HAS_DROPOUT=has_dropout, HAS_SCALE=scale is not None, HAS_ROW_SQ_GRAD=q is not None,
-                 DOT_F32=_dot_f32(x.dtype, limits, h_size))
+                 DOT_F32=_dot_f32(x.dtype, limits, h_size), ROUTED=routed)
+    drop_args = (routing.dropout_p, routing.keep) if routed else (mean, mean)
     seed, scale_arg = _optional(dropout_seed, mean), _optional(scale, mean)
     q_arg, q_stride = (q, q.stride(0)) if q is not None else (mean, 0)
     acts = x.new_empty((n, h_size), dtype=_operand_dtype(x.dtype, limits))  # act(h)
@@ -1293,7 +1391,12 @@ def plan_backward(
         # The row_sq gradient keeps a live through the pre-norm loop as well: a tighter budget.
         cfg = _rows_pass_config(pre, q is not None, h_size, d, x.dtype, limits)
         programs = _cdiv(n, cfg.BM)
-        tail = (acts, dh, k, n, d, h_size, g2.stride(0), g2.stride(1), q_stride, p, keep_scale)
+        perm = table = mean
+        if routed:
+            perm, table, _ = routing.segments(cfg.BM)
+            programs = table.shape[0]
+        tail = (acts, dh, k, perm, table, *drop_args, n, d, h_size, g2.stride(0), g2.stride(1), q_stride, p,
+                keep_scale)
         meta = _meta(cfg, ACT=activation, **flags)
         if pre:
             args = (g2, q_arg, hidden, proj, up_weight, seed, scale_arg, *tail)
@@ -1312,6 +1415,7 @@ def plan_backward(
         ))
 
     need = dict(NEED_DX=need_dx, NEED_DLN=need_dln, NEED_DWD=need_dwd, NEED_DWU=need_dwu)
+    chunk_starts = {}  # routed: each partial's chunk table's per-adapter starts
     groups = _column_groups(pre, need, h_size, d, x.dtype, limits) if any(need.values()) else []
     dx = x.new_empty(x.shape if need_dx else (0,))
     partials = {name: torch.empty((0,), **f32) for name in ("dwd", "dwu", "dlnw", "dlnb")}
@@ -1319,13 +1423,17 @@ def plan_backward(
         cfg = _col_config(h_size, d, x.dtype, limits, accumulators=int(group["NEED_DWD"]) + int(group["NEED_DWU"]))
         n_col = _cdiv(d, cfg.BD)
         splits, rows_per_split = _row_splits(n, n_col, cfg.BM, limits)
-        if group["NEED_DWD"]:
-            partials["dwd"] = torch.empty((splits, h_size, d), **f32)
-        if group["NEED_DWU"]:
-            partials["dwu"] = torch.empty((splits, d, h_size), **f32)
-        if group["NEED_DLN"]:
-            partials["dlnw"] = torch.empty((splits, d), **f32)
-            partials["dlnb"] = torch.empty((splits, d), **f32)
+        perm = chunks = mean
+        if routed:
+            perm, chunks, starts = routing.segments(rows_per_split)
+            splits = chunks.shape[0]
+        group_partials = dict(dwd=(group["NEED_DWD"], (h_size, d)), dwu=(group["NEED_DWU"], (d, h_size)),
+                              dlnw=(group["NEED_DLN"], (d,)), dlnb=(group["NEED_DLN"], (d,)))
+        for name, (needed, shape) in group_partials.items():
+            if needed:
+                partials[name] = torch.empty((splits,) + shape, **f32)
+                if routed:
+                    chunk_starts[name] = starts
         reads_dh = group["NEED_DX"] or group["NEED_DWD"] or (pre and group["NEED_DLN"])
         reads_x = group["NEED_DWD"] or (pre and (group["NEED_DX"] or group["NEED_DLN"]))
         nd_bytes = n * d * e * (1 + int(reads_x) + int(group["NEED_DX"]))  # dout, x, dx
@@ -1336,7 +1444,7 @@ def plan_backward(
         launches.append(Launch(
             "bwd_cols", _bwd_cols_kernel, (n_col, splits),
             (x2, g2, q_arg, acts, dh, mean, rstd, k, ln_weight, ln_bias, down_weight, up_weight, seed, scale_arg,
-             dx, partials["dwd"], partials["dwu"], partials["dlnw"], partials["dlnb"],
+             dx, partials["dwd"], partials["dwu"], partials["dlnw"], partials["dlnb"], perm, chunks, *drop_args,
              n, d, h_size, x2.stride(0), x2.stride(1), g2.stride(0), g2.stride(1), q_stride,
              rows_per_split, p, keep_scale),
             _meta(cfg, **flags, RESIDUAL=residual, **group, PRE_NORM=pre),
@@ -1344,7 +1452,23 @@ def plan_backward(
             reread_bytes=0, live_bytes_per_program=0,
             l2_bytes=(n_col - 1) * (hid_bytes + 20 * n), elements=n * d,
         ))
+    for name, starts in chunk_starts.items():
+        partials[name], total = _plan_segment_sum(partials[name], starts)
+        launches.append(total)
     return (dx, partials["dlnw"], partials["dlnb"], partials["dwd"], partials["dwu"]), launches
+
+
+def _plan_segment_sum(partial: torch.Tensor, starts: torch.Tensor) -> Tuple[torch.Tensor, Launch]:
+    """Each adapter's total of a routed columns pass's float32 chunk partials ``(C, ...)``: ``(A, ...)``,
+    adapter a's chunks ``starts[a]:starts[a + 1]`` added in order (none: zero)."""
+    a_count = starts.shape[0] - 1
+    total = torch.empty((a_count,) + partial.shape[1:], device=partial.device, dtype=torch.float32)
+    size = partial[0].numel() if partial.shape[0] else total[0].numel()
+    block = 1024
+    return total, Launch("segment_sum", _segment_sum_kernel, (a_count, _cdiv(size, block)),
+                         (partial, total, starts, size), dict(BLOCK=block),
+                         hbm_bytes=4 * (partial.numel() + total.numel()), reread_bytes=0, live_bytes_per_program=0,
+                         l2_bytes=0, elements=total.numel())
 
 
 def _run(launches: List[Launch], limits: DeviceLimits) -> None:

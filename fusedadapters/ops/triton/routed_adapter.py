@@ -17,10 +17,12 @@ its rows in place (gathered through ``perm``; nothing is permuted in memory). Th
 row is hashed from its position in the whole batch, so a row's output does not depend on the others.
 
 Forward: one launch (``_routed_fwd_kernel``, both norm positions, rows of segment 0 copy x or write 0).
-Backward: a rows pass over the same table (dh, c1, c2 per row), then a columns pass over a coarser
-table of row chunks (each program: one D slice of one chunk of one segment) that writes dx and
-float32 partial weight gradients per chunk; ``_segment_sum_kernel`` adds each adapter's chunks in a
-fixed order. No atomics: deterministic. Adapters no row chose get zero gradients.
+Backward: the single adapter's kernels and plan (``linear_adapter.plan_backward`` with a ``Routing``):
+the rows pass over blocks of the segment table (a, dh, k1, k2 per row; post norm on each adapter's
+folded up weight), the columns pass over a coarser table of row chunks (each program: one D slice of
+one chunk of one segment) that writes dx and float32 partial weight gradients per chunk, and
+``_segment_sum_kernel`` adds each adapter's chunks in a fixed order. No atomics: deterministic.
+Adapters no row chose get zero gradients.
 """
 
 from __future__ import annotations
@@ -39,20 +41,20 @@ import triton.language as tl
 from ..backend import triton_interpreter_enabled
 from . import fix_interpreter_scalar_index
 from .linear_adapter import (
+    DeviceLimits,
+    Routing,
     _act,
-    _act_grad,
     _dot,
     _drop_scale,
-    _dy,
     _fold_ln_kernel,
-    _load_rows,
     _load_scale,
-    _load_stats,
     _normalize,
-    _post_norm_rows_sums,
     _row_hash,
+    _run,
     _store_stats,
     _up_projection_stats,
+    device_limits,
+    plan_backward,
 )
 
 __all__ = ["KernelLaunch", "record_launches", "routed_adapter_backward", "routed_adapter_forward", "segment_table"]
@@ -192,195 +194,6 @@ def _routed_fwd_kernel(
         )
 
 
-@triton.jit
-def _routed_bwd_rows_kernel(
-    DOUT, GRAD_SQ, HID, MEAN, RSTD, PROJ, LN_W, LN_B, WU, PERM, TABLE, SEED, SCALE, DROP_P, KEEP, DH, C1, C2,
-    N, D, H, stride_gn, stride_gd, stride_q,
-    ACT: tl.constexpr, PRE_NORM: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr,
-    HAS_ROW_SQ_GRAD: tl.constexpr, DOT_F32: tl.constexpr,
-    BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
-):
-    """dh (N, H) and the per-row c1, c2 of the rows with an adapter (see linear_adapter's docstring)."""
-    pid = tl.program_id(0)
-    adapter, first, end = _segment(TABLE, pid)
-    if adapter >= 0:
-        pos = first + tl.arange(0, BM)
-        row_ok = pos < end
-        rows = tl.load(PERM + pos, mask=row_ok, other=0).to(tl.int64)
-        hcols = tl.arange(0, BH)
-        h_ok = hcols < H
-        hid_mask = row_ok[:, None] & h_ok[None, :]
-        hid_offs = rows[:, None] * H + hcols[None, :]
-        g_rows = DOUT + rows[:, None] * stride_gn
-        a64 = adapter.to(tl.int64)
-        wu_ptr = WU + a64 * D * H
-        dot_dtype = WU.dtype.element_ty
-        scale, dropout_p, keep_scale = _adapter_scalars(SCALE, DROP_P, KEEP, adapter, HAS_SCALE, HAS_DROPOUT)
-        row_hash = _row_hash(SEED, rows) if HAS_DROPOUT else rows
-        grad_sq = _load_rows(GRAD_SQ, rows, row_ok, HAS_ROW_SQ_GRAD, stride_q)
-        h = tl.load(HID + hid_offs, mask=hid_mask, other=0.0)
-        a = _act(h, ACT)
-        if PRE_NORM:
-            da = tl.zeros((BM, BH), tl.float32)
-            for d0 in range(0, D, BD):
-                cols = d0 + tl.arange(0, BD)
-                d_ok = cols < D
-                dout = tl.load(g_rows + cols[None, :] * stride_gd, mask=row_ok[:, None] & d_ok[None, :],
-                               other=0.0).to(tl.float32)
-                wu = tl.load(wu_ptr + cols[:, None] * H + hcols[None, :], mask=d_ok[:, None] & h_ok[None, :], other=0.0)
-                y = _dot(a, tl.trans(wu), DOT_F32, dot_dtype) if HAS_ROW_SQ_GRAD else dout
-                dy = _dy(dout, y, grad_sq, row_hash, cols, scale, dropout_p, keep_scale,
-                         HAS_DROPOUT, HAS_SCALE, HAS_ROW_SQ_GRAD)
-                da += _dot(dy, wu, DOT_F32, dot_dtype)
-            dh = da * _act_grad(h, ACT)
-            g = tl.load(PROJ + a64 * 2 * H + hcols, mask=h_ok, other=0.0)
-            b = tl.load(PROJ + a64 * 2 * H + H + hcols, mask=h_ok, other=0.0)
-            c1 = tl.sum(dh * g[None, :], 1)
-            c2 = tl.sum(dh * (h - b[None, :]), 1)
-        else:
-            shift, mean_c, rstd = _load_stats(MEAN, RSTD, rows, row_ok, N)
-            c1, c2, da = _post_norm_rows_sums(a, g_rows, LN_W + a64 * D, LN_B + a64 * D, wu_ptr, shift, mean_c, rstd,
-                                              grad_sq, row_hash, row_ok, hcols, h_ok, D, H, stride_gd, scale,
-                                              dropout_p, keep_scale, HAS_DROPOUT, HAS_SCALE, HAS_ROW_SQ_GRAD,
-                                              DOT_F32, dot_dtype, BM, BD, BH)
-            dh = da * _act_grad(h, ACT)
-        tl.store(DH + hid_offs, dh, mask=hid_mask)
-        tl.store(C1 + rows, c1, mask=row_ok)
-        tl.store(C2 + rows, c2, mask=row_ok)
-
-
-@triton.jit
-def _routed_bwd_cols_kernel(
-    X, DOUT, GRAD_SQ, HID, DH, MEAN, RSTD, C1, C2, LN_W, LN_B, WD, WU, PERM, CHUNKS, SEED, SCALE, DROP_P, KEEP,
-    DX, DWD, DWU, DLN_W, DLN_B,
-    N, D, H, stride_xn, stride_xd, stride_gn, stride_gd, stride_q,
-    ACT: tl.constexpr, PRE_NORM: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr,
-    HAS_ROW_SQ_GRAD: tl.constexpr, RESIDUAL: tl.constexpr, DOT_F32: tl.constexpr,
-    NEED_DX: tl.constexpr, NEED_DLN: tl.constexpr, NEED_DWD: tl.constexpr, NEED_DWU: tl.constexpr,
-    BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
-):
-    """One D slice of one row chunk (inside one segment): dx of its rows and the chunk's float32
-    partial weight gradients, stored at the chunk's index (summed per adapter by ``_segment_sum_kernel``)."""
-    pid_d = tl.program_id(0)
-    chunk = tl.program_id(1)
-    adapter, first, end = _segment(CHUNKS, chunk)
-    cols = pid_d * BD + tl.arange(0, BD)
-    d_ok = cols < D
-    hcols = tl.arange(0, BH)
-    h_ok = hcols < H
-    dot_dtype = X.dtype.element_ty
-    if adapter < 0:  # rows without an adapter: dx = dout (residual) or 0
-        if NEED_DX:
-            for p0 in range(first, end, BM):
-                pos = p0 + tl.arange(0, BM)
-                row_ok = pos < end
-                rows = tl.load(PERM + pos, mask=row_ok, other=0).to(tl.int64)
-                mask = row_ok[:, None] & d_ok[None, :]
-                dx = tl.zeros((BM, BD), tl.float32)
-                if RESIDUAL:
-                    dx += tl.load(DOUT + rows[:, None] * stride_gn + cols[None, :] * stride_gd,
-                                  mask=mask, other=0.0).to(tl.float32)
-                tl.store(DX + rows[:, None] * D + cols[None, :], dx, mask=mask)
-    else:
-        a64 = adapter.to(tl.int64)
-        gamma = tl.load(LN_W + a64 * D + cols, mask=d_ok, other=0.0).to(tl.float32)
-        beta = tl.load(LN_B + a64 * D + cols, mask=d_ok, other=0.0).to(tl.float32)
-        wd = tl.load(WD + a64 * H * D + hcols[:, None] * D + cols[None, :], mask=h_ok[:, None] & d_ok[None, :], other=0.0)
-        wu = tl.load(WU + a64 * D * H + cols[:, None] * H + hcols[None, :], mask=d_ok[:, None] & h_ok[None, :], other=0.0)
-        scale, dropout_p, keep_scale = _adapter_scalars(SCALE, DROP_P, KEEP, adapter, HAS_SCALE, HAS_DROPOUT)
-        dwd = tl.zeros((BH, BD), tl.float32)
-        dwu = tl.zeros((BD, BH), tl.float32)
-        dgamma = tl.zeros((BD,), tl.float32)
-        dbeta = tl.zeros((BD,), tl.float32)
-        for p0 in range(first, end, BM):
-            pos = p0 + tl.arange(0, BM)
-            row_ok = pos < end
-            rows = tl.load(PERM + pos, mask=row_ok, other=0).to(tl.int64)
-            mask = row_ok[:, None] & d_ok[None, :]
-            hid_offs = rows[:, None] * H + hcols[None, :]
-            hid_mask = row_ok[:, None] & h_ok[None, :]
-            dout = tl.load(DOUT + rows[:, None] * stride_gn + cols[None, :] * stride_gd, mask=mask, other=0.0).to(tl.float32)
-            row_hash = _row_hash(SEED, rows) if HAS_DROPOUT else rows
-            grad_sq = _load_rows(GRAD_SQ, rows, row_ok, HAS_ROW_SQ_GRAD, stride_q)
-            if PRE_NORM:
-                if NEED_DWU:
-                    a = _act(tl.load(HID + hid_offs, mask=hid_mask, other=0.0), ACT)
-                    y = _dot(a, tl.trans(wu), DOT_F32, dot_dtype) if HAS_ROW_SQ_GRAD else dout
-                    dy = _dy(dout, y, grad_sq, row_hash, cols, scale, dropout_p, keep_scale,
-                             HAS_DROPOUT, HAS_SCALE, HAS_ROW_SQ_GRAD)
-                    dwu += _dot(tl.trans(tl.where(mask, dy, 0.0)), a, DOT_F32, dot_dtype)
-                if NEED_DX or NEED_DLN or NEED_DWD:
-                    dh = tl.load(DH + hid_offs, mask=hid_mask, other=0.0)
-                    x = tl.load(X + rows[:, None] * stride_xn + cols[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
-                    shift, mean_c, rstd = _load_stats(MEAN, RSTD, rows, row_ok, N)
-                    xhat = _normalize(x, shift, mean_c, rstd, mask)
-                    if NEED_DX or NEED_DLN:
-                        dxhat = _dot(dh, wd, DOT_F32, dot_dtype)  # dh Wd, before ⊙ γ
-                        if NEED_DX:
-                            c1 = tl.load(C1 + rows, mask=row_ok, other=0.0)
-                            c2 = tl.load(C2 + rows, mask=row_ok, other=0.0)
-                            dx = rstd[:, None] * (dxhat * gamma[None, :] - (c1[:, None] + xhat * c2[:, None]) / D)
-                            if RESIDUAL:
-                                dx += dout
-                            tl.store(DX + rows[:, None] * D + cols[None, :], dx, mask=mask)
-                        if NEED_DLN:
-                            dgamma += tl.sum(dxhat * xhat, 0)
-                            dbeta += tl.sum(tl.where(mask, dxhat, 0.0), 0)
-                    if NEED_DWD:
-                        xn = tl.where(mask, xhat * gamma[None, :] + beta[None, :], 0.0)
-                        dwd += _dot(tl.trans(dh), xn, DOT_F32, dot_dtype)
-            else:
-                if NEED_DLN or NEED_DWU:
-                    a = _act(tl.load(HID + hid_offs, mask=hid_mask, other=0.0), ACT)
-                    shift, mean_c, rstd = _load_stats(MEAN, RSTD, rows, row_ok, N)
-                    uhat = _normalize(_dot(a, tl.trans(wu), DOT_F32, dot_dtype), shift, mean_c, rstd, mask)
-                    dy = _dy(dout, uhat * gamma[None, :] + beta[None, :], grad_sq, row_hash, cols, scale,
-                             dropout_p, keep_scale, HAS_DROPOUT, HAS_SCALE, HAS_ROW_SQ_GRAD)
-                    dy = tl.where(mask, dy, 0.0)
-                    if NEED_DLN:
-                        dgamma += tl.sum(dy * uhat, 0)
-                        dbeta += tl.sum(dy, 0)
-                    if NEED_DWU:
-                        c1 = tl.load(C1 + rows, mask=row_ok, other=0.0)
-                        c2 = tl.load(C2 + rows, mask=row_ok, other=0.0)
-                        du = rstd[:, None] * (dy * gamma[None, :] - (c1[:, None] + uhat * c2[:, None]) / D)
-                        dwu += _dot(tl.trans(du), a, DOT_F32, dot_dtype)
-                if NEED_DX or NEED_DWD:
-                    dh = tl.load(DH + hid_offs, mask=hid_mask, other=0.0)
-                    if NEED_DX:
-                        dx = _dot(dh, wd, DOT_F32, dot_dtype)
-                        if RESIDUAL:
-                            dx += dout
-                        tl.store(DX + rows[:, None] * D + cols[None, :], dx, mask=mask)
-                    if NEED_DWD:
-                        x = tl.load(X + rows[:, None] * stride_xn + cols[None, :] * stride_xd, mask=mask, other=0.0)
-                        dwd += _dot(tl.trans(dh), x, DOT_F32, dot_dtype)
-        c64 = chunk.to(tl.int64)
-        if NEED_DWD:
-            tl.store(DWD + c64 * H * D + hcols[:, None] * D + cols[None, :], dwd, mask=h_ok[:, None] & d_ok[None, :])
-        if NEED_DWU:
-            tl.store(DWU + c64 * D * H + cols[:, None] * H + hcols[None, :], dwu, mask=d_ok[:, None] & h_ok[None, :])
-        if NEED_DLN:
-            tl.store(DLN_W + c64 * D + cols, dgamma, mask=d_ok)
-            tl.store(DLN_B + c64 * D + cols, dbeta, mask=d_ok)
-
-
-@triton.jit
-def _segment_sum_kernel(PARTIAL, OUT, FIRST_CHUNK, SIZE, BLOCK: tl.constexpr):
-    """OUT[a, j] = Σ_{c in chunks of adapter a} PARTIAL[c, j], chunks added in order (deterministic)."""
-    adapter = tl.program_id(0)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < SIZE
-    begin = tl.load(FIRST_CHUNK + adapter)
-    stop = tl.load(FIRST_CHUNK + adapter + 1)
-    acc = tl.zeros((BLOCK,), tl.float32)
-    ptrs = PARTIAL + begin.to(tl.int64) * SIZE + offs
-    for _ in range(begin, stop):
-        acc += tl.load(ptrs, mask=ok, other=0.0)
-        ptrs += SIZE
-    tl.store(OUT + adapter.to(tl.int64) * SIZE + offs, acc, mask=ok)
-
-
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
@@ -484,15 +297,11 @@ class _Blocks(NamedTuple):
     num_warps: int
 
 
-def _blocks(h: int, d: int, columns: bool = False) -> _Blocks:
-    """Block sizes of the row-block kernels, or (``columns``) of the backward columns pass, whose
-    programs hold two BH×BD float32 weight-gradient tiles. Under the interpreter row blocks are small,
-    so that tests cover several blocks per segment."""
+def _blocks(h: int, d: int) -> _Blocks:
+    """Block sizes of the forward. Under the interpreter row blocks are small, so that tests cover
+    several blocks per segment."""
     bh = max(16, triton.next_power_of_2(h))
-    if columns:
-        bm, bd = 16, (64 if bh <= 32 else 32 if bh <= 128 else 16)
-    else:
-        bm, bd = (64 if bh <= 32 else 32 if bh <= 128 else 16), (64 if bh <= 128 else 32 if bh <= 256 else 16)
+    bm, bd = (64 if bh <= 32 else 32 if bh <= 128 else 16), (64 if bh <= 128 else 32 if bh <= 256 else 16)
     if triton_interpreter_enabled():
         bm = 16
     return _Blocks(bh, bm, min(bd, max(16, triton.next_power_of_2(d))), 4 if bh < 64 else 8)
@@ -500,14 +309,6 @@ def _blocks(h: int, d: int, columns: bool = False) -> _Blocks:
 
 def _dot_f32(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (dtype == torch.bfloat16 and triton_interpreter_enabled())
-
-
-def _chunk_rows(n: int, n_col: int, bm: int, device: torch.device) -> int:
-    """Rows per chunk of the columns pass: enough chunks for the device (a few under the interpreter,
-    so tests cover several chunks per adapter), whole row blocks each; fixed for a shape and device."""
-    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    chunks = max(1, target // n_col)
-    return triton.cdiv(max(1, triton.cdiv(n, chunks)), bm) * bm
 
 
 @functools.lru_cache(maxsize=64)
@@ -574,82 +375,24 @@ def routed_adapter_backward(
     grad_out, grad_row_sq, x, adapter_index, ln_weight, ln_bias, down_weight, up_weight,
     dropout_seed: Optional[torch.Tensor], scale: Optional[torch.Tensor], hidden, mean, rstd, proj,
     dropout_p: List[float], activation: str, norm_position: str, residual: bool,
-    need_dx: bool, need_dln: bool, need_dwd: bool, need_dwu: bool,
+    need_dx: bool, need_dln: bool, need_dwd: bool, need_dwu: bool, limits: Optional[DeviceLimits] = None,
 ):
-    """Launch the backward; returns ``(dx, d_ln_weight, d_ln_bias, d_down, d_up)`` (empty when not needed)."""
-    d = x.shape[-1]
-    a_count, h_size = down_weight.shape[:2]
-    x2 = x.reshape(-1, d)
-    g2 = grad_out.reshape(-1, d)
-    n = x2.shape[0]
-    index = adapter_index
-    q = grad_row_sq.reshape(-1) if grad_row_sq is not None else None
-    ln_weight, ln_bias, down_weight, up_weight = (t.contiguous() for t in (ln_weight, ln_bias, down_weight, up_weight))
-    f32 = dict(device=x.device, dtype=torch.float32)
-    pre = norm_position == "pre"
+    """Launch the backward; returns ``(dx, d_ln_weight, d_ln_bias, d_down, d_up)`` (empty when not needed).
+
+    The single adapter's kernels and plan (``linear_adapter.plan_backward``) over the rows grouped by
+    adapter; ``limits`` (default: ``x``'s device) sizes the blocks."""
+    limits = limits or device_limits(x.device)
+    a_count = down_weight.shape[0]
     has_dropout, probs, keep = _dropout_tensors(dropout_p, x.device)
-    seed = dropout_seed if dropout_seed is not None else probs
-    scale_arg = scale if scale is not None else probs
-    q_arg, q_stride = (q, q.stride(0)) if q is not None else (probs, 0)
-    flags = dict(ACT=activation, PRE_NORM=pre, HAS_DROPOUT=has_dropout, HAS_SCALE=scale is not None,
-                 HAS_ROW_SQ_GRAD=q is not None, DOT_F32=_dot_f32(x.dtype))
-    cfg = _blocks(h_size, d)
-
-    dh = torch.empty((n, h_size), **f32)
-    c1 = torch.empty((n,), **f32)
-    c2 = torch.empty((n,), **f32)
-    if n > 0 and (need_dx or need_dwd or (need_dln if pre else need_dwu)):
-        seg = segment_table(index, a_count, cfg.BM)
-        _launch(
-            _routed_bwd_rows_kernel, (seg.table.shape[0],),
-            g2, q_arg, hidden, mean, rstd, proj, ln_weight, ln_bias, up_weight, seg.perm, seg.table, seed, scale_arg,
-            probs, keep, dh, c1, c2, n, d, h_size, g2.stride(0), g2.stride(1), q_stride,
-            **flags, BM=cfg.BM, BD=cfg.BD, BH=cfg.BH, num_warps=cfg.num_warps,
-        )
-
-    cfg = _blocks(h_size, d, columns=True)
-    n_col = triton.cdiv(d, cfg.BD)
-    chunks = segment_table(index, a_count, _chunk_rows(n, n_col, cfg.BM, x.device))
-    n_chunks = chunks.table.shape[0]
-    dx = x.new_empty(x.shape if need_dx else (0,))
-    dwd = torch.empty((n_chunks, h_size, d) if need_dwd else (0,), **f32)
-    dwu = torch.empty((n_chunks, d, h_size) if need_dwu else (0,), **f32)
-    dlnw = torch.empty((n_chunks, d) if need_dln else (0,), **f32)
-    dlnb = torch.empty((n_chunks, d) if need_dln else (0,), **f32)
-    # From BH = 256 a program cannot hold the weight-gradient tiles next to the rest: dWd and dWu get
-    # passes of their own (each re-reads its rows, which costs less than spilling in every iteration).
-    if cfg.BH >= 256:
-        passes = [(need_dx, need_dln, False, False), (False, False, need_dwd, False), (False, False, False, need_dwu)]
-    else:
-        passes = [(need_dx, need_dln, need_dwd, need_dwu)]
-    for pass_dx, pass_dln, pass_dwd, pass_dwu in passes:
-        if n == 0 or not (pass_dx or pass_dln or pass_dwd or pass_dwu):
-            continue
-        _launch(
-            _routed_bwd_cols_kernel, (n_col, n_chunks),
-            x2, g2, q_arg, hidden, dh, mean, rstd, c1, c2, ln_weight, ln_bias, down_weight, up_weight,
-            chunks.perm, chunks.table, seed, scale_arg, probs, keep, dx, dwd, dwu, dlnw, dlnb,
-            n, d, h_size, x2.stride(0), x2.stride(1), g2.stride(0), g2.stride(1), q_stride,
-            **flags, RESIDUAL=residual, NEED_DX=pass_dx, NEED_DLN=pass_dln, NEED_DWD=pass_dwd, NEED_DWU=pass_dwu,
-            BM=cfg.BM, BD=cfg.BD, BH=cfg.BH, num_warps=cfg.num_warps, num_stages=1,
-        )
-
-    def per_adapter(partial: torch.Tensor, like: torch.Tensor, needed: bool) -> torch.Tensor:
-        if not needed:
-            return like.new_empty((0,))
-        size = like[0].numel()
-        total = torch.empty((a_count, size), **f32)
-        if n == 0:
-            return total.zero_().reshape(like.shape).to(like.dtype)
-        block = 1024
-        _launch(_segment_sum_kernel, (a_count, triton.cdiv(size, block)), partial, total, chunks.first_chunk, size,
-                BLOCK=block)
-        return total.reshape(like.shape).to(like.dtype)
-
-    return (
-        dx,
-        per_adapter(dlnw, ln_weight, need_dln),
-        per_adapter(dlnb, ln_bias, need_dln),
-        per_adapter(dwd, down_weight, need_dwd),
-        per_adapter(dwu, up_weight, need_dwu),
+    routing = Routing(functools.partial(segment_table, adapter_index, a_count), probs, keep, has_dropout)
+    (dx, *grads), launches = plan_backward(
+        grad_out, grad_row_sq, x, ln_weight, ln_bias, down_weight, up_weight, dropout_seed, scale, hidden, mean,
+        rstd, proj, activation, norm_position, 0.0, residual, need_dx, need_dln, need_dwd, need_dwu, limits, routing,
     )
+    recording = _RECORDING.get()
+    if recording is None:
+        _run(launches, limits)
+    else:
+        recording.extend(KernelLaunch(l.kernel.fn.__name__, l.kernel, l.grid, l.args, l.meta) for l in launches)
+    likes = (ln_weight, ln_bias, down_weight, up_weight)
+    return (dx, *(g.to(like.dtype) if g.numel() else like.new_empty((0,)) for g, like in zip(grads, likes)))
