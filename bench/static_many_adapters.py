@@ -5,9 +5,9 @@ constexprs) instead of running it. Each distinct launch is then compiled exactly
 specialise it on a GPU, for sm_90a and sm_80, and measured with the machinery of
 ``bench/static_report.py`` (``compile_job``, ``analyse_job``, ``occupancy``): registers, spill bytes,
 shared memory, resident warps per SM and what limits them. No traffic or time model here (that report
-has one for the single-adapter kernels). The backward is the single adapter's kernels over the rows
-grouped by adapter (``ROUTED``), planned with each target's ``DeviceLimits``: blocks, chunks and grids
-as the launcher makes them on that GPU.
+has one for the single-adapter kernels). The routed forward and backward are the single adapter's
+kernels over the rows grouped by adapter (``ROUTED``), planned with each target's ``DeviceLimits``:
+blocks, chunks and grids as the launcher makes them on that GPU.
 
 Grid: pre and post norm; bf16 and fp32; D = 4096; H in {16, 64, 256}; A = 8 adapters over N = 8192
 rows (forward, backward rows and columns passes, the per-adapter gradient sum). The adapter chain has
@@ -44,8 +44,8 @@ N, D, ADAPTERS = 8192, 4096, 8
 
 
 def planned_launches(norm: str, dtype: torch.dtype, h: int, limits: Any) -> List[routed_kernels.KernelLaunch]:
-    """Every launch of a routed forward and backward at one grid point, the backward's blocks sized for
-    ``limits`` (the target GPU's, as the launcher would size them there)."""
+    """Every launch of a routed forward and backward at one grid point, sized for ``limits`` (the target
+    GPU's, as the launcher would size them there)."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn((N, D), generator=gen).to(dtype)
     index = torch.randint(-1, ADAPTERS, (N,), generator=gen)
@@ -55,7 +55,7 @@ def planned_launches(norm: str, dtype: torch.dtype, h: int, limits: Any) -> List
     probs = [0.0] * ADAPTERS
     with routed_kernels.record_launches() as launches:
         routed_kernels.routed_adapter_forward(x, index, ln_w, ln_b, down, up, None, None, probs, "swish", norm, 1e-5,
-                                              True, True)
+                                              True, True, limits=limits)
         proj = torch.zeros(ADAPTERS, 2, h, **f32) if norm == "pre" else torch.empty(0, **f32)
         routed_kernels.routed_adapter_backward(
             x, torch.ones(N, **f32), x, index, ln_w, ln_b, down, up, None, None, torch.zeros(N, h, **f32),

@@ -220,5 +220,5 @@ def test_record_launches_records_instead_of_running():
     with routed_kernels.record_launches() as launches:
         out, *_ = routed_kernels.routed_adapter_forward(x, index, *stacked, None, None, [0.0, 0.0], "swish", "pre",
                                                         1e-5, True, False)
-    assert [launch.name for launch in launches] == ["_fold_ln_kernel", "_routed_fwd_kernel"]  # pre norm folds first
+    assert [launch.name for launch in launches] == ["_fold_ln_kernel", "_pre_norm_fwd_kernel"]  # pre norm folds first
     assert torch.isnan(out).all()  # poisoned and never written: nothing ran

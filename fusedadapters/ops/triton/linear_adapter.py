@@ -314,16 +314,20 @@ def _fold_ln_kernel(WD, LN_W, LN_B, WG, PROJ, D, H, BR: tl.constexpr, BD: tl.con
 
 @triton.jit
 def _pre_norm_fwd_block(
-    blk, X, OUT, ROW_SQ, HID, MEAN, RSTD, PROJ, WG, WU, SEED, SCALE,
+    adapter, first, end, X, OUT, ROW_SQ, HID, MEAN, RSTD, PROJ, WG, WU, SEED, SCALE, PERM, DROP_P, KEEP,
     N, D, H, stride_xn, stride_xd, eps, dropout_p, keep_scale,
     ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr, RESIDUAL: tl.constexpr,
-    STORE_ROW_SQ: tl.constexpr, DOT_F32: tl.constexpr, FIRST_READ: tl.constexpr,
+    STORE_ROW_SQ: tl.constexpr, DOT_F32: tl.constexpr, FIRST_READ: tl.constexpr, ROUTED: tl.constexpr,
     BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
 ):
-    """The pre-norm forward of row block ``blk``; x's first reads carry the L2 policy ``FIRST_READ``,
-    its second read and the stores of out are marked evict-first (last use)."""
-    rows = blk * BM + tl.arange(0, BM)
-    row_ok = rows < N
+    """The pre-norm forward of the rows at positions first .. end - 1 (``_program_rows``) through
+    ``adapter``; x's first reads carry the L2 policy ``FIRST_READ``, its second read and the stores of
+    out are marked evict-first (last use)."""
+    rows, row_ok = _gather_rows(PERM, first + tl.arange(0, BM), end, ROUTED)
+    a64 = adapter.to(tl.int64)
+    PROJ += a64 * 2 * H
+    WG += a64 * H * D
+    WU += a64 * D * H
     hcols = tl.arange(0, BH)
     h_ok = hcols < H
     x_rows = X + rows.to(tl.int64)[:, None] * stride_xn
@@ -364,7 +368,8 @@ def _pre_norm_fwd_block(
     a = _act(h, ACT)
 
     # Pass 2, D backwards: out = [x +] s m (a Wuᵀ); the residual is read one chunk ahead.
-    scale = _load_scale(SCALE, HAS_SCALE)
+    scale = _load_scale(SCALE + adapter, HAS_SCALE)
+    dropout_p, keep_scale = _adapter_dropout(DROP_P, KEEP, adapter, dropout_p, keep_scale, ROUTED, HAS_DROPOUT)
     row_hash = _row_hash(SEED, rows) if HAS_DROPOUT else rows
     sq = tl.zeros((BM,), tl.float32)
     n_chunks = tl.cdiv(D, BD)
@@ -392,23 +397,46 @@ def _pre_norm_fwd_block(
 
 @triton.jit
 def _pre_norm_fwd_kernel(
-    X, OUT, ROW_SQ, HID, MEAN, RSTD, PROJ, WG, WU, SEED, SCALE,
+    X, OUT, ROW_SQ, HID, MEAN, RSTD, PROJ, WG, WU, SEED, SCALE, PERM, TABLE, DROP_P, KEEP,
     N, D, H, stride_xn, stride_xd, eps, dropout_p, keep_scale,
     ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr, RESIDUAL: tl.constexpr,
     STORE_ROW_SQ: tl.constexpr, DOT_F32: tl.constexpr, FIRST_READ: tl.constexpr, GRID_STRIDE: tl.constexpr,
-    BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
+    ROUTED: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
 ):
     """Row block pid, or with GRID_STRIDE row blocks pid, pid + P, ... of a grid of P programs (see
-    ``_forward_config``; the loop costs registers, so a grid of one program per row block goes without)."""
+    ``_forward_config``; the loop costs registers, so a grid of one program per row block goes without).
+    ROUTED: entry pid of the segment table (``_program_rows``; rows without an adapter pass through)."""
     if GRID_STRIDE:
         for blk in range(tl.program_id(0), tl.cdiv(N, BM), tl.num_programs(0)):
-            _pre_norm_fwd_block(blk, X, OUT, ROW_SQ, HID, MEAN, RSTD, PROJ, WG, WU, SEED, SCALE,
-                                N, D, H, stride_xn, stride_xd, eps, dropout_p, keep_scale, ACT, HAS_DROPOUT,
-                                HAS_SCALE, RESIDUAL, STORE_ROW_SQ, DOT_F32, FIRST_READ, BM, BD, BH)
+            adapter, first, end = _program_rows(TABLE, blk, N, BM, False)
+            _pre_norm_fwd_block(adapter, first, end, X, OUT, ROW_SQ, HID, MEAN, RSTD, PROJ, WG, WU, SEED, SCALE,
+                                PERM, DROP_P, KEEP, N, D, H, stride_xn, stride_xd, eps, dropout_p, keep_scale, ACT,
+                                HAS_DROPOUT, HAS_SCALE, RESIDUAL, STORE_ROW_SQ, DOT_F32, FIRST_READ, False, BM, BD, BH)
     else:
-        _pre_norm_fwd_block(tl.program_id(0), X, OUT, ROW_SQ, HID, MEAN, RSTD, PROJ, WG, WU, SEED, SCALE,
-                            N, D, H, stride_xn, stride_xd, eps, dropout_p, keep_scale, ACT, HAS_DROPOUT,
-                            HAS_SCALE, RESIDUAL, STORE_ROW_SQ, DOT_F32, FIRST_READ, BM, BD, BH)
+        adapter, first, end = _program_rows(TABLE, tl.program_id(0), N, BM, ROUTED)
+        if adapter >= 0:
+            _pre_norm_fwd_block(adapter, first, end, X, OUT, ROW_SQ, HID, MEAN, RSTD, PROJ, WG, WU, SEED, SCALE,
+                                PERM, DROP_P, KEEP, N, D, H, stride_xn, stride_xd, eps, dropout_p, keep_scale, ACT,
+                                HAS_DROPOUT, HAS_SCALE, RESIDUAL, STORE_ROW_SQ, DOT_F32, FIRST_READ, ROUTED, BM, BD, BH)
+        else:
+            _pass_rows_fwd(X, OUT, ROW_SQ, PERM, first, end, D, stride_xn, stride_xd, RESIDUAL, STORE_ROW_SQ, BM, BD)
+
+
+@triton.jit
+def _pass_rows_fwd(X, OUT, ROW_SQ, PERM, first, end, D, stride_xn, stride_xd, RESIDUAL: tl.constexpr,
+                   STORE_ROW_SQ: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr):
+    """Routed rows without an adapter, positions first .. end - 1: out = x (residual) or 0, row_sq = 0."""
+    rows, row_ok = _gather_rows(PERM, first + tl.arange(0, BM), end, True)
+    for d0 in range(0, D, BD):
+        cols = d0 + tl.arange(0, BD)
+        mask = row_ok[:, None] & (cols < D)[None, :]
+        z = tl.zeros((BM, BD), tl.float32)
+        if RESIDUAL:
+            z += tl.load(X + rows.to(tl.int64)[:, None] * stride_xn + cols[None, :] * stride_xd, mask=mask,
+                         other=0.0).to(tl.float32)
+        tl.store(OUT + rows.to(tl.int64)[:, None] * D + cols[None, :], z, mask=mask)
+    if STORE_ROW_SQ:
+        tl.store(ROW_SQ + rows, tl.zeros((BM,), tl.float32), mask=row_ok)
 
 
 @triton.jit
@@ -435,15 +463,20 @@ def _up_projection_stats(a, WU, hcols, h_ok, D, H, eps, DOT_F32: tl.constexpr, D
 
 @triton.jit
 def _post_norm_fwd_block(
-    blk, X, OUT, ROW_SQ, HID, MEAN, RSTD, LN_W, LN_B, WD, WU, SEED, SCALE,
+    adapter, first, end, X, OUT, ROW_SQ, HID, MEAN, RSTD, LN_W, LN_B, WD, WU, SEED, SCALE, PERM, DROP_P, KEEP,
     N, D, H, stride_xn, stride_xd, eps, dropout_p, keep_scale,
     ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr, RESIDUAL: tl.constexpr,
-    STORE_ROW_SQ: tl.constexpr, DOT_F32: tl.constexpr, FIRST_READ: tl.constexpr,
+    STORE_ROW_SQ: tl.constexpr, DOT_F32: tl.constexpr, FIRST_READ: tl.constexpr, ROUTED: tl.constexpr,
     BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
 ):
-    """The post-norm forward of row block ``blk``, with the L2 policies of ``_pre_norm_fwd_block``."""
-    rows = blk * BM + tl.arange(0, BM)
-    row_ok = rows < N
+    """The post-norm forward of the rows at positions first .. end - 1 through ``adapter``, with the L2
+    policies of ``_pre_norm_fwd_block``."""
+    rows, row_ok = _gather_rows(PERM, first + tl.arange(0, BM), end, ROUTED)
+    a64 = adapter.to(tl.int64)
+    LN_W += a64 * D
+    LN_B += a64 * D
+    WD += a64 * H * D
+    WU += a64 * D * H
     hcols = tl.arange(0, BH)
     h_ok = hcols < H
     x_rows = X + rows.to(tl.int64)[:, None] * stride_xn
@@ -468,7 +501,8 @@ def _post_norm_fwd_block(
     _store_stats(MEAN, RSTD, rows, row_ok, N, shift, mean_c, rstd)
 
     # Pass 3, D backwards: out = [x +] s m LN(u).
-    scale = _load_scale(SCALE, HAS_SCALE)
+    scale = _load_scale(SCALE + adapter, HAS_SCALE)
+    dropout_p, keep_scale = _adapter_dropout(DROP_P, KEEP, adapter, dropout_p, keep_scale, ROUTED, HAS_DROPOUT)
     row_hash = _row_hash(SEED, rows) if HAS_DROPOUT else rows
     sq = tl.zeros((BM,), tl.float32)
     n_chunks = tl.cdiv(D, BD)
@@ -495,22 +529,29 @@ def _post_norm_fwd_block(
 
 @triton.jit
 def _post_norm_fwd_kernel(
-    X, OUT, ROW_SQ, HID, MEAN, RSTD, LN_W, LN_B, WD, WU, SEED, SCALE,
+    X, OUT, ROW_SQ, HID, MEAN, RSTD, LN_W, LN_B, WD, WU, SEED, SCALE, PERM, TABLE, DROP_P, KEEP,
     N, D, H, stride_xn, stride_xd, eps, dropout_p, keep_scale,
     ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr, RESIDUAL: tl.constexpr,
     STORE_ROW_SQ: tl.constexpr, DOT_F32: tl.constexpr, FIRST_READ: tl.constexpr, GRID_STRIDE: tl.constexpr,
-    BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
+    ROUTED: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
 ):
-    """Row block pid, or with GRID_STRIDE row blocks pid, pid + P, ... (as ``_pre_norm_fwd_kernel``)."""
+    """Row block pid, or with GRID_STRIDE row blocks pid, pid + P, ..., or ROUTED (as ``_pre_norm_fwd_kernel``)."""
     if GRID_STRIDE:
         for blk in range(tl.program_id(0), tl.cdiv(N, BM), tl.num_programs(0)):
-            _post_norm_fwd_block(blk, X, OUT, ROW_SQ, HID, MEAN, RSTD, LN_W, LN_B, WD, WU, SEED, SCALE,
-                                 N, D, H, stride_xn, stride_xd, eps, dropout_p, keep_scale, ACT, HAS_DROPOUT,
-                                 HAS_SCALE, RESIDUAL, STORE_ROW_SQ, DOT_F32, FIRST_READ, BM, BD, BH)
+            adapter, first, end = _program_rows(TABLE, blk, N, BM, False)
+            _post_norm_fwd_block(adapter, first, end, X, OUT, ROW_SQ, HID, MEAN, RSTD, LN_W, LN_B, WD, WU, SEED,
+                                 SCALE, PERM, DROP_P, KEEP, N, D, H, stride_xn, stride_xd, eps, dropout_p, keep_scale,
+                                 ACT, HAS_DROPOUT, HAS_SCALE, RESIDUAL, STORE_ROW_SQ, DOT_F32, FIRST_READ, False,
+                                 BM, BD, BH)
     else:
-        _post_norm_fwd_block(tl.program_id(0), X, OUT, ROW_SQ, HID, MEAN, RSTD, LN_W, LN_B, WD, WU, SEED, SCALE,
-                             N, D, H, stride_xn, stride_xd, eps, dropout_p, keep_scale, ACT, HAS_DROPOUT,
-                             HAS_SCALE, RESIDUAL, STORE_ROW_SQ, DOT_F32, FIRST_READ, BM, BD, BH)
+        adapter, first, end = _program_rows(TABLE, tl.program_id(0), N, BM, ROUTED)
+        if adapter >= 0:
+            _post_norm_fwd_block(adapter, first, end, X, OUT, ROW_SQ, HID, MEAN, RSTD, LN_W, LN_B, WD, WU, SEED,
+                                 SCALE, PERM, DROP_P, KEEP, N, D, H, stride_xn, stride_xd, eps, dropout_p, keep_scale,
+                                 ACT, HAS_DROPOUT, HAS_SCALE, RESIDUAL, STORE_ROW_SQ, DOT_F32, FIRST_READ, ROUTED,
+                                 BM, BD, BH)
+        else:
+            _pass_rows_fwd(X, OUT, ROW_SQ, PERM, first, end, D, stride_xn, stride_xd, RESIDUAL, STORE_ROW_SQ, BM, BD)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1258,6 +1299,7 @@ def plan_forward(
     residual: bool,
     compute_row_sq: bool,
     limits: DeviceLimits,
+    routing: Optional[Routing] = None,
 ) -> Tuple[Tuple[torch.Tensor, ...], List[Launch]]:
     """The forward's outputs (allocated, not computed) and the launches that compute them.
 
@@ -1266,9 +1308,15 @@ def plan_forward(
     ``hidden`` float32 (N, H) (pre-activation h), ``mean`` float32 (2, N) (a shift c and μ - c) and
     ``rstd`` float32 (N,) (of x for pre norm, of u for post norm), ``proj`` float32 (2, H) =
     (Wd γ, Wd β) for pre norm, (0,) for post. Nothing is read, so any device works, ``meta`` included.
+
+    With ``routing`` (weights and scale stacked per adapter, ``dropout_p`` ignored for ``routing``'s),
+    one program per block of the segment table; ``proj`` is (A, 2, H), and rows without an adapter get
+    out = x (or 0), row_sq = 0, and undefined ``hidden``, ``mean``, ``rstd``.
     """
     d = x.shape[-1]
-    h_size = down_weight.shape[0]
+    h_size = down_weight.shape[-2]
+    stack = down_weight.shape[:-2]
+    routed = routing is not None
     x2 = x.reshape(-1, d)
     n = x2.shape[0]
     ln_weight, ln_bias, down_weight, up_weight = (t.contiguous() for t in (ln_weight, ln_bias, down_weight, up_weight))
@@ -1279,7 +1327,7 @@ def plan_forward(
     hidden = torch.empty((n, h_size), **f32)
     mean = torch.empty((2, n), **f32)
     rstd = torch.empty((n,), **f32)
-    proj = torch.empty((2, h_size) if pre else (0,), **f32)
+    proj = torch.empty(stack + (2, h_size) if pre else (0,), **f32)
     outputs = (out, row_sq, hidden, mean, rstd, proj)
     if n == 0:
         return outputs, []
@@ -1290,20 +1338,26 @@ def plan_forward(
     if pre:
         weight = torch.empty_like(down_weight, dtype=_operand_dtype(x.dtype, limits))  # Wd∘γ
         br, bd = 4, _clamp_bd(256, d)
+        a_count = down_weight.shape[0] if stack else 1
         launches.append(Launch(
-            "fold_ln", _fold_ln_kernel, (_cdiv(h_size, br), 1),
+            "fold_ln", _fold_ln_kernel, (_cdiv(h_size, br), a_count),
             (down_weight, ln_weight, ln_bias, weight, proj, d, h_size), dict(BR=br, BD=bd, num_warps=4, num_stages=1),
-            hbm_bytes=h_size * d * (e + weight.element_size()) + 2 * d * e + 8 * h_size, reread_bytes=0, live_bytes_per_program=0,
-            l2_bytes=0, elements=h_size * d,
+            hbm_bytes=a_count * (h_size * d * (e + weight.element_size()) + 2 * d * e + 8 * h_size),
+            reread_bytes=0, live_bytes_per_program=0, l2_bytes=0, elements=a_count * h_size * d,
         ))
     has_dropout, p, keep_scale = _dropout_args(dropout_p)
     cfg, per_sm, first_read = _forward_config(h_size, d, x.dtype, limits)
     blocks = _cdiv(n, cfg.BM)
     programs = min(blocks, per_sm * limits.sm_count) if per_sm else blocks
+    perm = table = drop = keep = mean
+    if routed:  # one program per block of the segment table; each adapter's p and 1 / (1 - p) in the kernel
+        perm, table, _ = routing.segments(cfg.BM)
+        blocks = programs = table.shape[0]
+        has_dropout, p, keep_scale, drop, keep = routing.has_dropout, 0.0, 1.0, routing.dropout_p, routing.keep
     meta = _meta(cfg, ACT=activation, HAS_DROPOUT=has_dropout, HAS_SCALE=scale is not None, RESIDUAL=residual,
                  STORE_ROW_SQ=compute_row_sq, DOT_F32=_dot_f32(x.dtype, limits, h_size),
-                 FIRST_READ=first_read, GRID_STRIDE=programs < blocks)
-    common = (_optional(dropout_seed, mean), _optional(scale, mean),
+                 FIRST_READ=first_read, GRID_STRIDE=programs < blocks, ROUTED=routed)
+    common = (_optional(dropout_seed, mean), _optional(scale, mean), perm, table, drop, keep,
               n, d, h_size, x2.stride(0), x2.stride(1), eps, p, keep_scale)
     side_bytes = n * (4 * h_size + 12 + (4 if compute_row_sq else 0))  # hidden, mean, rstd, row_sq
     weight_passes = 2 if pre else 3
