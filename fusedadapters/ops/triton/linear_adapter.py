@@ -1128,7 +1128,8 @@ def _rows_pass_config(pre: bool, row_sq_grad: bool, h: int, d: int, dtype: torch
 L2_RESIDENT_SHARE = 0.75
 
 
-def _forward_config(h: int, d: int, dtype: torch.dtype, limits: DeviceLimits) -> Tuple[_Config, int, str]:
+def _forward_config(h: int, d: int, dtype: torch.dtype, limits: DeviceLimits,
+                    routed: bool = False) -> Tuple[_Config, int, str]:
     """The forward's configuration, its programs per SM (k >= 1: a grid of k programs per SM that walk
     the row blocks, ``GRID_STRIDE``; 0: one program per row block) and the L2 policy of x's first reads.
 
@@ -1143,7 +1144,9 @@ def _forward_config(h: int, d: int, dtype: torch.dtype, limits: DeviceLimits) ->
     compiled). Row blocks shrink to 32 rows to fit where H <= 64 (not below 32 rows, nor for wider H: the
     weight tiles' L2 traffic, 2 H D per block against x's BM D, would outgrow what L2 serves faster than
     HBM). float32 keeps one program per row block: its tf32x3 dots need the registers the loop takes.
-    Where not even one row block per SM fits (D large), x crosses HBM twice."""
+    Where not even one row block per SM fits (D large), x crosses HBM twice. ``routed``: one program per
+    block of the segment table, never the grid-stride loop, nor the 32-row blocks that serve it, and 8
+    warps where registers are scarce (compiled for sm_80 at H <= 64, 4 warps spilled)."""
     if _register_pressure(dtype, limits) == 1 and _padded_hidden(h) <= 64:
         # fp16/bf16 on sm_90, measured (bench/tune_launches.py on an H100, pre norm, D = 4096, H = 64,
         # one program per row block; bench/results/2026-11-25-h100-tune/): 8 % faster than 64/64/4/3.
@@ -1152,12 +1155,14 @@ def _forward_config(h: int, d: int, dtype: torch.dtype, limits: DeviceLimits) ->
         cfg = _row_config(h, d, dtype, limits)
     share = int(L2_RESIDENT_SHARE * limits.l2_size)
     per_sm = share // (limits.sm_count * cfg.BM * d * dtype.itemsize)
-    if per_sm == 0 and cfg.BM > 32 and cfg.BH <= 64:
+    if per_sm == 0 and cfg.BM > 32 and cfg.BH <= 64 and not routed:
         per_sm = share // (limits.sm_count * 32 * d * dtype.itemsize)
         if per_sm:
             cfg = cfg._replace(BM=32)
     first_read = "evict_last" if per_sm else ""
-    if per_sm != 1 or dtype == torch.float32:
+    if routed and _register_pressure(dtype, limits) > 1:
+        cfg = cfg._replace(num_warps=8)
+    if per_sm != 1 or dtype == torch.float32 or routed:
         return cfg, 0, first_read
     return cfg._replace(num_warps=max(cfg.num_warps, 8), num_stages=max(cfg.num_stages, 4)), 1, first_read
 
@@ -1346,7 +1351,7 @@ def plan_forward(
             reread_bytes=0, live_bytes_per_program=0, l2_bytes=0, elements=a_count * h_size * d,
         ))
     has_dropout, p, keep_scale = _dropout_args(dropout_p)
-    cfg, per_sm, first_read = _forward_config(h_size, d, x.dtype, limits)
+    cfg, per_sm, first_read = _forward_config(h_size, d, x.dtype, limits, routed)
     blocks = _cdiv(n, cfg.BM)
     programs = min(blocks, per_sm * limits.sm_count) if per_sm else blocks
     perm = table = drop = keep = mean
