@@ -418,7 +418,7 @@ def _pre_norm_fwd_kernel(
             _pre_norm_fwd_block(adapter, first, end, X, OUT, ROW_SQ, HID, MEAN, RSTD, PROJ, WG, WU, SEED, SCALE,
                                 PERM, DROP_P, KEEP, N, D, H, stride_xn, stride_xd, eps, dropout_p, keep_scale, ACT,
                                 HAS_DROPOUT, HAS_SCALE, RESIDUAL, STORE_ROW_SQ, DOT_F32, FIRST_READ, ROUTED, BM, BD, BH)
-        else:
+        elif ROUTED:
             _pass_rows_fwd(X, OUT, ROW_SQ, PERM, first, end, D, stride_xn, stride_xd, RESIDUAL, STORE_ROW_SQ, BM, BD)
 
 
@@ -550,7 +550,7 @@ def _post_norm_fwd_kernel(
                                  SCALE, PERM, DROP_P, KEEP, N, D, H, stride_xn, stride_xd, eps, dropout_p, keep_scale,
                                  ACT, HAS_DROPOUT, HAS_SCALE, RESIDUAL, STORE_ROW_SQ, DOT_F32, FIRST_READ, ROUTED,
                                  BM, BD, BH)
-        else:
+        elif ROUTED:
             _pass_rows_fwd(X, OUT, ROW_SQ, PERM, first, end, D, stride_xn, stride_xd, RESIDUAL, STORE_ROW_SQ, BM, BD)
 
 
@@ -827,7 +827,7 @@ def _bwd_cols_kernel(
     cols = pid_d * BD + tl.arange(0, BD)
     d_ok = cols < D
     if adapter < 0:
-        if NEED_DX:
+        if NEED_DX and ROUTED:
             _pass_dout(DOUT, DX, PERM, row_begin, row_end, cols, d_ok, D, stride_gn, stride_gd, RESIDUAL, BM, BD)
     else:
         a64 = adapter.to(tl.int64)
