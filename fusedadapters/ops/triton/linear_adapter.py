@@ -257,7 +257,7 @@ def _program_rows(TABLE, pid, N, BM: tl.constexpr, ROUTED: tl.constexpr):
     if ROUTED:
         return tl.load(TABLE + pid * 3), tl.load(TABLE + pid * 3 + 1), tl.load(TABLE + pid * 3 + 2)
     else:
-        return pid * 0, pid * BM, tl.minimum(pid * BM + BM, N)
+        return tl.full((), 0, tl.int32), pid * BM, tl.minimum(pid * BM + BM, N)
 
 
 @triton.jit
