@@ -224,7 +224,7 @@ def test_post_norm_folds_the_up_weight_over_split_rows(device, activation):
                                    kernels.device_limits(x.device))
     _, launches = kernels.plan_backward(x, None, x, *params, None, None, *outs[2:], activation, "post", 0.0,
                                         True, True, True, True, True, kernels.device_limits(x.device))
-    assert [launch.name for launch in launches][:2] == ["fold_up", "gram_up"] and launches[0].grid[2] == 3
+    assert [launch.name for launch in launches][:2] == ["fold_up", "gram_up"] and launches[0].grid[1] == 3  # splits
     check(x, params, activation=activation, norm_position="post")
 
 

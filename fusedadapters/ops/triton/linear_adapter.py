@@ -645,25 +645,27 @@ def _column_shift(WU, cols, cols_ok, D, H, BD: tl.constexpr):
 
 
 @triton.jit
-def _up_weight_fold_kernel(WU, WS, P1, P2, D, H, rows_per_split, splits, BR: tl.constexpr, BD: tl.constexpr):
+def _up_weight_fold_kernel(WU, WS, P1, P2, D, H, rows_per_split, splits, DOT_F32: tl.constexpr,
+                           BR: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr):
     """Post norm's fold of the up weight, part 1, per adapter of a stack (A×D×H; A = 1 unstacked) and
     split of D's rows: with s each column's mean over the first BD rows, ``Ws = Wu - s`` (WS, like WU,
-    in WS' dtype; programs (i, 0, k) write their columns and rows), and the partial sums
-    S1 = Σ_d (Wu_d - s) (P1, float32 A·S×H) and S2 = Σ_d (Wu_d - s)ᵀ (Wu_d - s) (P2, float32 A·S×H×H),
-    program (i, j, a·S + k) the BR×BR tile (i, j) of adapter a over split k."""
+    in WS' dtype, which the products take too: the rows pass's dots see Ws and Gc so rounded), and the
+    partial sums S1 = Σ_d (Wu_d - s) (P1, float32 A·S×H) and S2 = Σ_d (Wu_d - s)ᵀ (Wu_d - s) (P2, float32
+    A·S×H×H); program (i, a·S + k) the BR×H rows i of adapter a's S2 over split k, and Ws's BR columns i."""
     ci = tl.program_id(0) * BR + tl.arange(0, BR)
-    cj = tl.program_id(1) * BR + tl.arange(0, BR)
-    part = tl.program_id(2)
+    call = tl.arange(0, BH)
+    part = tl.program_id(1)
     split = part % splits
     adapter = (part // splits).to(tl.int64)
     WU += adapter * D * H
     WS += adapter * D * H
+    dot_dtype = WS.dtype.element_ty
     i_ok = ci < H
-    j_ok = cj < H
+    all_ok = call < H
     si = _column_shift(WU, ci, i_ok, D, H, BD)
-    sj = _column_shift(WU, cj, j_ok, D, H, BD)
+    s_all = _column_shift(WU, call, all_ok, D, H, BD)
     s1 = tl.zeros((BR,), tl.float32)
-    s2 = tl.zeros((BR, BR), tl.float32)
+    s2 = tl.zeros((BR, BH), tl.float32)
     first = split * rows_per_split
     for d0 in range(first, tl.minimum(first + rows_per_split, D), BD):
         rows = d0 + tl.arange(0, BD)
@@ -671,17 +673,15 @@ def _up_weight_fold_kernel(WU, WS, P1, P2, D, H, rows_per_split, splits, BR: tl.
         mask_i = r_ok[:, None] & i_ok[None, :]
         wi = tl.where(mask_i, tl.load(WU + rows[:, None] * H + ci[None, :], mask=mask_i, other=0.0).to(tl.float32)
                       - si[None, :], 0.0)
-        mask_j = r_ok[:, None] & j_ok[None, :]
-        wj = tl.where(mask_j, tl.load(WU + rows[:, None] * H + cj[None, :], mask=mask_j, other=0.0).to(tl.float32)
-                      - sj[None, :], 0.0)
+        mask_all = r_ok[:, None] & all_ok[None, :]
+        w_all = tl.where(mask_all, tl.load(WU + rows[:, None] * H + call[None, :], mask=mask_all,
+                                           other=0.0).to(tl.float32) - s_all[None, :], 0.0)
         s1 += tl.sum(wi, 0)
-        s2 += _dot(tl.trans(wi), wj, 1, tl.float32)
-        if tl.program_id(1) == 0:
-            tl.store(WS + rows[:, None] * H + ci[None, :], wi, mask=mask_i)
+        s2 += _dot(tl.trans(wi), w_all, DOT_F32, dot_dtype)
+        tl.store(WS + rows[:, None] * H + ci[None, :], wi, mask=mask_i)
     part = part.to(tl.int64)
-    tl.store(P2 + part * H * H + ci[:, None] * H + cj[None, :], s2, mask=i_ok[:, None] & j_ok[None, :])
-    if tl.program_id(1) == 0:
-        tl.store(P1 + part * H + ci, s1, mask=i_ok)
+    tl.store(P2 + part * H * H + ci[:, None] * H + call[None, :], s2, mask=i_ok[:, None] & all_ok[None, :])
+    tl.store(P1 + part * H + ci, s1, mask=i_ok)
 
 
 @triton.jit
@@ -1252,10 +1252,10 @@ def _optional(t: Optional[torch.Tensor], fallback: torch.Tensor) -> torch.Tensor
     return t if t is not None else fallback
 
 
-def _plan_up_weight_fold(up_weight: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, ...]:
+def _plan_up_weight_fold(up_weight: torch.Tensor, dtype: torch.dtype, dot_f32: int) -> Tuple[torch.Tensor, ...]:
     """Post norm's fold of the up weight (D×H, or a stack A×D×H), once per backward, for
     ``_post_norm_bwd_rows_kernel``: ``(Ws, Gc, δ, launches)``, Ws = Wu - s in ``dtype`` (s: each column's
-    mean over its first 64 rows), Gc the H×H Gram matrix of Wu - w̄ in ``dtype`` (the rows pass's dot
+    mean over its first 16 to 64 rows), Gc the H×H Gram matrix of Wu - w̄ in ``dtype`` (the rows pass's dot
     rounds it so anyway), δ = w̄ - s (float32 H), each per adapter of a stack. D splits into S groups of
     rows (at most 4 MB of float32 partial Gram tiles over the stack), added in order by the second launch."""
     d, h_size = up_weight.shape[-2:]
@@ -1263,7 +1263,8 @@ def _plan_up_weight_fold(up_weight: torch.Tensor, dtype: torch.dtype) -> Tuple[t
     a_count = up_weight.shape[0] if stack else 1
     f32 = dict(device=up_weight.device, dtype=torch.float32)
     e = up_weight.element_size()
-    br, bd = (16 if h_size <= 64 else 32), 64
+    bh = _padded_hidden(h_size)
+    br, bd = (16 if h_size <= 64 else 32), (64 if bh <= 64 else 32 if bh <= 256 else 16)
     splits = max(1, min(_cdiv(d, 4 * bd), (1 << 22) // (4 * h_size * h_size * a_count)))
     rows_per_split = _cdiv(_cdiv(d, splits), bd) * bd
     splits = _cdiv(d, rows_per_split)
@@ -1274,12 +1275,12 @@ def _plan_up_weight_fold(up_weight: torch.Tensor, dtype: torch.dtype) -> Tuple[t
     delta = torch.empty(stack + (h_size,), **f32)
     tiles = _cdiv(h_size, br)
     launches = [
-        Launch("fold_up", _up_weight_fold_kernel, (tiles, tiles, a_count * splits),
+        Launch("fold_up", _up_weight_fold_kernel, (tiles, a_count * splits),
                (up_weight, up_shifted, p1, p2, d, h_size, rows_per_split, splits),
-               dict(BR=br, BD=bd, num_warps=4 if br == 16 else 8, num_stages=2),
+               dict(DOT_F32=dot_f32, BR=br, BD=bd, BH=bh, num_warps=4 if br == 16 else 8, num_stages=2),
                hbm_bytes=a_count * (d * h_size * (e + up_shifted.element_size()) + 4 * splits * h_size * (h_size + 1)),
-               reread_bytes=0, live_bytes_per_program=0, l2_bytes=a_count * (2 * tiles - 1) * d * h_size * e,
-               elements=a_count * tiles * d * h_size),
+               reread_bytes=0, live_bytes_per_program=0, l2_bytes=a_count * (tiles - 1) * d * h_size * e,
+               elements=a_count * tiles * br * d),  # an iteration: BD rows of D × BR columns i
         Launch("gram_up", _up_weight_gram_kernel, (tiles, tiles, a_count), (p1, p2, gram, delta, d, h_size, splits),
                dict(BR=br, num_warps=4, num_stages=1),
                hbm_bytes=a_count * (4 * splits * h_size * (h_size + 1) + gram.element_size() * h_size * h_size
@@ -1460,7 +1461,7 @@ def plan_backward(
         if pre:
             args = (g2, q_arg, hidden, proj, up_weight, seed, scale_arg, *tail)
         else:
-            up_shifted, gram, delta, fold = _plan_up_weight_fold(up_weight, acts.dtype)
+            up_shifted, gram, delta, fold = _plan_up_weight_fold(up_weight, acts.dtype, flags["DOT_F32"])
             launches += fold
             args = (g2, q_arg, hidden, rstd, ln_weight, ln_bias, up_shifted, gram, delta, seed, scale_arg, *tail)
             meta["BK"] = 16
