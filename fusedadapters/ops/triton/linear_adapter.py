@@ -63,6 +63,13 @@ each group writes float32 partial weight gradients, summed afterwards in a fixed
 accumulate elementwise over a BM×BD tile and reduce once after the row loop. No atomics: the
 gradients are bitwise deterministic for a given shape and device.
 
+Mixed batches (``ops.routed_adapter``: row n through adapter ``index[n]`` of a stack, or none) run the
+same kernels with ``ROUTED``: a program takes its adapter and its rows from a segment table (rows
+grouped by adapter, ``routed_adapter.segment_table``), gathers them through the permutation, and
+offsets the weights to its adapter; rows without an adapter pass x (forward) or dout (dx) through.
+The columns pass's splits become chunks of one adapter's rows, and ``_segment_sum_kernel`` adds each
+adapter's chunk partials in order. ``plan_forward`` and ``plan_backward`` take a ``Routing`` for this.
+
 Launch plans: ``plan_forward`` and ``plan_backward`` return the outputs and the list of ``Launch``es
 (kernel, grid, arguments, constexprs, and the launcher's traffic model) without running anything, for
 tensors on any device including ``meta``; ``bench/static_report.py`` compiles exactly these launches.
