@@ -205,7 +205,9 @@ def test_triton_several_blocks_and_chunks_per_adapter(device, norm_position):
     index = torch.randint(-1, 2, (n,), generator=torch.Generator().manual_seed(n)).to(device)
     limits = kernels.device_limits(torch.device(device))
     rows_block = kernels._rows_pass_config(norm_position == "pre", True, 16, d, torch.float32, limits).BM
-    assert min((index == a).sum().item() for a in range(2)) > 2 * rows_block
+    cols = kernels._col_config(16, d, torch.float32, limits)
+    _, chunk = kernels._row_splits(n, -(-d // cols.BD), cols.BM, limits)
+    assert min((index == a).sum().item() for a in range(2)) > max(2 * rows_block, chunk)
     x = torch.randn(n, d, device=device).requires_grad_()
     check(x, index, adapters, dropout_p=[0.2, 0.1], dropout_seed=torch.tensor([77], device=device))
 

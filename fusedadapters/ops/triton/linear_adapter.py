@@ -257,14 +257,15 @@ def _load_rows(PTR, rows, row_ok, HAS: tl.constexpr, stride):
 
 
 @triton.jit
-def _program_rows(TABLE, pid, N, BM: tl.constexpr, ROUTED: tl.constexpr):
-    """(adapter, first, end) of row-block program ``pid``: it owns positions first .. end - 1. Unrouted,
-    the rows themselves from pid·BM, adapter 0; routed, entry ``pid`` of a segment table (int32 rows of
-    (adapter, first, end), ``routed_adapter.segment_table``), adapter -1 for rows without one."""
+def _program_rows(TABLE, pid, N, rows_per_program, ROUTED: tl.constexpr):
+    """(adapter, first, end) of program ``pid``: it owns positions first .. end - 1. Unrouted, the rows
+    themselves from pid·rows_per_program, adapter 0; routed, entry ``pid`` of a segment table (int32
+    rows of (adapter, first, end), ``routed_adapter.segment_table``), adapter -1 for rows without one."""
     if ROUTED:
         return tl.load(TABLE + pid * 3), tl.load(TABLE + pid * 3 + 1), tl.load(TABLE + pid * 3 + 2)
     else:
-        return tl.full((), 0, tl.int32), pid * BM, tl.minimum(pid * BM + BM, N)
+        first = pid * rows_per_program
+        return tl.full((), 0, tl.int32), first, tl.minimum(first + rows_per_program, N)
 
 
 @triton.jit
@@ -279,13 +280,15 @@ def _gather_rows(PERM, pos, end, ROUTED: tl.constexpr):
 
 
 @triton.jit
-def _adapter_dropout(DROP_P, KEEP, adapter, dropout_p, keep_scale, ROUTED: tl.constexpr,
-                     HAS_DROPOUT: tl.constexpr):
-    """(p, 1 / (1 - p)) of this adapter: routed, from the per-adapter DROP_P and KEEP; else the arguments."""
+def _adapter_scalars(SCALE, DROP_P, KEEP, adapter, dropout_p, keep_scale, HAS_SCALE: tl.constexpr,
+                     HAS_DROPOUT: tl.constexpr, ROUTED: tl.constexpr):
+    """(s, p, 1 / (1 - p)) of this adapter: its stochastic-depth scale (SCALE holds one per adapter), and
+    routed, its dropout from the per-adapter DROP_P and KEEP; unrouted, the arguments."""
+    scale = _load_scale(SCALE + adapter, HAS_SCALE)
     if ROUTED and HAS_DROPOUT:
-        return tl.load(DROP_P + adapter), tl.load(KEEP + adapter)
+        return scale, tl.load(DROP_P + adapter), tl.load(KEEP + adapter)
     else:
-        return dropout_p, keep_scale
+        return scale, dropout_p, keep_scale
 
 
 @triton.jit
@@ -375,8 +378,8 @@ def _pre_norm_fwd_block(
     a = _act(h, ACT)
 
     # Pass 2, D backwards: out = [x +] s m (a Wuᵀ); the residual is read one chunk ahead.
-    scale = _load_scale(SCALE + adapter, HAS_SCALE)
-    dropout_p, keep_scale = _adapter_dropout(DROP_P, KEEP, adapter, dropout_p, keep_scale, ROUTED, HAS_DROPOUT)
+    scale, dropout_p, keep_scale = _adapter_scalars(SCALE, DROP_P, KEEP, adapter, dropout_p, keep_scale,
+                                                    HAS_SCALE, HAS_DROPOUT, ROUTED)
     row_hash = _row_hash(SEED, rows) if HAS_DROPOUT else rows
     sq = tl.zeros((BM,), tl.float32)
     n_chunks = tl.cdiv(D, BD)
@@ -508,8 +511,8 @@ def _post_norm_fwd_block(
     _store_stats(MEAN, RSTD, rows, row_ok, N, shift, mean_c, rstd)
 
     # Pass 3, D backwards: out = [x +] s m LN(u).
-    scale = _load_scale(SCALE + adapter, HAS_SCALE)
-    dropout_p, keep_scale = _adapter_dropout(DROP_P, KEEP, adapter, dropout_p, keep_scale, ROUTED, HAS_DROPOUT)
+    scale, dropout_p, keep_scale = _adapter_scalars(SCALE, DROP_P, KEEP, adapter, dropout_p, keep_scale,
+                                                    HAS_SCALE, HAS_DROPOUT, ROUTED)
     row_hash = _row_hash(SEED, rows) if HAS_DROPOUT else rows
     sq = tl.zeros((BM,), tl.float32)
     n_chunks = tl.cdiv(D, BD)
@@ -595,8 +598,8 @@ def _pre_norm_bwd_rows_kernel(
         if HAS_ROW_SQ_GRAD:
             a = _act(tl.load(HID + hid_offs, mask=hid_mask, other=0.0), ACT)
         grad_sq = _load_rows(GRAD_SQ, rows, row_ok, HAS_ROW_SQ_GRAD, stride_q)
-        scale = _load_scale(SCALE + adapter, HAS_SCALE)
-        dropout_p, keep_scale = _adapter_dropout(DROP_P, KEEP, adapter, dropout_p, keep_scale, ROUTED, HAS_DROPOUT)
+        scale, dropout_p, keep_scale = _adapter_scalars(SCALE, DROP_P, KEEP, adapter, dropout_p, keep_scale,
+                                                        HAS_SCALE, HAS_DROPOUT, ROUTED)
         row_hash = _row_hash(SEED, rows) if HAS_DROPOUT else rows
 
         da = tl.zeros((BM, BH), tl.float32)
@@ -756,8 +759,8 @@ def _post_norm_bwd_rows_kernel(
             delta = tl.load(DELTA + hcols, mask=h_ok, other=0.0)
             a_delta = tl.sum(_dot_operand(a, DOT_F32, dot_dtype) * delta[None, :], 1)  # a·δ
         grad_sq = _load_rows(GRAD_SQ, rows, row_ok, HAS_ROW_SQ_GRAD, stride_q)
-        scale = _load_scale(SCALE + adapter, HAS_SCALE)
-        dropout_p, keep_scale = _adapter_dropout(DROP_P, KEEP, adapter, dropout_p, keep_scale, ROUTED, HAS_DROPOUT)
+        scale, dropout_p, keep_scale = _adapter_scalars(SCALE, DROP_P, KEEP, adapter, dropout_p, keep_scale,
+                                                        HAS_SCALE, HAS_DROPOUT, ROUTED)
         row_hash = _row_hash(SEED, rows) if HAS_DROPOUT else rows
 
         c1 = tl.zeros((BM,), tl.float32)
@@ -825,12 +828,7 @@ def _bwd_cols_kernel(
     chunk of rows without an adapter only passes dout to dx (residual) or writes 0."""
     pid_d = tl.program_id(0)
     split = tl.program_id(1)
-    if ROUTED:
-        adapter, row_begin, row_end = _program_rows(CHUNKS, split, N, BM, ROUTED)
-    else:
-        adapter = split * 0
-        row_begin = split * rows_per_split
-        row_end = tl.minimum(row_begin + rows_per_split, N)
+    adapter, row_begin, row_end = _program_rows(CHUNKS, split, N, rows_per_split, ROUTED)
     cols = pid_d * BD + tl.arange(0, BD)
     d_ok = cols < D
     if adapter < 0:
@@ -848,8 +846,8 @@ def _bwd_cols_kernel(
                      other=0.0)
         wu = tl.load(WU + a64 * D * H + cols[:, None] * H + hcols[None, :], mask=d_ok[:, None] & h_ok[None, :],
                      other=0.0)
-        scale = _load_scale(SCALE + adapter, HAS_SCALE)
-        dropout_p, keep_scale = _adapter_dropout(DROP_P, KEEP, adapter, dropout_p, keep_scale, ROUTED, HAS_DROPOUT)
+        scale, dropout_p, keep_scale = _adapter_scalars(SCALE, DROP_P, KEEP, adapter, dropout_p, keep_scale,
+                                                        HAS_SCALE, HAS_DROPOUT, ROUTED)
 
         dwd = tl.zeros((BH, BD), tl.float32)
         dwu = tl.zeros((BD, BH), tl.float32)
