@@ -3,10 +3,10 @@
 Chain (op ``adapter_chain``): K adapters (K from ``--k``, default 1, 2, 4, 8; all of hidden size H)
 applied one after another under the residual strategy. Backends:
 
-* ``chain``: ``ops.adapter_chain`` on triton: one op call that runs the single-adapter fused op once
-  per adapter, the same kernels as ``loop``, so it should time as ``loop`` plus the op's own argument
-  handling (the fused chain kernel it replaced was about 2× slower than ``loop``; see
-  fusedadapters/ops/adapter_chain.py);
+* ``chain``: ``ops.adapter_chain`` on triton as it chooses: its fused launch where the row blocks fit
+  one wave of the GPU, else one single-adapter call per adapter (see fusedadapters/ops/adapter_chain.py);
+* ``fused``: ``ops.adapter_chain(..., fused=True)``: the fused launch at every N (the crossover between
+  it and ``loop`` is what the choice above should follow);
 * ``loop``: K calls of ``ops.linear_adapter`` on triton written out here (one launch and one round trip
   through memory each): the baseline;
 * ``one-adapter``: one ``ops.linear_adapter`` call on triton over the same x (the unit of the target);
@@ -29,9 +29,8 @@ is an error row, not timed. Byte model (``e`` bytes per element, ``W`` bytes of 
 forward ``2·N·D·e + M·W``, full ``5·N·D·e + 3·M·W``, where M = K or A: x read and out written once, as if
 every adapter ran in one pass. ``×one`` = ms / ms of ``one-adapter`` at the same point (lower is better;
 targets: chain of 4 ≤ 1.6, mixed batch of 64 ≤ 1.3, routing to one adapter ≤ 1.05; a chain that runs
-each adapter as its own pass over x_k takes about K× one adapter, so the chain target stays missed
-until a fused chain reads less); ``×loop`` = ms of ``loop`` / ``masked-loop`` over ms (higher is
-better; target ≥ 10 for 64 adapters).
+each adapter as its own pass over x_k takes about K× one adapter at large N); ``×loop`` = ms of
+``loop`` / ``masked-loop`` over ms (higher is better; target ≥ 10 for 64 adapters).
 """
 
 from __future__ import annotations
@@ -52,7 +51,7 @@ MODES = ("forward", "full")
 SEQUENCE = 128
 OPS = {"chain": "adapter_chain", "mixed": "routed_adapter"}
 BACKENDS = {
-    "chain": ("chain", "loop", "one-adapter", "eager"),
+    "chain": ("chain", "fused", "loop", "one-adapter", "eager"),
     "mixed": ("routed", "masked-loop", "one-adapter", "eager"),
 }
 BASELINE_LOOP = {"chain": "loop", "mixed": "masked-loop"}
@@ -108,8 +107,9 @@ Fn = Callable[[torch.Tensor, List[AdapterParams]], torch.Tensor]
 def build(point: Point, backend: str, index: Optional[torch.Tensor]) -> Fn:
     """``fn(x, adapters) -> out`` for one backend."""
     if point.sweep == "chain":
-        if backend == "chain":
-            return lambda x, ps: adapter_chain(x, ps, backend="triton")
+        if backend in ("chain", "fused"):
+            fused = True if backend == "fused" else None
+            return lambda x, ps: adapter_chain(x, ps, backend="triton", fused=fused)
         if backend == "eager":
             return lambda x, ps: adapter_chain(x, ps, backend="reference")
         if backend == "loop":

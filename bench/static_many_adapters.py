@@ -10,10 +10,13 @@ kernels over the rows grouped by adapter (``ROUTED``), planned with each target'
 blocks, chunks and grids as the launcher makes them on that GPU.
 
 Grid: pre and post norm; bf16 and fp32; D = 4096; H in {16, 64, 256}; A = 8 adapters over N = 8192
-rows (forward, backward rows and columns passes, the per-adapter gradient sum). The adapter chain has
-no kernel of its own (``ops.adapter_chain`` runs the single-adapter kernels, which
-``bench/static_report.py`` covers). ``--check`` exits 1 when a bf16
-launch spills, needs more shared memory than a block gets, or fails to compile.
+rows (forward, backward rows and columns passes, the per-adapter gradient sum). The fused chain
+(``ops.triton.adapter_chain``, K = 4 adapters of the point's H and norm) is compiled the same way, with
+and without saved inputs, at N = 4096 and 16384 (its grid differs: one program per row block, or one
+per SM walking them), and modelled with ``bench/static_report.py``'s traffic and time model beside
+the loop it replaces (four single-adapter forwards, ``plan_forward``) and one single-adapter forward:
+the ``chain model`` table (bf16, sm_90). ``--check`` exits 1 when a bf16 launch spills, needs more
+shared memory than a block gets, or fails to compile.
 
 Usage::
 
@@ -26,6 +29,7 @@ Run it without ``TRITON_INTERPRET`` (kernels do not compile under the interprete
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
@@ -36,6 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 import static_report  # noqa: E402
 
+from fusedadapters.ops import AdapterParams  # noqa: E402
+from fusedadapters.ops.triton import adapter_chain as chain_kernels  # noqa: E402
+from fusedadapters.ops.triton import linear_adapter as kernels  # noqa: E402
 from fusedadapters.ops.triton import routed_adapter as routed_kernels  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -64,6 +71,66 @@ def planned_launches(norm: str, dtype: torch.dtype, h: int, limits: Any) -> List
     return launches
 
 
+CHAIN_K, CHAIN_ROWS = 4, (4096, 16384)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChainPoint(static_report.Point):
+    """A point of the static report's model with its own number of rows."""
+
+    rows: int = 0
+
+    @property
+    def N(self) -> int:
+        return self.rows
+
+
+def chain_launches(norm: str, dtype: torch.dtype, h: int, n: int, save_inputs: bool,
+                   limits: Any) -> List[kernels.Launch]:
+    """The fused chain forward of CHAIN_K adapters over n rows (meta tensors)."""
+    def meta(*shape: int) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    adapters = [AdapterParams(meta(D), meta(D), meta(h, D), meta(D, h), norm_position=norm) for _ in range(CHAIN_K)]
+    return chain_kernels.plan_chain_forward(meta(n, D), adapters, [None] * CHAIN_K, [None] * CHAIN_K, False,
+                                            save_inputs, limits)[1]
+
+
+def modelled_us(point: ChainPoint, launches: Sequence[Any]) -> Any:
+    """Σ of the model's launch times (None if a launch did not compile), and the chain launch's bound."""
+    gpu = static_report.GPU_MODELS[point.arch]
+    records = []
+    for launch in launches:
+        job = static_report.compile_job(launch, gpu.capability)
+        records.append(static_report.launch_record(point, launch, job, static_report.analyse_job(job)))
+    if any(r.get("predicted_us") is None for r in records):
+        return None, "error"
+    return sum(r["predicted_us"] for r in records), records[-1]["bound"]
+
+
+def chain_model() -> List[Dict[str, Any]]:
+    """bf16 on sm_90: the fused chain (inference: out in place; training: x_1 … x_{K-1} saved) against K
+    single-adapter forwards and one, at each of CHAIN_ROWS."""
+    rows = []
+    gpu = static_report.GPU_MODELS["sm_90"]
+    for norm in GRID["norm"]:
+        for h in GRID["H"]:
+            for n in CHAIN_ROWS:
+                point = ChainPoint("forward", norm, "bf16", D, h, "plain", "sm_90", rows=n)
+                x = torch.empty((n, D), dtype=torch.bfloat16, device="meta")
+                params = [torch.empty(s, dtype=torch.bfloat16, device="meta") for s in ((D,), (D,), (h, D), (D, h))]
+                single = kernels.plan_forward(x, *params, None, None, "swish", norm, 1e-5, 0.0, True, False,
+                                              gpu.limits)[1]
+                one, _ = modelled_us(point, single)
+                row = dict(norm=norm, H=h, N=n, one_adapter_us=one, loop_us=None if one is None else CHAIN_K * one)
+                for save_inputs, name in ((False, "inference"), (True, "training")):
+                    us, bound = modelled_us(point, chain_launches(norm, torch.bfloat16, h, n, save_inputs, gpu.limits))
+                    row[f"fused_{name}_us"], row[f"fused_{name}_bound"] = us, bound
+                rows.append(row)
+                print(f"chain model {norm} H={h} N={n}: {row}", flush=True)
+    return rows
+
+
 def build_report() -> Dict[str, Any]:
     records = []
     for norm in GRID["norm"]:
@@ -72,7 +139,10 @@ def build_report() -> Dict[str, Any]:
                 seen = set()
                 for arch in GRID["arch"]:
                     gpu = static_report.GPU_MODELS[arch]
-                    for launch in planned_launches(norm, DTYPES[dtype_name], h, gpu.limits):
+                    chain = [routed_kernels.KernelLaunch(l.name, l.kernel, l.grid, l.args, l.meta)
+                             for n in CHAIN_ROWS for save in (False, True)
+                             for l in chain_launches(norm, DTYPES[dtype_name], h, n, save, gpu.limits)[-1:]]
+                    for launch in planned_launches(norm, DTYPES[dtype_name], h, gpu.limits) + chain:
                         job = static_report.compile_job(launch, gpu.capability)
                         if job.key in seen:
                             continue
@@ -90,7 +160,7 @@ def build_report() -> Dict[str, Any]:
                         records.append(record)
                         print(f"{arch} {norm} {dtype_name} H={h} {launch.name}: "
                               f"{record.get('error') or str(record['registers']) + ' registers'}", flush=True)
-    return dict(launches=records, check_failures=check_failures(records))
+    return dict(launches=records, check_failures=check_failures(records), chain_model=chain_model())
 
 
 def check_failures(records: Sequence[Dict[str, Any]]) -> List[str]:
@@ -108,7 +178,7 @@ def check_failures(records: Sequence[Dict[str, Any]]) -> List[str]:
 
 def render(report: Dict[str, Any], command: str) -> str:
     f = harness.fmt
-    out = ["# Static kernel report: routed kernels", "",
+    out = ["# Static kernel report: routed and chain kernels", "",
            f"Produced by `{command}` (see the script's docstring for the method). One row per distinct "
            f"compiled launch; N = {N}, D = {D}, A = {ADAPTERS}.", ""]
     out.append(harness.markdown_table(
@@ -119,6 +189,20 @@ def render(report: Dict[str, Any], command: str) -> str:
           f"{r['spill_stores']}/{r['spill_loads']}" if "spill_stores" in r else "–", f(r.get("shared_total")),
           f(r.get("resident_warps_per_sm")), r.get("occupancy_limiter", r.get("error", "–")))
          for r in report["launches"]]))
+    out += ["", "## Chain model (bf16, sm_90)", "",
+            f"Modelled µs (`bench/static_report.py`'s model) of K = {CHAIN_K} adapters: the fused launch "
+            "(inference: out written in place; training: x_1 … x_{K-1} written for the backward, with the "
+            "launch's bound), a loop of K single-adapter forwards (K × one), and one single-adapter forward.", ""]
+    out.append(harness.markdown_table(
+        ["norm", "H", "N", "one adapter", "loop", "fused inference", "×one", "fused training", "×one"],
+        [(r["norm"], r["H"], r["N"], f(r["one_adapter_us"], ".1f"), f(r["loop_us"], ".1f"),
+          f"{f(r['fused_inference_us'], '.1f')} ({r['fused_inference_bound']})",
+          f(None if r["fused_inference_us"] is None or not r["one_adapter_us"]
+            else r["fused_inference_us"] / r["one_adapter_us"], ".2f"),
+          f"{f(r['fused_training_us'], '.1f')} ({r['fused_training_bound']})",
+          f(None if r["fused_training_us"] is None or not r["one_adapter_us"]
+            else r["fused_training_us"] / r["one_adapter_us"], ".2f"))
+         for r in report["chain_model"]]))
     out += ["", f"## Check failures ({len(report['check_failures'])})", ""]
     out += [f"- {line}" for line in report["check_failures"]] or ["None."]
     return "\n".join(out) + "\n"

@@ -626,15 +626,17 @@ ROW_TILE_NAMES = ("BM", "BR")  # the constexpr that names a loop iteration's row
 def sass_per_element(loops: List[Dict[str, Any]], meta: Dict[str, Any], num_warps: int,
                      element_loops: int = 0) -> Optional[float]:
     """Warp-instructions per element summed over the tile loops (an iteration covers a BM (or BR) × BD
-    tile), or over the first ``element_loops`` of them in code order where the launch says only those
-    walk its elements; None when the launch's meta names no tile."""
+    tile; the fused chain's BDS, one per adapter, where they are all equal), or over the first
+    ``element_loops`` of them in code order where the launch says only those walk its elements; None
+    when the launch's meta names no tile."""
     rows = next((meta[k] for k in ROW_TILE_NAMES if k in meta), None)
-    if rows is None or "BD" not in meta:
+    columns = meta.get("BD") or (meta["BDS"][0] if len(set(meta.get("BDS", ()))) == 1 else None)
+    if rows is None or columns is None:
         return None
     tiles = sorted((loop for loop in loops if loop.get("tile", True)), key=lambda loop: loop.get("header", 0))
     if element_loops:
         tiles = tiles[:element_loops]
-    return sum(loop["instructions"] for loop in tiles) * num_warps / (rows * meta["BD"])
+    return sum(loop["instructions"] for loop in tiles) * num_warps / (rows * columns)
 
 
 def traffic(launch: Any, resident_programs: Optional[int], gpu: GpuModel) -> Dict[str, Any]:

@@ -5,33 +5,43 @@ The math is ``fusedadapters.ops.reference_multi.adapter_chain`` (the specificati
     x_0 = x,   x_{k+1} = x_k + s_k · drop_k(adapter_k(x_k)),   out = x_K,   row_sq_k = Σ_d (x_{k+1} - x_k)²
 
 Adapters may differ in H, eps, dropout, scale, activation and norm position. The triton backend runs
-adapter k as one call of the single-adapter fused op (``ops.linear_adapter(..., residual=True,
-backend='triton')``) with its own dropout seed, scale, eps and row_sq; autograd chains the calls, and
-each call computes only the gradients its tensors need, so a frozen adapter (no tensor requiring a
-gradient) costs only its dx. Other backends run the reference chain.
+the chain one of two ways, with the same results:
 
-Why a loop and not one fused kernel: an earlier fused chain kernel (a block of rows passed through
-every adapter before it was written back, with the routed op's row math) was about 2× slower than
-this loop on an H100 (bench/results/2026-11-25-nvidia-h100-80gb-hbm3/summary.md, 'Many adapters',
-bf16 N = 16384 D = 4096 H = 64): forward K = 2 1.165 against 0.5503 ms, K = 8 4.577 against 2.21 ms;
-forward and backward K = 2 9.785 against 3.03 ms, K = 8 31.77 against 7.999 ms. Adapter k's row
-statistics and down-projection need the whole row of x_k before any element of x_{k+1} exists, and
-a block of rows big enough to keep the memory system busy does not fit on chip at such D, so a fused
-chain still streams every x_k through memory, as the loop does; what it can save is launches, and at most the merging of adapter k's output
-pass with adapter k+1's statistics pass. That pays mainly at small N, where launches dominate the
-time; a fused chain for that case is future work.
+* fused: one launch for the whole chain (``fusedadapters.ops.triton.adapter_chain``): each block of
+  rows passes through every adapter before the next block starts, so the rows between adapters stay
+  in L2; one op call, one plan, one launch (plus one small LayerNorm fold per pre-norm adapter)
+  instead of K of each. Its backward runs the single adapter's backward once per adapter, in reverse.
+* a loop: one call of the single-adapter fused op per adapter, autograd chaining the calls.
+
+Both backwards ask each adapter only for the gradients its tensors need (a frozen adapter costs only
+its dx). By default the fused launch runs where the chain's row blocks fit one wave of the device, and
+the loop beyond: there, each adapter's weights are re-read from L2 once per row block either way, and
+the rows between adapters, which the loop sends through memory, would also have to come from L2,
+which the weight re-reads keep busy (``bench/static_many_adapters.py`` models both; an earlier fused
+chain measured about 2× the loop on an H100, bench/results/2026-11-25-nvidia-h100-80gb-hbm3/).
+Other backends run the reference chain. One ``torch.library`` custom op carries the fused forward,
+its autograd formula calling ``fusedadapters::linear_adapter_bwd``::
+
+    fusedadapters::adapter_chain_fwd(x, ln_weights[], ln_biases[], down_weights[], up_weights[],
+        dropout_seeds?[], scales?[], config, eps[], dropout_p[], compute_row_sq, save_inputs)
+        -> (out, row_sqs[], inputs[], hiddens[], means[], rstds[], projs[])
+
+``config`` is ``"norm_position:activation"`` per adapter, comma-separated (schemas take no lists of
+strings). ``save_inputs`` keeps x_1 … x_{K-1} for the backward; without it the kernel writes ``out``
+in place and ``inputs`` is empty.
 """
 
 from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple, Union
 
+import torch
 from torch import Tensor
 
 from . import reference, reference_multi
 from .adapter_params import AdapterParams
 from .backend import resolve_backend
-from .linear_adapter import linear_adapter
+from .linear_adapter import _TRITON_MAX_HIDDEN, _check_kernel_inputs, linear_adapter
 
 __all__ = ["adapter_chain"]
 
@@ -44,6 +54,7 @@ def adapter_chain(
     scales: Optional[Sequence[Optional[Tensor]]] = None,
     return_row_sq: bool = False,
     backend: Optional[str] = None,
+    fused: Optional[bool] = None,
 ) -> Union[Tensor, Tuple[Tensor, List[Tensor]]]:
     """``x`` through every adapter in turn under the residual strategy; with ``return_row_sq`` also the
     list of each adapter's ``Σ_d (s_k · drop_k(adapter_k(x_k)))²`` per row (float32, ``x.shape[:-1]``).
@@ -51,6 +62,9 @@ def adapter_chain(
     ``x (..., D)``; ``adapters[k]`` holds adapter k's tensors (in ``x``'s dtype for the triton backend)
     and options; ``dropout_seeds[k]`` a one-element int64 tensor (drawn when adapter k has dropout and
     none is given), ``scales[k]`` a one-element tensor or None for 1 (no gradient on the triton backend).
+    ``fused`` (triton backend): True runs the chain as one fused launch, False as one single-adapter
+    call per adapter, None chooses (``triton.adapter_chain.fused_chain_pays``: fused where the row
+    blocks fit one wave of the device). The results are the same bits either way.
     """
     adapters = list(adapters)
     if not adapters:
@@ -65,8 +79,33 @@ def adapter_chain(
     if resolve_backend(backend, x.device) != "triton":
         out, row_sqs = reference_multi.adapter_chain(x, adapters, dropout_seeds=seeds, scales=scale_list)
         return (out, row_sqs) if return_row_sq else out
-    row_sqs: List[Tensor] = []
     for p, seed, scale in zip(adapters, seeds, scale_list):
+        _check_kernel_inputs("triton", x, *p[:4], p.activation, p.norm_position, p.dropout_p, seed, scale)
+        if p.hidden_size > _TRITON_MAX_HIDDEN:
+            raise ValueError(f"the triton backend takes hidden sizes up to {_TRITON_MAX_HIDDEN}, got {p.hidden_size}; "
+                             "use backend='reference'")
+    if fused is None:
+        from .triton.adapter_chain import fused_chain_pays
+
+        fused = fused_chain_pays(x, [p.hidden_size for p in adapters])
+    if not fused:
+        return _single_adapter_loop(x, adapters, seeds, scale_list, return_row_sq)
+    scale_list = [s if s is None else s.detach().reshape(1).to(x.dtype) for s in scale_list]
+    tensors = [x] + [t for p in adapters for t in p[:4]]
+    save_inputs = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    out, row_sqs, *_ = torch.ops.fusedadapters.adapter_chain_fwd(
+        x, *([p[i] for p in adapters] for i in range(4)), seeds, scale_list,
+        ",".join(f"{p.norm_position}:{p.activation}" for p in adapters), [float(p.eps) for p in adapters],
+        [float(p.dropout_p) for p in adapters], bool(return_row_sq), save_inputs,
+    )
+    return (out, list(row_sqs)) if return_row_sq else out
+
+
+def _single_adapter_loop(x: Tensor, adapters: List[AdapterParams], seeds: List[Optional[Tensor]],
+                         scales: List[Optional[Tensor]], return_row_sq: bool):
+    """The chain as one call of the single-adapter fused op per adapter; autograd chains the calls."""
+    row_sqs: List[Tensor] = []
+    for p, seed, scale in zip(adapters, seeds, scales):
         result = linear_adapter(
             x, *p[:4], activation=p.activation, norm_position=p.norm_position, eps=p.eps, dropout_p=p.dropout_p,
             dropout_seed=seed, scale=scale, residual=True, return_row_sq=return_row_sq, backend="triton",
@@ -89,3 +128,106 @@ def _check(x: Tensor, adapters: List[AdapterParams]) -> None:
         got = tuple(tuple(t.shape) for t in p[:4])
         if h < 1 or got != ((d,), (d,), (h, d), (d, h)):
             raise ValueError(f"adapter_chain: adapter {k} has shapes {got}; expected (D,), (D,), (H, D), (D, H) with D = {d}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The custom op of the triton backend and its autograd formula
+# ----------------------------------------------------------------------------------------------
+
+
+def _adapters(ln_weights, ln_biases, down_weights, up_weights, config: str, eps, dropout_p) -> List[AdapterParams]:
+    positions, activations = zip(*(entry.split(":") for entry in config.split(",")))
+    return [AdapterParams(*tensors, activation=act, norm_position=pos, eps=e, dropout_p=p) for *tensors, pos, act, e, p
+            in zip(ln_weights, ln_biases, down_weights, up_weights, positions, activations, eps, dropout_p)]
+
+
+@torch.library.custom_op("fusedadapters::adapter_chain_fwd", mutates_args=())
+def _adapter_chain_fwd(
+    x: Tensor, ln_weights: List[Tensor], ln_biases: List[Tensor], down_weights: List[Tensor],
+    up_weights: List[Tensor], dropout_seeds: List[Optional[Tensor]], scales: List[Optional[Tensor]], config: str,
+    eps: List[float], dropout_p: List[float], compute_row_sq: bool, save_inputs: bool,
+) -> Tuple[Tensor, List[Tensor], List[Tensor], List[Tensor], List[Tensor], List[Tensor], List[Tensor]]:
+    """Forward: ``(out, row_sqs, inputs, hiddens, means, rstds, projs)``, see ``plan_chain_forward``."""
+    from .triton.adapter_chain import adapter_chain_forward
+
+    adapters = _adapters(ln_weights, ln_biases, down_weights, up_weights, config, eps, dropout_p)
+    return adapter_chain_forward(x, adapters, dropout_seeds, scales, compute_row_sq, save_inputs)
+
+
+@_adapter_chain_fwd.register_fake
+def _adapter_chain_fwd_fake(x, ln_weights, ln_biases, down_weights, up_weights, dropout_seeds, scales, config, eps,
+                            dropout_p, compute_row_sq, save_inputs):
+    n = x.numel() // x.shape[-1]
+    f32 = dict(dtype=torch.float32)
+    k_count = len(down_weights)
+    pre = [entry.startswith("pre:") for entry in config.split(",")]
+    return (
+        x.new_empty(x.shape),
+        [x.new_empty(x.shape[:-1] if compute_row_sq else (0,), **f32) for _ in range(k_count)],
+        [x.new_empty(x.shape) for _ in range(k_count - 1)] if save_inputs else [],
+        [x.new_empty((n, w.shape[0]), **f32) for w in down_weights],
+        [x.new_empty((2, n), **f32) for _ in range(k_count)],
+        [x.new_empty((n,), **f32) for _ in range(k_count)],
+        [x.new_empty((2, w.shape[0]) if is_pre else (0,), **f32) for w, is_pre in zip(down_weights, pre)],
+    )
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, ln_weights, ln_biases, down_weights, up_weights, seeds, scales, config, eps, dropout_p, _, save_inputs = inputs
+    _out, _row_sqs, saved_inputs, hiddens, means, rstds, projs = output
+    if not save_inputs:  # nothing needed a gradient when the forward ran
+        ctx.k_count = 0
+        return
+    k_count = len(down_weights)
+    ctx.save_for_backward(x, *ln_weights, *ln_biases, *down_weights, *up_weights, *seeds, *scales,
+                          *saved_inputs, *hiddens, *means, *rstds, *projs)
+    ctx.k_count = k_count
+    ctx.need_x = x.requires_grad
+    # autograd matches the backward's return against the inputs' structure, where a list holding a None is a leaf
+    ctx.no_grads = [[None] * k_count if all(t is not None for t in ts) else None for ts in (seeds, scales)]
+    ctx.need = [[t.requires_grad for t in tensors] for tensors in zip(ln_weights, ln_biases, down_weights, up_weights)]
+    ctx.adapters = _adapters([None] * k_count, [None] * k_count, [None] * k_count, [None] * k_count, config, eps,
+                             dropout_p)
+    ctx.mark_non_differentiable(*saved_inputs, *hiddens, *means, *rstds, *projs)
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_out, grad_row_sqs, *_unused):
+    k_count = ctx.k_count
+    if k_count == 0:
+        raise RuntimeError("adapter_chain: the forward ran without saving its inputs (no tensor needed a gradient)")
+    saved = list(ctx.saved_tensors)
+    x = saved[0]
+    groups = [saved[1 + i * k_count: 1 + (i + 1) * k_count] for i in range(6)]
+    ln_weights, ln_biases, down_weights, up_weights, seeds, scales = groups
+    rest = saved[1 + 6 * k_count:]
+    inputs, rest = [x] + rest[: k_count - 1], rest[k_count - 1:]
+    hiddens, means, rstds, projs = (rest[i * k_count: (i + 1) * k_count] for i in range(4))
+    need = ctx.need  # per adapter: γ, β, Wd, Wu
+    need_x_before = [ctx.need_x]  # need_x_before[k]: x or an adapter before k needs a gradient
+    for k in range(k_count - 1):
+        need_x_before.append(need_x_before[-1] or any(need[k]))
+    grads: List[List[Optional[Tensor]]] = [[None] * k_count for _ in range(4)]
+    grad = grad_out
+    for k in reversed(range(k_count)):
+        if not (need_x_before[k] or any(need[k])):
+            break  # neither adapter k nor anything before it needs a gradient
+        p = ctx.adapters[k]
+        grad_sq = grad_row_sqs[k] if grad_row_sqs is not None else None
+        if grad is None and grad_sq is None:
+            continue  # nothing from adapter k onwards reached the loss
+        if grad is None:  # only row_sq reached the loss: a zero dout that occupies no memory
+            grad = x.new_zeros(()).expand(x.shape)
+        need_ln = need[k][0] or need[k][1]
+        dx, d_ln_w, d_ln_b, d_down, d_up = torch.ops.fusedadapters.linear_adapter_bwd(
+            grad, grad_sq, inputs[k], ln_weights[k], ln_biases[k], down_weights[k], up_weights[k], seeds[k],
+            scales[k], hiddens[k], means[k], rstds[k], projs[k], p.activation, p.norm_position, p.dropout_p, True,
+            need_x_before[k], need_ln, need[k][2], need[k][3], "triton",
+        )
+        for i, g in enumerate((d_ln_w, d_ln_b, d_down, d_up)):
+            grads[i][k] = g if need[k][i] else None
+        grad = dx if need_x_before[k] else None
+    return (grad if ctx.need_x else None, *grads, *ctx.no_grads) + (None,) * 5
+
+
+torch.library.register_autograd("fusedadapters::adapter_chain_fwd", _backward, setup_context=_setup_context)

@@ -1,18 +1,20 @@
 """``ops.adapter_chain``: the triton backend against the float64 reference (adapters one by one).
 
 Runs on CPU tensors under Triton's interpreter (tests/conftest.py) and on CUDA when present, with
-random non-zero weights in every adapter, poisoned outputs, odd sizes, adapters of different H, eps,
-dropout, scale, activation and norm position, and frozen adapters. The triton backend runs
-``ops.linear_adapter`` once per adapter: the tests count those calls (so a silent fall-back to the
-reference cannot pass) and record which gradients each adapter's backward was asked for.
+random non-zero weights in every adapter, odd sizes, adapters of different H, eps, dropout, scale,
+activation and norm position, and frozen adapters. The triton backend runs the chain as one fused
+launch: the tests record its launches (so a silent fall-back to the reference cannot pass), both of
+its grids, its in-place inference path, and which gradients each adapter's backward was asked for.
 """
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
-from fusedadapters.ops import adapter_chain, reference
+from fusedadapters.ops import AdapterParams, adapter_chain, reference, reference_multi
 from fusedadapters.ops import backend as backend_mod
 
 from helpers import rel_err
@@ -23,14 +25,9 @@ DEVICES = (["cpu"] if backend_mod.triton_interpreter_enabled() else []) + (["cud
 pytestmark = pytest.mark.skipif(not backend_mod.triton_available(), reason="needs triton")
 
 
-def chain_module():
-    import importlib
-
-    return importlib.import_module("fusedadapters.ops.adapter_chain")
-
-
-def run(x, adapters, *, backend, seeds, scales):
-    out, row_sqs = adapter_chain(x, adapters, dropout_seeds=seeds, scales=scales, return_row_sq=True, backend=backend)
+def run(x, adapters, *, backend, seeds, scales, fused=None):
+    out, row_sqs = adapter_chain(x, adapters, dropout_seeds=seeds, scales=scales, return_row_sq=True, backend=backend,
+                                 fused=fused)
     gen = torch.Generator().manual_seed(11)
     loss = (out.double() * torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.device)).sum()
     for row_sq in row_sqs:
@@ -39,8 +36,8 @@ def run(x, adapters, *, backend, seeds, scales):
     return out, row_sqs, torch.autograd.grad(loss, leaves)
 
 
-def check(x, adapters, seeds=None, scales=None, tol=1e-5):
-    got = run(x, adapters, backend="triton", seeds=seeds, scales=scales)
+def check(x, adapters, seeds=None, scales=None, tol=1e-5, fused=True):
+    got = run(x, adapters, backend="triton", seeds=seeds, scales=scales, fused=fused)
     double = [p._replace(**{w: getattr(p, w).detach().double().requires_grad_(getattr(p, w).requires_grad) for w in WEIGHTS})
               for p in adapters]
     x64 = x.detach().double().requires_grad_(x.requires_grad)
@@ -55,17 +52,19 @@ def check(x, adapters, seeds=None, scales=None, tol=1e-5):
         assert rel_err(a, b) < tol, f"gradient {k}"
 
 
-def count_calls(monkeypatch):
-    """The backends of the ``linear_adapter`` calls the chain makes, in order."""
-    module = chain_module()
-    real, calls = module.linear_adapter, []
+def record_chain_launches(monkeypatch):
+    """The kernel launches of every fused chain forward, by name, one list per forward."""
+    from fusedadapters.ops.triton import adapter_chain as kernels
 
-    def spy(*args, **kwargs):
-        calls.append(kwargs["backend"])
-        return real(*args, **kwargs)
+    real, forwards = kernels.plan_chain_forward, []
 
-    monkeypatch.setattr(module, "linear_adapter", spy)
-    return calls
+    def spy(*args):
+        outputs, launches = real(*args)
+        forwards.append([launch.name for launch in launches])
+        return outputs, launches
+
+    monkeypatch.setattr(kernels, "plan_chain_forward", spy)
+    return forwards
 
 
 def record_backward_needs(monkeypatch):
@@ -82,17 +81,51 @@ def record_backward_needs(monkeypatch):
     return needs
 
 
+def count_single_adapter_calls(monkeypatch):
+    """The backends of the ``linear_adapter`` calls the chain's loop makes, in order."""
+    module = importlib.import_module("fusedadapters.ops.adapter_chain")  # the package exports the function
+    real, calls = module.linear_adapter, []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["backend"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "linear_adapter", spy)
+    return calls
+
+
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "loop"])
 @pytest.mark.parametrize("norm_position,activation", [("pre", "swish"), ("post", "gelu")])
-def test_chain_matches_reference(device, norm_position, activation, monkeypatch):
-    calls = count_calls(monkeypatch)
+def test_chain_matches_reference(device, norm_position, activation, fused, monkeypatch):
+    forwards, calls = record_chain_launches(monkeypatch), count_single_adapter_calls(monkeypatch)
     torch.manual_seed(1)
     d = 37
     adapters = make_adapters(d, (5, 16, 3), device, norm_position=norm_position, activation=activation)
     adapters[1] = adapters[1]._replace(eps=1e-3)
     x = (torch.randn(2, 13, d, device=device) + 2.0).requires_grad_()
-    check(x, adapters)
-    assert calls == ["triton"] * 3  # one single-adapter call per adapter; the reference makes none
+    check(x, adapters, fused=fused)
+    folds = ["fold_ln"] * 3 if norm_position == "pre" else []
+    # one fused launch for the chain, or one single-adapter call per adapter; the reference makes neither
+    assert (forwards, calls) == (([folds + ["chain3_fwd"]], []) if fused else ([], ["triton"] * 3))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_chain_fuses_where_its_row_blocks_fit_one_wave(device, monkeypatch):
+    """By default the chain runs fused where its row blocks number at most the SMs, else as a loop."""
+    from fusedadapters.ops.triton import adapter_chain as kernels
+    from fusedadapters.ops.triton.linear_adapter import _forward_config, device_limits
+
+    forwards, calls = record_chain_launches(monkeypatch), count_single_adapter_calls(monkeypatch)
+    adapters = make_adapters(16, (4, 8), device)
+    limits = device_limits(torch.device(device))
+    rows = limits.sm_count * _forward_config(8, 16, torch.float32, limits)[0].BM
+    for n, fused in ((rows, True), (rows + 1, False)):
+        assert kernels.fused_chain_pays(torch.empty(n, 16, device=device), [4, 8]) is fused
+    with torch.no_grad():
+        adapter_chain(torch.randn(rows, 16, device=device), adapters, backend="triton")
+        adapter_chain(torch.randn(rows + 1, 16, device=device), adapters, backend="triton")
+    assert (forwards, calls) == ([["fold_ln", "fold_ln", "chain2_fwd"]], ["triton", "triton"])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -110,7 +143,8 @@ def test_mixed_chain_with_dropout_scales_and_a_frozen_adapter(device):
     seeds = [torch.tensor([100 + k], device=device) for k in range(len(adapters))]
     scales = [torch.tensor([0.5], device=device), None, torch.tensor([1.5], device=device), None, torch.tensor([2.0], device=device)]
     x = torch.randn(19, d, device=device).requires_grad_()
-    check(x, adapters, seeds=seeds, scales=scales)
+    for fused in (True, False):
+        check(x, adapters, seeds=seeds, scales=scales, fused=fused)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -127,7 +161,8 @@ def test_chain_without_input_gradient_and_inference(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_frozen_adapters_get_no_weight_gradient_work(device, monkeypatch):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "loop"])
+def test_frozen_adapters_get_no_weight_gradient_work(device, fused, monkeypatch):
     """Adapter 1 frozen, adapter 2's LayerNorm frozen, x without gradient: each backward is asked only
     for what its tensors need (adapter 0 for no dx), and the gradients still match the reference."""
     torch.manual_seed(4)
@@ -139,9 +174,114 @@ def test_frozen_adapters_get_no_weight_gradient_work(device, monkeypatch):
         t.requires_grad_(False)
     x = torch.randn(7, d, device=device)
     needs = record_backward_needs(monkeypatch)
-    check(x, adapters)
+    check(x, adapters, fused=fused)
     # backward runs the adapters in reverse: 2, 1, 0
     assert needs == [(True, False, True, True), (True, False, False, False), (False, True, True, True)]
+
+
+def mixed_adapters(d, device, dtype=torch.float32):
+    """pre/swish with dropout, post/gelu, pre/relu with dropout: three H, two norm positions."""
+    adapters = (make_adapters(d, (8,), device, dropout_p=0.25) + make_adapters(d, (20,), device, norm_position="post",
+                activation="gelu") + make_adapters(d, (5,), device, activation="relu", dropout_p=0.5))
+    return [p._replace(**{w: getattr(p, w).detach().to(dtype).requires_grad_() for w in WEIGHTS}) for p in adapters]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "dtype, d, grid_stride", [(torch.bfloat16, 300, True), (torch.bfloat16, 1000, False), (torch.float32, 150, False)],
+    ids=["one-block-per-SM-fits-L2", "streams", "fp32"],
+)
+def test_chain_grids(device, dtype, d, grid_stride):
+    """The fused launch on both grids (one program per SM walking the row blocks, and one per row block),
+    the device's limits shrunk to the interpreter's as in test_linear_adapter.py::test_forward_grid, with
+    saved inputs and in place, against the float64 reference chain."""
+    from fusedadapters.ops.triton import adapter_chain as kernels
+    from fusedadapters.ops.triton.linear_adapter import INTERPRETER, _run, device_limits
+
+    torch.manual_seed(5)
+    adapters = mixed_adapters(d, device, dtype)
+    x = torch.randn(300, d, device=device).to(dtype)
+    seeds = [torch.tensor([7 + k], device=device) for k in range(3)]
+    scales = [None, torch.tensor([0.5], device=device, dtype=dtype), None]
+    limits = device_limits(x.device)
+    if limits is not INTERPRETER:
+        limits = limits._replace(sm_count=INTERPRETER.sm_count, l2_size=INTERPRETER.l2_size)
+    double = [p._replace(**{w: getattr(p, w).detach().double() for w in WEIGHTS}) for p in adapters]
+    want, want_sq = reference_multi.adapter_chain(x.double(), double, dropout_seeds=seeds,
+                                                  scales=[s if s is None else s.double() for s in scales])
+    for save_inputs in (True, False):
+        outputs, launches = kernels.plan_chain_forward(x, adapters, seeds, scales, True, save_inputs, limits)
+        chain = launches[-1]
+        assert [launch.name for launch in launches] == ["fold_ln", "fold_ln", "chain3_fwd"]
+        assert chain.meta["GRID_STRIDE"] is grid_stride
+        assert len(outputs[2]) == (2 if save_inputs else 0)
+        _run(launches, limits)
+        out, row_sqs, inputs = outputs[:3]
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        assert rel_err(out, want) < tol
+        for got, exp in zip(row_sqs, want_sq):
+            assert rel_err(got, exp) < tol
+        if save_inputs:  # x_1, which the backward reads
+            x1 = reference.linear_adapter(x.double(), *double[0][:4], dropout_p=0.25, dropout_seed=seeds[0])[0]
+            assert rel_err(inputs[0], x1) < tol
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_inference_runs_in_place_and_matches_training(device):
+    """Without a gradient to compute, the chain writes out in place (no x_k kept); its out and row_sq are
+    bitwise those of the forward that keeps x_k for training."""
+    from fusedadapters.ops.triton import adapter_chain as kernels
+
+    real, saved = kernels.plan_chain_forward, []
+
+    def spy(*args):
+        saved.append(args[5])
+        return real(*args)
+
+    torch.manual_seed(6)
+    adapters = mixed_adapters(29, device)
+    x = torch.randn(3, 11, 29, device=device)
+    seeds = [torch.tensor([3 + k], device=device) for k in range(3)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kernels, "plan_chain_forward", spy)
+        train = adapter_chain(x, adapters, dropout_seeds=seeds, return_row_sq=True, backend="triton")
+        with torch.no_grad():
+            infer = adapter_chain(x, adapters, dropout_seeds=seeds, return_row_sq=True, backend="triton")
+        frozen = [p._replace(**{w: getattr(p, w).detach() for w in WEIGHTS}) for p in adapters]
+        plain = adapter_chain(x, frozen, dropout_seeds=seeds, return_row_sq=True, backend="triton")
+    assert saved == [True, False, False]
+    assert train[0].requires_grad and not infer[0].requires_grad
+    for got in (infer, plain):
+        assert torch.equal(got[0], train[0].detach())
+        assert all(torch.equal(a, b.detach()) for a, b in zip(got[1], train[1]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_chain_custom_op_and_torch_compile(device):
+    torch.manual_seed(8)
+    adapters = mixed_adapters(24, device)
+    x = torch.randn(2, 9, 24, device=device, requires_grad=True)
+    seeds = [torch.tensor([1 + k], device=device) for k in range(3)]
+    ws = [[p[i] for p in adapters] for i in range(4)]
+    config = ",".join(f"{p.norm_position}:{p.activation}" for p in adapters)
+    for save_inputs in (True, False):
+        args = (x, *ws, seeds, [None, torch.tensor([0.5], device=device), None], config, [1e-5] * 3,
+                [p.dropout_p for p in adapters], True, save_inputs)
+        checks = ("test_schema", "test_faketensor") + (("test_aot_dispatch_static",) if save_inputs else ())
+        torch.library.opcheck(torch.ops.fusedadapters.adapter_chain_fwd.default, args, test_utils=checks)
+
+    def loss(x, *tensors):
+        ps = [AdapterParams(*tensors[4 * k: 4 * k + 4], **{f: getattr(p, f) for f in AdapterParams._fields[4:]})
+              for k, p in enumerate(adapters)]
+        out, row_sqs = adapter_chain(x, ps, dropout_seeds=seeds, return_row_sq=True, backend="triton")
+        return (out * out).sum() + sum(r.sum() for r in row_sqs)
+
+    leaves = [x] + [t for p in adapters for t in p[:4]]
+    compiled = torch.compile(loss, fullgraph=True, backend="inductor" if device == "cuda" else "aot_eager")
+    expected = torch.autograd.grad(loss(*leaves), leaves)
+    got = torch.autograd.grad(compiled(*leaves), leaves)
+    for g, e in zip(got, expected):
+        assert rel_err(g, e) < 1e-5
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -327,12 +327,13 @@ def _pre_norm_fwd_block(
     adapter, first, end, X, OUT, ROW_SQ, HID, MEAN, RSTD, PROJ, WG, WU, SEED, SCALE, PERM, DROP_P, KEEP,
     N, D, H, stride_xn, stride_xd, eps, dropout_p, keep_scale,
     ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr, RESIDUAL: tl.constexpr,
-    STORE_ROW_SQ: tl.constexpr, DOT_F32: tl.constexpr, FIRST_READ: tl.constexpr, ROUTED: tl.constexpr,
-    BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
+    STORE_ROW_SQ: tl.constexpr, DOT_F32: tl.constexpr, FIRST_READ: tl.constexpr, OUT_POLICY: tl.constexpr,
+    ROUTED: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
 ):
     """The pre-norm forward of the rows at positions first .. end - 1 (``_program_rows``) through
-    ``adapter``; x's first reads carry the L2 policy ``FIRST_READ``, its second read and the stores of
-    out are marked evict-first (last use)."""
+    ``adapter``; x's first reads carry the L2 policy ``FIRST_READ``, its second read is marked evict-first
+    (last use), the stores of out carry ``OUT_POLICY`` (evict-first, or evict-last in a chain, where the
+    next adapter reads them)."""
     rows, row_ok = _gather_rows(PERM, first + tl.arange(0, BM), end, ROUTED)
     a64 = adapter.to(tl.int64)
     PROJ += a64 * 2 * H
@@ -400,7 +401,7 @@ def _pre_norm_fwd_block(
             sq += tl.sum(z * z, 1)
         if RESIDUAL:
             z += x.to(tl.float32)
-        tl.store(out_rows + cols[None, :], z, mask=mask, eviction_policy="evict_first")
+        tl.store(out_rows + cols[None, :], z, mask=mask, eviction_policy=OUT_POLICY)
     if STORE_ROW_SQ:
         tl.store(ROW_SQ + rows, sq, mask=row_ok)
 
@@ -421,13 +422,15 @@ def _pre_norm_fwd_kernel(
             adapter, first, end = _program_rows(TABLE, blk, N, BM, False)
             _pre_norm_fwd_block(adapter, first, end, X, OUT, ROW_SQ, HID, MEAN, RSTD, PROJ, WG, WU, SEED, SCALE,
                                 PERM, DROP_P, KEEP, N, D, H, stride_xn, stride_xd, eps, dropout_p, keep_scale, ACT,
-                                HAS_DROPOUT, HAS_SCALE, RESIDUAL, STORE_ROW_SQ, DOT_F32, FIRST_READ, False, BM, BD, BH)
+                                HAS_DROPOUT, HAS_SCALE, RESIDUAL, STORE_ROW_SQ, DOT_F32, FIRST_READ, "evict_first",
+                                False, BM, BD, BH)
     else:
         adapter, first, end = _program_rows(TABLE, tl.program_id(0), N, BM, ROUTED)
         if adapter >= 0:
             _pre_norm_fwd_block(adapter, first, end, X, OUT, ROW_SQ, HID, MEAN, RSTD, PROJ, WG, WU, SEED, SCALE,
                                 PERM, DROP_P, KEEP, N, D, H, stride_xn, stride_xd, eps, dropout_p, keep_scale, ACT,
-                                HAS_DROPOUT, HAS_SCALE, RESIDUAL, STORE_ROW_SQ, DOT_F32, FIRST_READ, ROUTED, BM, BD, BH)
+                                HAS_DROPOUT, HAS_SCALE, RESIDUAL, STORE_ROW_SQ, DOT_F32, FIRST_READ, "evict_first",
+                                ROUTED, BM, BD, BH)
         elif ROUTED:
             _pass_rows_fwd(X, OUT, ROW_SQ, PERM, first, end, D, stride_xn, stride_xd, RESIDUAL, STORE_ROW_SQ, BM, BD)
 
@@ -476,8 +479,8 @@ def _post_norm_fwd_block(
     adapter, first, end, X, OUT, ROW_SQ, HID, MEAN, RSTD, LN_W, LN_B, WD, WU, SEED, SCALE, PERM, DROP_P, KEEP,
     N, D, H, stride_xn, stride_xd, eps, dropout_p, keep_scale,
     ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr, RESIDUAL: tl.constexpr,
-    STORE_ROW_SQ: tl.constexpr, DOT_F32: tl.constexpr, FIRST_READ: tl.constexpr, ROUTED: tl.constexpr,
-    BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
+    STORE_ROW_SQ: tl.constexpr, DOT_F32: tl.constexpr, FIRST_READ: tl.constexpr, OUT_POLICY: tl.constexpr,
+    ROUTED: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
 ):
     """The post-norm forward of the rows at positions first .. end - 1 through ``adapter``, with the L2
     policies of ``_pre_norm_fwd_block``."""
@@ -532,7 +535,7 @@ def _post_norm_fwd_block(
             sq += tl.sum(tl.where(mask, z * z, 0.0), 1)
         if RESIDUAL:
             z += x.to(tl.float32)
-        tl.store(out_rows + cols[None, :], z, mask=mask, eviction_policy="evict_first")
+        tl.store(out_rows + cols[None, :], z, mask=mask, eviction_policy=OUT_POLICY)
     if STORE_ROW_SQ:
         tl.store(ROW_SQ + rows, sq, mask=row_ok)
 
@@ -551,15 +554,15 @@ def _post_norm_fwd_kernel(
             adapter, first, end = _program_rows(TABLE, blk, N, BM, False)
             _post_norm_fwd_block(adapter, first, end, X, OUT, ROW_SQ, HID, MEAN, RSTD, LN_W, LN_B, WD, WU, SEED,
                                  SCALE, PERM, DROP_P, KEEP, N, D, H, stride_xn, stride_xd, eps, dropout_p, keep_scale,
-                                 ACT, HAS_DROPOUT, HAS_SCALE, RESIDUAL, STORE_ROW_SQ, DOT_F32, FIRST_READ, False,
-                                 BM, BD, BH)
+                                 ACT, HAS_DROPOUT, HAS_SCALE, RESIDUAL, STORE_ROW_SQ, DOT_F32, FIRST_READ,
+                                 "evict_first", False, BM, BD, BH)
     else:
         adapter, first, end = _program_rows(TABLE, tl.program_id(0), N, BM, ROUTED)
         if adapter >= 0:
             _post_norm_fwd_block(adapter, first, end, X, OUT, ROW_SQ, HID, MEAN, RSTD, LN_W, LN_B, WD, WU, SEED,
                                  SCALE, PERM, DROP_P, KEEP, N, D, H, stride_xn, stride_xd, eps, dropout_p, keep_scale,
-                                 ACT, HAS_DROPOUT, HAS_SCALE, RESIDUAL, STORE_ROW_SQ, DOT_F32, FIRST_READ, ROUTED,
-                                 BM, BD, BH)
+                                 ACT, HAS_DROPOUT, HAS_SCALE, RESIDUAL, STORE_ROW_SQ, DOT_F32, FIRST_READ,
+                                 "evict_first", ROUTED, BM, BD, BH)
         elif ROUTED:
             _pass_rows_fwd(X, OUT, ROW_SQ, PERM, first, end, D, stride_xn, stride_xd, RESIDUAL, STORE_ROW_SQ, BM, BD)
 
@@ -1295,6 +1298,23 @@ def _plan_up_weight_fold(up_weight: torch.Tensor, dtype: torch.dtype, dot_f32: i
     return up_shifted, gram, delta, launches
 
 
+def plan_fold_ln(down_weight: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, proj: torch.Tensor,
+                 dtype: torch.dtype, limits: DeviceLimits) -> Tuple[torch.Tensor, Launch]:
+    """Pre norm's fold of the LayerNorm into the down weight (H×D, or a stack A×H×D), once per forward:
+    ``(Wg, launch)``, Wg = Wd∘γ in the dots' operand dtype; the launch also writes ``proj`` (float32
+    2×H or A×2×H) = (Wd γ, Wd β)."""
+    h_size, d = down_weight.shape[-2:]
+    a_count = down_weight.shape[0] if down_weight.dim() == 3 else 1
+    weight = torch.empty_like(down_weight, dtype=_operand_dtype(dtype, limits))
+    br, bd, e = 4, _clamp_bd(256, d), down_weight.element_size()
+    return weight, Launch(
+        "fold_ln", _fold_ln_kernel, (_cdiv(h_size, br), a_count),
+        (down_weight, ln_weight, ln_bias, weight, proj, d, h_size), dict(BR=br, BD=bd, num_warps=4, num_stages=1),
+        hbm_bytes=a_count * (h_size * d * (e + weight.element_size()) + 2 * d * e + 8 * h_size),
+        reread_bytes=0, live_bytes_per_program=0, l2_bytes=0, elements=a_count * h_size * d,
+    )
+
+
 def plan_forward(
     x: torch.Tensor,
     ln_weight: torch.Tensor,
@@ -1347,15 +1367,8 @@ def plan_forward(
     launches = []
     weight = down_weight
     if pre:
-        weight = torch.empty_like(down_weight, dtype=_operand_dtype(x.dtype, limits))  # Wd∘γ
-        br, bd = 4, _clamp_bd(256, d)
-        a_count = down_weight.shape[0] if stack else 1
-        launches.append(Launch(
-            "fold_ln", _fold_ln_kernel, (_cdiv(h_size, br), a_count),
-            (down_weight, ln_weight, ln_bias, weight, proj, d, h_size), dict(BR=br, BD=bd, num_warps=4, num_stages=1),
-            hbm_bytes=a_count * (h_size * d * (e + weight.element_size()) + 2 * d * e + 8 * h_size),
-            reread_bytes=0, live_bytes_per_program=0, l2_bytes=0, elements=a_count * h_size * d,
-        ))
+        weight, fold = plan_fold_ln(down_weight, ln_weight, ln_bias, proj, x.dtype, limits)
+        launches.append(fold)
     has_dropout, p, keep_scale = _dropout_args(dropout_p)
     cfg, per_sm, first_read = _forward_config(h_size, d, x.dtype, limits, routed)
     blocks = _cdiv(n, cfg.BM)
