@@ -11,10 +11,12 @@ calls torch on its buffers (the weight-gradient partials' sum over row splits an
 weights' dtype, which run as GPU kernels there): it is an upper bound of the host path, the forward
 figure a close one.
 
-    python bench/host_overhead.py [--out FILE.json] [--calls 2000]
+    python bench/host_overhead.py [--out FILE.json] [--calls 2000] [--chain 4]
 
 Prints microseconds per call (median of 7 rounds) for the forward under ``torch.no_grad()`` and for
-forward plus backward; ``--out`` also writes them with the environment record.
+forward plus backward; ``--out`` also writes them with the environment record. ``--chain K`` adds
+``ops.adapter_chain`` over K such adapters, both ways it runs on triton: its fused launch
+(``fused=True``) and one single-adapter call per adapter (``fused=False``).
 """
 
 from __future__ import annotations
@@ -25,15 +27,16 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
-from fusedadapters.ops import linear_adapter  # noqa: E402
+from fusedadapters.ops import AdapterParams, adapter_chain, linear_adapter  # noqa: E402
 from fusedadapters.ops.triton import linear_adapter as kernels  # noqa: E402
+from fusedadapters.ops.triton import routed_adapter as routed_kernels  # noqa: E402
 
 
 def per_call_us(fn: Callable[[], object], calls: int, rounds: int = 7) -> float:
@@ -48,29 +51,45 @@ def per_call_us(fn: Callable[[], object], calls: int, rounds: int = 7) -> float:
     return statistics.median(times)
 
 
-def measure(n: int, d: int, h: int, calls: int) -> Dict[str, float]:
+def measure(n: int, d: int, h: int, calls: int, chain: int = 0) -> Dict[str, float]:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(n, d, generator=gen).to(torch.bfloat16).requires_grad_()
-    params = [torch.randn(*shape, generator=gen).to(torch.bfloat16).requires_grad_()
-              for shape in ((d,), (d,), (h, d), (d, h))]
+
+    def adapter_tensors() -> List[torch.Tensor]:
+        return [torch.randn(*shape, generator=gen).to(torch.bfloat16).requires_grad_()
+                for shape in ((d,), (d,), (h, d), (d, h))]
+
+    params = adapter_tensors()
+    adapters = [AdapterParams(*adapter_tensors()) for _ in range(chain)]
+    leaves = [x, *params] + [t for p in adapters for t in p[:4]]
     dout = torch.randn(n, d, generator=gen).to(torch.bfloat16)
 
-    def forward():
-        with torch.no_grad():
-            return linear_adapter(x, *params, backend="triton")
+    def timed(fn: Callable[[], torch.Tensor]) -> Tuple[float, float]:
+        def forward():
+            with torch.no_grad():
+                return fn()
 
-    def forward_backward():
-        linear_adapter(x, *params, backend="triton").backward(dout)
-        for t in (x, *params):
-            t.grad = None
+        def forward_backward():
+            fn().backward(dout)
+            for t in leaves:
+                t.grad = None
 
-    original, interpret = kernels._run, os.environ.get("TRITON_INTERPRET")
-    kernels._run = lambda launches, limits: None
+        return per_call_us(forward, calls), per_call_us(forward_backward, calls)
+
+    no_launch = lambda launches, limits: None  # noqa: E731
+    originals, interpret = (kernels._run, routed_kernels._run), os.environ.get("TRITON_INTERPRET")
+    kernels._run = routed_kernels._run = no_launch
     os.environ["TRITON_INTERPRET"] = "1"  # lets CPU tensors take the Triton path; nothing is launched
     try:
-        return dict(forward_us=per_call_us(forward, calls), forward_backward_us=per_call_us(forward_backward, calls))
+        result = dict(zip(("forward_us", "forward_backward_us"),
+                          timed(lambda: linear_adapter(x, *params, backend="triton"))))
+        for fused in (True, False) if chain else ():
+            name = f"chain{chain}_{'fused' if fused else 'loop'}"
+            result.update(zip((f"{name}_forward_us", f"{name}_forward_backward_us"),
+                              timed(lambda: adapter_chain(x, adapters, backend="triton", fused=fused))))
+        return result
     finally:
-        kernels._run = original
+        kernels._run, routed_kernels._run = originals
         if interpret is None:
             del os.environ["TRITON_INTERPRET"]
         else:
@@ -83,16 +102,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--d", type=int, default=4096)
     parser.add_argument("--h", type=int, default=64)
     parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--chain", type=int, default=0, help="also adapter_chain over K adapters (0: not)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    result = measure(args.n, args.d, args.h, args.calls)
-    print(f"host time per call, N={args.n} D={args.d} H={args.h} bf16, kernels not launched: "
-          f"forward {result['forward_us']:.1f} us, forward + backward {result['forward_backward_us']:.1f} us")
+    result = measure(args.n, args.d, args.h, args.calls, args.chain)
+    print(f"host time per call, N={args.n} D={args.d} H={args.h} bf16, kernels not launched:")
+    for name, us in result.items():
+        print(f"  {name[:-3]}: {us:.1f} us")
     if args.out:
         import fusedadapters
 
-        harness.write_json(args.out, dict(result, n=args.n, d=args.d, h=args.h, calls=args.calls,
+        harness.write_json(args.out, dict(result, n=args.n, d=args.d, h=args.h, calls=args.calls, chain=args.chain,
                                           package=str(Path(fusedadapters.__file__).parent),
                                           environment=harness.environment_record(
                                               sys.argv[1:] if argv is None else list(argv), torch.device("cpu"))))

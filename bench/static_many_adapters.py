@@ -1,7 +1,8 @@
-"""Static kernel report of the many-adapter kernels (the routed batch's), without a GPU.
+"""Static kernel report of the many-adapter kernels (the routed batch's and the fused chain's), without a GPU.
 
-The launchers of ``fusedadapters.ops.triton.routed_adapter`` run on CPU tensors of the real shapes inside ``record_launches()``, which records every launch (kernel, grid, arguments,
-constexprs) instead of running it. Each distinct launch is then compiled exactly as Triton's JIT would
+The launchers of ``fusedadapters.ops.triton.routed_adapter`` run on CPU tensors of the real shapes inside
+``record_launches()``, which records every launch (kernel, grid, arguments, constexprs) instead of
+running it. Each distinct launch is then compiled exactly as Triton's JIT would
 specialise it on a GPU, for sm_90a and sm_80, and measured with the machinery of
 ``bench/static_report.py`` (``compile_job``, ``analyse_job``, ``occupancy``): registers, spill bytes,
 shared memory, resident warps per SM and what limits them. No traffic or time model here (that report

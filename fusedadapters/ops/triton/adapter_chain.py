@@ -4,13 +4,14 @@ Math as in ``fusedadapters.ops.reference_multi.adapter_chain``::
 
     x_0 = x,   x_{k+1} = x_k + s_k · drop_k(adapter_k(x_k)),   out = x_K
 
-``_chain_fwd_kernel`` runs a block of rows through every adapter before it moves to the next block:
-the single adapter's forward (``_pre_norm_fwd_block`` or ``_post_norm_fwd_block``, with that adapter's
-H, activation, norm position, eps, dropout and scale) K times over the same rows, with a barrier
-between adapters. Adapter k writes x_{k+1} for the block and adapter k + 1 reads it straight back, so
-the rows between adapters come from L2 rather than memory: where the grid's resident row blocks fit in
-L2 (``_forward_config``), x crosses HBM once on the way in and once on the way out, however long the
-chain. Without saved inputs (inference, or nothing in the chain needs a gradient) every adapter
+``_chain_fwd_kernel`` (one program per block of rows) runs its rows through every adapter: the single
+adapter's forward (``_pre_norm_fwd_block`` or ``_post_norm_fwd_block``, with that adapter's H,
+activation, norm position, eps, dropout and scale) K times over the same rows, with a barrier between
+adapters. Adapter k writes x_{k+1} for the block and adapter k + 1 reads it straight back, so the rows
+between adapters come from L2 rather than memory: where the resident row blocks fit in L2
+(``_forward_config``), x crosses HBM once on the way in and once on the way out, however long the
+chain. (No grid-stride loop over row blocks as in the single forward, and 8 warps: with either the
+loop or 4 warps, four adapters' code spilled, compiled for sm_90.) Without saved inputs (inference, or nothing in the chain needs a gradient) every adapter
 writes ``out`` in place (adapter k reads element (n, d) before it writes it, in the same program); for
 training, x_1 … x_{K-1} are written to their own tensors, which the backward reads.
 
@@ -42,17 +43,18 @@ __all__ = ["adapter_chain_forward", "plan_chain_forward"]
 
 
 @triton.jit
-def _chain_block(
-    blk, X, OUTS, ROW_SQS, HIDS, MEANS, RSTDS, W0, W1, W2, W3, SEEDS, SCALES,
+def _chain_fwd_kernel(
+    X, OUTS, ROW_SQS, HIDS, MEANS, RSTDS, W0, W1, W2, W3, SEEDS, SCALES,
     N, D, HS, stride_xn, stride_xd, EPS, DROP_PS, KEEPS,
     PRE: tl.constexpr, ACTS: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr,
     STORE_ROW_SQ: tl.constexpr, DOT_F32: tl.constexpr, READS: tl.constexpr, WRITES: tl.constexpr,
     BM: tl.constexpr, BDS: tl.constexpr, BHS: tl.constexpr,
 ):
-    """Rows blk·BM … through adapters 0 … K - 1: adapter k reads X (k = 0) or OUTS[k - 1] and writes
-    OUTS[k], with the L2 policies READS[k] (its first reads) and WRITES[k] (its stores). Pre-norm adapter
-    k's W0..W2 are (g b, Wg, Wu); post-norm ones' W0..W3 are (γ, β, Wd, Wu)."""
-    first = blk * BM
+    """Row block pid through adapters 0 … K - 1 (tuple arguments: one entry per adapter): adapter k
+    reads X (k = 0) or OUTS[k - 1] and writes OUTS[k], with the L2 policies READS[k] (its first reads)
+    and WRITES[k] (its stores). Pre-norm adapter k's W0..W2 are (g b, Wg, Wu); post-norm ones' W0..W3
+    are (γ, β, Wd, Wu)."""
+    first = tl.program_id(0) * BM
     end = tl.minimum(first + BM, N)
     adapter = tl.full((), 0, tl.int32)
     for k in tl.static_range(len(ACTS)):
@@ -73,28 +75,6 @@ def _chain_block(
                 W3[k], SEEDS[k], SCALES[k], SEEDS[k], SEEDS[k], SEEDS[k], N, D, HS[k], sn, sd, EPS[k], DROP_PS[k],
                 KEEPS[k], tl.constexpr(ACTS[k]), HAS_DROPOUT[k], HAS_SCALE[k], True, STORE_ROW_SQ, DOT_F32[k],
                 tl.constexpr(READS[k]), tl.constexpr(WRITES[k]), False, BM, BDS[k], BHS[k])
-
-
-@triton.jit
-def _chain_fwd_kernel(
-    X, OUTS, ROW_SQS, HIDS, MEANS, RSTDS, W0, W1, W2, W3, SEEDS, SCALES,
-    N, D, HS, stride_xn, stride_xd, EPS, DROP_PS, KEEPS,
-    PRE: tl.constexpr, ACTS: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SCALE: tl.constexpr,
-    STORE_ROW_SQ: tl.constexpr, DOT_F32: tl.constexpr, READS: tl.constexpr, WRITES: tl.constexpr,
-    GRID_STRIDE: tl.constexpr,
-    BM: tl.constexpr, BDS: tl.constexpr, BHS: tl.constexpr,
-):
-    """Row block pid through the whole chain, or with GRID_STRIDE row blocks pid, pid + P, ... (as
-    ``_pre_norm_fwd_kernel``). Tuple arguments hold one entry per adapter."""
-    if GRID_STRIDE:
-        for blk in range(tl.program_id(0), tl.cdiv(N, BM), tl.num_programs(0)):
-            _chain_block(blk, X, OUTS, ROW_SQS, HIDS, MEANS, RSTDS, W0, W1, W2, W3, SEEDS, SCALES, N, D, HS,
-                         stride_xn, stride_xd, EPS, DROP_PS, KEEPS, PRE, ACTS, HAS_DROPOUT, HAS_SCALE,
-                         STORE_ROW_SQ, DOT_F32, READS, WRITES, BM, BDS, BHS)
-    else:
-        _chain_block(tl.program_id(0), X, OUTS, ROW_SQS, HIDS, MEANS, RSTDS, W0, W1, W2, W3, SEEDS, SCALES, N,
-                     D, HS, stride_xn, stride_xd, EPS, DROP_PS, KEEPS, PRE, ACTS, HAS_DROPOUT, HAS_SCALE,
-                     STORE_ROW_SQ, DOT_F32, READS, WRITES, BM, BDS, BHS)
 
 
 def plan_chain_forward(
@@ -139,9 +119,8 @@ def plan_chain_forward(
         else:
             weights.append((ln_w, ln_b, down, up))
     hs = [p.hidden_size for p in adapters]
-    cfg, per_sm, first_read = _forward_config(max(hs), d, x.dtype, limits)
+    cfg, _, first_read = _forward_config(max(hs), d, x.dtype, limits, grid_stride=False)
     blocks = _cdiv(n, cfg.BM)
-    programs = min(blocks, per_sm * limits.sm_count) if per_sm else blocks
     dropout = [_dropout_args(p.dropout_p) for p in adapters]
     e, k_count = x.element_size(), len(adapters)
     outs = [t.view(-1, d) for t in inputs] + [out.view(-1, d)] if save_inputs else [out.view(-1, d)] * len(adapters)
@@ -159,20 +138,20 @@ def plan_chain_forward(
         STORE_ROW_SQ=compute_row_sq, DOT_F32=tuple(_dot_f32(x.dtype, limits, h) for h in hs),
         READS=(first_read,) + ("evict_last",) * (k_count - 1),
         WRITES=("evict_last",) * (k_count - 1) + ("evict_first",),
-        GRID_STRIDE=programs < blocks, BM=cfg.BM,
+        BM=cfg.BM,
         BDS=tuple(_forward_config(h, d, x.dtype, limits)[0].BD for h in hs),
         BHS=tuple(_padded_hidden(h) for h in hs),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=max(cfg.num_warps, 8), num_stages=cfg.num_stages,
     )
     side_bytes = sum(n * (4 * h + 12 + (4 if compute_row_sq else 0)) for h in hs)
     intermediate = (k_count - 1) * n * d * e  # x_1 … x_{K-1}: to memory when saved, else L2 only
     launches.append(Launch(
-        f"chain{k_count}_fwd", _chain_fwd_kernel, (programs,), args, meta,
+        f"chain{k_count}_fwd", _chain_fwd_kernel, (blocks,), args, meta,
         hbm_bytes=2 * n * d * e + side_bytes + sum(2 * h * d * e for h in hs) + (intermediate if save_inputs else 0),
         reread_bytes=(2 * k_count - 1) * n * d * e + (0 if save_inputs else intermediate),
         live_bytes_per_program=cfg.BM * d * e * (2 if save_inputs else 1),
         l2_bytes=blocks * sum((2 if p.norm_position == "pre" else 3) * h * d * e for p, h in zip(adapters, hs)),
-        elements=n * d, work_units=blocks if programs < blocks else 0,  # each of its 2K-3K tile loops walks N·D
+        elements=n * d,  # each of its 2K to 3K tile loops walks N·D
     ))
     return outputs, launches
 
@@ -198,5 +177,5 @@ def fused_chain_pays(x: torch.Tensor, hidden_sizes: Sequence[int]) -> bool:
     (at most one per SM), the fused launch moves the same weight traffic as a loop of single-adapter
     calls and saves K - 1 op calls, plans and launches; beyond, see ``ops.adapter_chain``."""
     limits = device_limits(x.device)
-    cfg = _forward_config(max(hidden_sizes), x.shape[-1], x.dtype, limits)[0]
+    cfg = _forward_config(max(hidden_sizes), x.shape[-1], x.dtype, limits, grid_stride=False)[0]
     return _cdiv(x.numel() // max(1, x.shape[-1]), cfg.BM) <= limits.sm_count

@@ -1137,7 +1137,7 @@ L2_RESIDENT_SHARE = 0.75
 
 
 def _forward_config(h: int, d: int, dtype: torch.dtype, limits: DeviceLimits,
-                    routed: bool = False) -> Tuple[_Config, int, str]:
+                    routed: bool = False, grid_stride: bool = True) -> Tuple[_Config, int, str]:
     """The forward's configuration, its programs per SM (k >= 1: a grid of k programs per SM that walk
     the row blocks, ``GRID_STRIDE``; 0: one program per row block) and the L2 policy of x's first reads.
 
@@ -1154,7 +1154,8 @@ def _forward_config(h: int, d: int, dtype: torch.dtype, limits: DeviceLimits,
     HBM). float32 keeps one program per row block: its tf32x3 dots need the registers the loop takes.
     Where not even one row block per SM fits (D large), x crosses HBM twice. ``routed``: one program per
     block of the segment table, never the grid-stride loop, nor the 32-row blocks that serve it, and 8
-    warps where registers are scarce (compiled for sm_80 at H <= 64, 4 warps spilled)."""
+    warps where registers are scarce (compiled for sm_80 at H <= 64, 4 warps spilled). Without
+    ``grid_stride`` (the fused chain, which spills in that loop), one program per row block always."""
     if _register_pressure(dtype, limits) == 1 and _padded_hidden(h) <= 64:
         # fp16/bf16 on sm_90, measured (bench/tune_launches.py on an H100, pre norm, D = 4096, H = 64,
         # one program per row block; bench/results/2026-11-25-h100-tune/): 8 % faster than 64/64/4/3.
@@ -1170,7 +1171,7 @@ def _forward_config(h: int, d: int, dtype: torch.dtype, limits: DeviceLimits,
     first_read = "evict_last" if per_sm else ""
     if routed and _register_pressure(dtype, limits) > 1:
         cfg = cfg._replace(num_warps=8)
-    if per_sm != 1 or dtype == torch.float32 or routed:
+    if per_sm != 1 or dtype == torch.float32 or routed or not grid_stride:
         return cfg, 0, first_read
     return cfg._replace(num_warps=max(cfg.num_warps, 8), num_stages=max(cfg.num_stages, 4)), 1, first_read
 
