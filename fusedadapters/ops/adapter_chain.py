@@ -63,8 +63,8 @@ def adapter_chain(
     and options; ``dropout_seeds[k]`` a one-element int64 tensor (drawn when adapter k has dropout and
     none is given), ``scales[k]`` a one-element tensor or None for 1 (no gradient on the triton backend).
     ``fused`` (triton backend): True runs the chain as one fused launch, False as one single-adapter
-    call per adapter, None chooses (``triton.adapter_chain.fused_chain_pays``: fused where the row
-    blocks fit one wave of the device). The results are the same bits either way.
+    call per adapter, None chooses (``triton.adapter_chain.fused_chain_pays``: fused for fp16/bf16
+    where the row blocks fit one wave of the device). The results are the same bits either way.
     """
     adapters = list(adapters)
     if not adapters:

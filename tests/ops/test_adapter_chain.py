@@ -112,19 +112,22 @@ def test_chain_matches_reference(device, norm_position, activation, fused, monke
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_chain_fuses_where_its_row_blocks_fit_one_wave(device, monkeypatch):
-    """By default the chain runs fused where its row blocks number at most the SMs, else as a loop."""
+    """By default a bf16/fp16 chain runs fused where its row blocks number at most the SMs, else as a
+    loop; a float32 chain always as a loop."""
     from fusedadapters.ops.triton import adapter_chain as kernels
     from fusedadapters.ops.triton.linear_adapter import _forward_config, device_limits
 
     forwards, calls = record_chain_launches(monkeypatch), count_single_adapter_calls(monkeypatch)
-    adapters = make_adapters(16, (4, 8), device)
+    bf16 = torch.bfloat16
+    adapters = [p._replace(**{w: getattr(p, w).detach().to(bf16) for w in WEIGHTS})
+                for p in make_adapters(16, (4, 8), device)]
     limits = device_limits(torch.device(device))
-    rows = limits.sm_count * _forward_config(8, 16, torch.float32, limits)[0].BM
-    for n, fused in ((rows, True), (rows + 1, False)):
-        assert kernels.fused_chain_pays(torch.empty(n, 16, device=device), [4, 8]) is fused
+    rows = limits.sm_count * _forward_config(8, 16, bf16, limits, grid_stride=False)[0].BM
+    for n, dtype, fused in ((rows, bf16, True), (rows + 1, bf16, False), (rows, torch.float32, False)):
+        assert kernels.fused_chain_pays(torch.empty(n, 16, device=device, dtype=dtype), [4, 8]) is fused
     with torch.no_grad():
-        adapter_chain(torch.randn(rows, 16, device=device), adapters, backend="triton")
-        adapter_chain(torch.randn(rows + 1, 16, device=device), adapters, backend="triton")
+        adapter_chain(torch.randn(rows, 16, device=device).to(bf16), adapters, backend="triton")
+        adapter_chain(torch.randn(rows + 1, 16, device=device).to(bf16), adapters, backend="triton")
     assert (forwards, calls) == ([["fold_ln", "fold_ln", "chain2_fwd"]], ["triton", "triton"])
 
 
@@ -243,11 +246,12 @@ def test_inference_runs_in_place_and_matches_training(device):
     seeds = [torch.tensor([3 + k], device=device) for k in range(3)]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(kernels, "plan_chain_forward", spy)
-        train = adapter_chain(x, adapters, dropout_seeds=seeds, return_row_sq=True, backend="triton")
+        options = dict(dropout_seeds=seeds, return_row_sq=True, backend="triton", fused=True)
+        train = adapter_chain(x, adapters, **options)
         with torch.no_grad():
-            infer = adapter_chain(x, adapters, dropout_seeds=seeds, return_row_sq=True, backend="triton")
+            infer = adapter_chain(x, adapters, **options)
         frozen = [p._replace(**{w: getattr(p, w).detach() for w in WEIGHTS}) for p in adapters]
-        plain = adapter_chain(x, frozen, dropout_seeds=seeds, return_row_sq=True, backend="triton")
+        plain = adapter_chain(x, frozen, **options)
     assert saved == [True, False, False]
     assert train[0].requires_grad and not infer[0].requires_grad
     for got in (infer, plain):
@@ -272,7 +276,8 @@ def test_chain_custom_op_and_torch_compile(device):
     def loss(x, *tensors):
         ps = [AdapterParams(*tensors[4 * k: 4 * k + 4], **{f: getattr(p, f) for f in AdapterParams._fields[4:]})
               for k, p in enumerate(adapters)]
-        out, row_sqs = adapter_chain(x, ps, dropout_seeds=seeds, return_row_sq=True, backend="triton")
+        out, row_sqs = adapter_chain(x, ps, dropout_seeds=seeds, return_row_sq=True, backend="triton",
+                                     fused=True)
         return (out * out).sum() + sum(r.sum() for r in row_sqs)
 
     leaves = [x] + [t for p in adapters for t in p[:4]]

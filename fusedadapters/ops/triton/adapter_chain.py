@@ -10,10 +10,18 @@ activation, norm position, eps, dropout and scale) K times over the same rows, w
 adapters. Adapter k writes x_{k+1} for the block and adapter k + 1 reads it straight back, so the rows
 between adapters come from L2 rather than memory: where the resident row blocks fit in L2
 (``_forward_config``), x crosses HBM once on the way in and once on the way out, however long the
-chain. (No grid-stride loop over row blocks as in the single forward, and 8 warps: with either the
-loop or 4 warps, four adapters' code spilled, compiled for sm_90.) Without saved inputs (inference, or nothing in the chain needs a gradient) every adapter
-writes ``out`` in place (adapter k reads element (n, d) before it writes it, in the same program); for
-training, x_1 … x_{K-1} are written to their own tensors, which the backward reads.
+chain. No grid-stride loop over row blocks as in the single forward, and 8 warps: with either the
+loop or 4 warps, four adapters' code spilled (compiled for sm_90). Without saved inputs (inference, or
+nothing in the chain needs a gradient) every adapter writes ``out`` in place (adapter k reads element
+(n, d) before it writes it, in the same program); for training, x_1 … x_{K-1} are written to their
+own tensors, which the backward reads.
+
+What it saves and what it costs: the weights are re-read from L2 once per row block, as in the loop
+of single-adapter launches, and the rows between adapters now come from L2 too, so the launch is
+L2-bound where the loop is HBM-bound; ``bench/static_many_adapters.py`` models both (its chain model
+table). What it saves for sure is host time: one op call and one plan instead of K
+(``bench/host_overhead.py --chain``). ``fused_chain_pays`` takes it where that matters: fp16/bf16
+chains whose row blocks fit one wave of the device.
 
 Per adapter the launch takes tuples of pointers and constexprs (one entry per adapter, unrolled), so
 adapters of different H, activation and norm position share the launch, and nothing is stacked.
@@ -173,9 +181,13 @@ def adapter_chain_forward(
 
 
 def fused_chain_pays(x: torch.Tensor, hidden_sizes: Sequence[int]) -> bool:
-    """Whether ``ops.adapter_chain`` runs the fused launch by default: where its row blocks fit one wave
-    (at most one per SM), the fused launch moves the same weight traffic as a loop of single-adapter
-    calls and saves K - 1 op calls, plans and launches; beyond, see ``ops.adapter_chain``."""
+    """Whether ``ops.adapter_chain`` runs the fused launch by default: for fp16/bf16 where its row blocks
+    fit one wave (at most one per SM), where the fused launch moves the same weight traffic as a loop of
+    single-adapter calls and saves K - 1 op calls, plans and launches; beyond, see ``ops.adapter_chain``.
+    Not for float32, whose tf32x3 tiles make four adapters' code spill (compiled for sm_90 and sm_80:
+    ``bench/results/static/many_adapters.md``)."""
+    if x.dtype == torch.float32:
+        return False
     limits = device_limits(x.device)
     cfg = _forward_config(max(hidden_sizes), x.shape[-1], x.dtype, limits, grid_stride=False)[0]
     return _cdiv(x.numel() // max(1, x.shape[-1]), cfg.BM) <= limits.sm_count
