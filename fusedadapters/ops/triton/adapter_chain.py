@@ -147,7 +147,7 @@ def plan_chain_forward(
         READS=(first_read,) + ("evict_last",) * (k_count - 1),
         WRITES=("evict_last",) * (k_count - 1) + ("evict_first",),
         BM=cfg.BM,
-        BDS=tuple(_forward_config(h, d, x.dtype, limits)[0].BD for h in hs),
+        BDS=tuple(_forward_config(h, d, x.dtype, limits, grid_stride=False)[0].BD for h in hs),
         BHS=tuple(_padded_hidden(h) for h in hs),
         num_warps=max(cfg.num_warps, 8), num_stages=cfg.num_stages,
     )

@@ -1136,6 +1136,7 @@ def _rows_pass_config(pre: bool, row_sq_grad: bool, h: int, d: int, dtype: torch
 L2_RESIDENT_SHARE = 0.75
 
 
+@functools.lru_cache(maxsize=256)  # on every call's host path; a pure function of hashable arguments
 def _forward_config(h: int, d: int, dtype: torch.dtype, limits: DeviceLimits,
                     routed: bool = False, grid_stride: bool = True) -> Tuple[_Config, int, str]:
     """The forward's configuration, its programs per SM (k >= 1: a grid of k programs per SM that walk
