@@ -13,7 +13,7 @@ figure a close one.
 
     python bench/host_overhead.py [--out FILE.json] [--calls 2000] [--chain 4]
 
-Prints microseconds per call (median of 7 rounds) for the forward under ``torch.no_grad()`` and for
+Prints microseconds per call (median of 7 rounds, the functions timed in turn within each round) for the forward under ``torch.no_grad()`` and for
 forward plus backward; ``--out`` also writes them with the environment record. ``--chain K`` adds
 ``ops.adapter_chain`` over K such adapters, both ways it runs on triton: its fused launch
 (``fused=True``) and one single-adapter call per adapter (``fused=False``).
@@ -27,7 +27,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch  # noqa: E402
 
@@ -39,16 +39,20 @@ from fusedadapters.ops.triton import linear_adapter as kernels  # noqa: E402
 from fusedadapters.ops.triton import routed_adapter as routed_kernels  # noqa: E402
 
 
-def per_call_us(fn: Callable[[], object], calls: int, rounds: int = 7) -> float:
-    for _ in range(max(10, calls // 20)):
-        fn()
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(calls):
+def per_call_us(fns: Dict[str, Callable[[], object]], calls: int, rounds: int = 7) -> Dict[str, float]:
+    """Median µs per call of each function; the rounds interleave the functions, so that a slow spell of
+    a shared machine weighs on all of them alike."""
+    for fn in fns.values():
+        for _ in range(max(10, calls // 20)):
             fn()
-        times.append((time.perf_counter() - start) / calls * 1e6)
-    return statistics.median(times)
+    times: Dict[str, List[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            times[name].append((time.perf_counter() - start) / calls * 1e6)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def measure(n: int, d: int, h: int, calls: int, chain: int = 0) -> Dict[str, float]:
@@ -64,7 +68,7 @@ def measure(n: int, d: int, h: int, calls: int, chain: int = 0) -> Dict[str, flo
     leaves = [x, *params] + [t for p in adapters for t in p[:4]]
     dout = torch.randn(n, d, generator=gen).to(torch.bfloat16)
 
-    def timed(fn: Callable[[], torch.Tensor]) -> Tuple[float, float]:
+    def both_modes(name: str, fn: Callable[[], torch.Tensor]) -> Dict[str, Callable[[], object]]:
         def forward():
             with torch.no_grad():
                 return fn()
@@ -74,20 +78,18 @@ def measure(n: int, d: int, h: int, calls: int, chain: int = 0) -> Dict[str, flo
             for t in leaves:
                 t.grad = None
 
-        return per_call_us(forward, calls), per_call_us(forward_backward, calls)
+        return {f"{name}forward_us": forward, f"{name}forward_backward_us": forward_backward}
 
+    fns = both_modes("", lambda: linear_adapter(x, *params, backend="triton"))
+    for fused in (True, False) if chain else ():
+        fns.update(both_modes(f"chain{chain}_{'fused' if fused else 'loop'}_",
+                              lambda fused=fused: adapter_chain(x, adapters, backend="triton", fused=fused)))
     no_launch = lambda launches, limits: None  # noqa: E731
     originals, interpret = (kernels._run, routed_kernels._run), os.environ.get("TRITON_INTERPRET")
     kernels._run = routed_kernels._run = no_launch
     os.environ["TRITON_INTERPRET"] = "1"  # lets CPU tensors take the Triton path; nothing is launched
     try:
-        result = dict(zip(("forward_us", "forward_backward_us"),
-                          timed(lambda: linear_adapter(x, *params, backend="triton"))))
-        for fused in (True, False) if chain else ():
-            name = f"chain{chain}_{'fused' if fused else 'loop'}"
-            result.update(zip((f"{name}_forward_us", f"{name}_forward_backward_us"),
-                              timed(lambda: adapter_chain(x, adapters, backend="triton", fused=fused))))
-        return result
+        return per_call_us(fns, calls)
     finally:
         kernels._run, routed_kernels._run = originals
         if interpret is None:

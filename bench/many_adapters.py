@@ -3,8 +3,8 @@
 Chain (op ``adapter_chain``): K adapters (K from ``--k``, default 1, 2, 4, 8; all of hidden size H)
 applied one after another under the residual strategy. Backends:
 
-* ``chain``: ``ops.adapter_chain`` on triton as it chooses: its fused launch where the row blocks fit
-  one wave of the GPU, else one single-adapter call per adapter (see fusedadapters/ops/adapter_chain.py);
+* ``chain``: ``ops.adapter_chain`` on triton as it chooses: its fused launch where the static model puts
+  it ahead, else one single-adapter call per adapter (see fusedadapters/ops/adapter_chain.py);
 * ``fused``: ``ops.adapter_chain(..., fused=True)``: the fused launch at every N (the crossover between
   it and ``loop`` is what the choice above should follow);
 * ``loop``: K calls of ``ops.linear_adapter`` on triton written out here (one launch and one round trip

@@ -28,8 +28,8 @@ residual strategy's ``l2_lambda`` loss is the mean over that adapter's samples.
 
 Fused chains (``forward_chained``, outside any route): when a module has several enabled adapters, each
 stretch of two or more consecutive fusable ones (with the same ``backend`` attribute) runs as one
-``ops.adapter_chain`` (one fused launch where the rows fit one wave of the GPU); any other adapter or
-strategy splits the chain. The result equals applying them
+``ops.adapter_chain`` (one fused launch where the static model puts it ahead, else one fused launch per
+adapter); any other adapter or strategy splits the chain. The result equals applying them
 one by one, stochastic depth (one draw per adapter) and each adapter's ``l2_lambda`` loss included.
 """
 

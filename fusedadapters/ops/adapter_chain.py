@@ -9,16 +9,19 @@ the chain one of two ways, with the same results:
 
 * fused: one launch for the whole chain (``fusedadapters.ops.triton.adapter_chain``): each block of
   rows passes through every adapter before the next block starts, so the rows between adapters stay
-  in L2; one op call, one plan, one launch (plus one small LayerNorm fold per pre-norm adapter)
-  instead of K of each. Its backward runs the single adapter's backward once per adapter, in reverse.
+  in L2 (plus one small LayerNorm fold launch per pre-norm adapter). Its backward runs the single
+  adapter's backward once per adapter, in reverse.
 * a loop: one call of the single-adapter fused op per adapter, autograd chaining the calls.
 
 Both backwards ask each adapter only for the gradients its tensors need (a frozen adapter costs only
-its dx). By default the fused launch runs where the chain's row blocks fit one wave of the device, and
-the loop beyond: there, each adapter's weights are re-read from L2 once per row block either way, and
-the rows between adapters, which the loop sends through memory, would also have to come from L2,
-which the weight re-reads keep busy (``bench/static_many_adapters.py`` models both; an earlier fused
-chain measured about 2× the loop on an H100, bench/results/2026-11-25-nvidia-h100-80gb-hbm3/).
+its dx). Which is faster: each adapter's weights are re-read from L2 once per row block either way,
+which keeps L2 about as busy as memory in the single-adapter launch at H = 64; the fused launch also
+serves the rows between adapters from L2, which the loop reads from memory, so it pays only where
+L2 has room to spare: small H, few row blocks, no x_k to write for a backward
+(``triton.adapter_chain.fused_chain_pays``, from ``bench/static_many_adapters.py``'s chain model; an
+earlier fused chain measured about 2× the loop on an H100, bench/results/2026-11-25-nvidia-h100-80gb-hbm3/).
+Reading x once for the whole chain needs the row block on chip, which takes the cluster design of
+the single-read forward (CUDA, Hopper).
 Other backends run the reference chain. One ``torch.library`` custom op carries the fused forward,
 its autograd formula calling ``fusedadapters::linear_adapter_bwd``::
 
@@ -63,8 +66,9 @@ def adapter_chain(
     and options; ``dropout_seeds[k]`` a one-element int64 tensor (drawn when adapter k has dropout and
     none is given), ``scales[k]`` a one-element tensor or None for 1 (no gradient on the triton backend).
     ``fused`` (triton backend): True runs the chain as one fused launch, False as one single-adapter
-    call per adapter, None chooses (``triton.adapter_chain.fused_chain_pays``: fused for fp16/bf16
-    where the row blocks fit one wave of the device). The results are the same bits either way.
+    call per adapter, None chooses (``triton.adapter_chain.fused_chain_pays``: fused where the static
+    model puts it ahead: fp16/bf16 inference, the row blocks within one wave of the device, H below
+    the row block). The results are the same bits either way.
     """
     adapters = list(adapters)
     if not adapters:
@@ -84,15 +88,15 @@ def adapter_chain(
         if p.hidden_size > _TRITON_MAX_HIDDEN:
             raise ValueError(f"the triton backend takes hidden sizes up to {_TRITON_MAX_HIDDEN}, got {p.hidden_size}; "
                              "use backend='reference'")
+    tensors = [x] + [t for p in adapters for t in p[:4]]
+    save_inputs = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     if fused is None:
         from .triton.adapter_chain import fused_chain_pays
 
-        fused = fused_chain_pays(x, [p.hidden_size for p in adapters])
+        fused = fused_chain_pays(x, [p.hidden_size for p in adapters], save_inputs)
     if not fused:
         return _single_adapter_loop(x, adapters, seeds, scale_list, return_row_sq)
     scale_list = [s if s is None else s.detach().reshape(1).to(x.dtype) for s in scale_list]
-    tensors = [x] + [t for p in adapters for t in p[:4]]
-    save_inputs = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     out, row_sqs, *_ = torch.ops.fusedadapters.adapter_chain_fwd(
         x, *([p[i] for p in adapters] for i in range(4)), seeds, scale_list,
         ",".join(f"{p.norm_position}:{p.activation}" for p in adapters), [float(p.eps) for p in adapters],

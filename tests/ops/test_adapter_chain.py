@@ -111,9 +111,9 @@ def test_chain_matches_reference(device, norm_position, activation, fused, monke
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_chain_fuses_where_its_row_blocks_fit_one_wave(device, monkeypatch):
-    """By default a bf16/fp16 chain runs fused where its row blocks number at most the SMs, else as a
-    loop; a float32 chain always as a loop."""
+def test_chain_fuses_where_the_model_puts_it_ahead(device, monkeypatch):
+    """By default a chain runs fused in fp16/bf16 inference where its row blocks number at most the SMs
+    and H is below the row block; otherwise (more rows, wider H, float32, training) as a loop."""
     from fusedadapters.ops.triton import adapter_chain as kernels
     from fusedadapters.ops.triton.linear_adapter import _forward_config, device_limits
 
@@ -122,13 +122,19 @@ def test_chain_fuses_where_its_row_blocks_fit_one_wave(device, monkeypatch):
     adapters = [p._replace(**{w: getattr(p, w).detach().to(bf16) for w in WEIGHTS})
                 for p in make_adapters(16, (4, 8), device)]
     limits = device_limits(torch.device(device))
-    rows = limits.sm_count * _forward_config(8, 16, bf16, limits, grid_stride=False)[0].BM
-    for n, dtype, fused in ((rows, bf16, True), (rows + 1, bf16, False), (rows, torch.float32, False)):
-        assert kernels.fused_chain_pays(torch.empty(n, 16, device=device, dtype=dtype), [4, 8]) is fused
+    bm = _forward_config(8, 16, bf16, limits, grid_stride=False)[0].BM
+    rows = limits.sm_count * bm
+    cases = [(rows, bf16, [4, 8], False, True), (rows + 1, bf16, [4, 8], False, False),
+             (rows, torch.float32, [4, 8], False, False), (rows, bf16, [4, 8], True, False),
+             (rows, bf16, [4, bm], False, False)]
+    for n, dtype, hs, save_inputs, fused in cases:
+        assert kernels.fused_chain_pays(torch.empty(n, 16, device=device, dtype=dtype), hs, save_inputs) is fused
+    x = torch.randn(rows, 16, device=device).to(bf16)
     with torch.no_grad():
-        adapter_chain(torch.randn(rows, 16, device=device).to(bf16), adapters, backend="triton")
-        adapter_chain(torch.randn(rows + 1, 16, device=device).to(bf16), adapters, backend="triton")
-    assert (forwards, calls) == ([["fold_ln", "fold_ln", "chain2_fwd"]], ["triton", "triton"])
+        adapter_chain(x, adapters, backend="triton")
+        adapter_chain(torch.cat([x, x[:1]]), adapters, backend="triton")
+    adapter_chain(x.requires_grad_(), adapters, backend="triton")
+    assert forwards == [["fold_ln", "fold_ln", "chain2_fwd"]] and calls == ["triton"] * 4
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -156,11 +162,12 @@ def test_chain_without_input_gradient_and_inference(device):
     d = 16
     adapters = make_adapters(d, (4, 4), device)
     x = torch.randn(5, d, device=device)  # no gradient for x: the first adapter's dx is skipped
-    check(x, adapters)
-    with torch.no_grad():
-        out = adapter_chain(x, adapters, backend="triton")
-        want = reference.linear_adapter(reference.linear_adapter(x, *adapters[0][:4])[0], *adapters[1][:4])[0]
-    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    want = reference.linear_adapter(reference.linear_adapter(x, *adapters[0][:4])[0], *adapters[1][:4])[0]
+    for fused in (True, False):
+        check(x, adapters, fused=fused)
+        with torch.no_grad():
+            out = adapter_chain(x, adapters, backend="triton", fused=fused)
+        torch.testing.assert_close(out, want.detach(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -19,9 +19,9 @@ own tensors, which the backward reads.
 What it saves and what it costs: the weights are re-read from L2 once per row block, as in the loop
 of single-adapter launches, and the rows between adapters now come from L2 too, so the launch is
 L2-bound where the loop is HBM-bound; ``bench/static_many_adapters.py`` models both (its chain model
-table). What it saves for sure is host time: one op call and one plan instead of K
-(``bench/host_overhead.py --chain``). ``fused_chain_pays`` takes it where that matters: fp16/bf16
-chains whose row blocks fit one wave of the device.
+table), and ``fused_chain_pays`` takes the fused launch by default only where that model puts it
+ahead. The host time of one chain call barely changes (``bench/host_overhead.py --chain``): the
+plans and allocations are per adapter either way.
 
 Per adapter the launch takes tuples of pointers and constexprs (one entry per adapter, unrolled), so
 adapters of different H, activation and norm position share the launch, and nothing is stacked.
@@ -180,14 +180,17 @@ def adapter_chain_forward(
     return outputs
 
 
-def fused_chain_pays(x: torch.Tensor, hidden_sizes: Sequence[int]) -> bool:
-    """Whether ``ops.adapter_chain`` runs the fused launch by default: for fp16/bf16 where its row blocks
-    fit one wave (at most one per SM), where the fused launch moves the same weight traffic as a loop of
-    single-adapter calls and saves K - 1 op calls, plans and launches; beyond, see ``ops.adapter_chain``.
-    Not for float32, whose tf32x3 tiles make four adapters' code spill (compiled for sm_90 and sm_80:
-    ``bench/results/static/many_adapters.md``)."""
-    if x.dtype == torch.float32:
+def fused_chain_pays(x: torch.Tensor, hidden_sizes: Sequence[int], save_inputs: bool) -> bool:
+    """Whether ``ops.adapter_chain`` runs the fused launch by default: where ``bench/static_many_adapters.py``
+    models it faster than the loop of single-adapter launches (its chain model table), that is for an
+    fp16/bf16 chain in inference (nothing saved for a backward) whose row blocks fit one wave of the
+    device (at most one per SM: the rows between adapters stay in L2) and whose adapters re-read less
+    of their weights per row block than the block's own rows (2 H < 2 BM: H < BM). Elsewhere the model
+    puts the loop ahead: the fused launch serves from L2 what the loop reads from memory, and L2 is
+    already busy with the weights; training writes x_1 … x_{K-1} anyway; float32's tf32x3 tiles make
+    four adapters' code spill."""
+    if x.dtype == torch.float32 or save_inputs:
         return False
     limits = device_limits(x.device)
     cfg = _forward_config(max(hidden_sizes), x.shape[-1], x.dtype, limits, grid_stride=False)[0]
-    return _cdiv(x.numel() // max(1, x.shape[-1]), cfg.BM) <= limits.sm_count
+    return max(hidden_sizes) < cfg.BM and _cdiv(x.numel() // max(1, x.shape[-1]), cfg.BM) <= limits.sm_count
