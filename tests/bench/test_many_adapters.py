@@ -19,7 +19,7 @@ TINY = ["--n", "16", "--d", "16", "--h", "8", "--warmup-ms", "0.1", "--rep-ms", 
 
 
 @pytest.mark.parametrize("sweep,count_flag,backends", [
-    ("chain", ["--k", "2"], ["chain", "loop", "one-adapter", "eager"]),
+    ("chain", ["--k", "2"], ["chain", "fused", "loop", "one-adapter", "eager"]),
     ("mixed", ["--a", "3"], ["routed", "masked-loop", "one-adapter", "eager"]),
 ])
 def test_sweep_checks_times_and_reports(tmp_path, sweep, count_flag, backends):
