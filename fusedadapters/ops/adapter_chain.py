@@ -67,8 +67,8 @@ def adapter_chain(
     none is given), ``scales[k]`` a one-element tensor or None for 1 (no gradient on the triton backend).
     ``fused`` (triton backend): True runs the chain as one fused launch, False as one single-adapter
     call per adapter, None chooses (``triton.adapter_chain.fused_chain_pays``: fused where the static
-    model puts it ahead: fp16/bf16 inference, the row blocks within one wave of the device, H below
-    the row block). The results are the same bits either way.
+    model puts it ahead: fp16/bf16 inference, the row blocks within one wave of the device, 2·H at
+    most the row block's rows). The results are the same bits either way.
     """
     adapters = list(adapters)
     if not adapters:

@@ -113,7 +113,7 @@ def test_chain_matches_reference(device, norm_position, activation, fused, monke
 @pytest.mark.parametrize("device", DEVICES)
 def test_chain_fuses_where_the_model_puts_it_ahead(device, monkeypatch):
     """By default a chain runs fused in fp16/bf16 inference where its row blocks number at most the SMs
-    and H is below the row block; otherwise (more rows, wider H, float32, training) as a loop."""
+    and 2·H is at most the row block; otherwise (more rows, wider H, float32, training) as a loop."""
     from fusedadapters.ops.triton import adapter_chain as kernels
     from fusedadapters.ops.triton.linear_adapter import _forward_config, device_limits
 
@@ -126,7 +126,7 @@ def test_chain_fuses_where_the_model_puts_it_ahead(device, monkeypatch):
     rows = limits.sm_count * bm
     cases = [(rows, bf16, [4, 8], False, True), (rows + 1, bf16, [4, 8], False, False),
              (rows, torch.float32, [4, 8], False, False), (rows, bf16, [4, 8], True, False),
-             (rows, bf16, [4, bm], False, False)]
+             (rows, bf16, [4, bm // 2], False, True), (rows, bf16, [4, bm // 2 + 1], False, False)]
     for n, dtype, hs, save_inputs, fused in cases:
         assert kernels.fused_chain_pays(torch.empty(n, 16, device=device, dtype=dtype), hs, save_inputs) is fused
     x = torch.randn(rows, 16, device=device).to(bf16)

@@ -184,8 +184,9 @@ def fused_chain_pays(x: torch.Tensor, hidden_sizes: Sequence[int], save_inputs: 
     """Whether ``ops.adapter_chain`` runs the fused launch by default: where ``bench/static_many_adapters.py``
     models it faster than the loop of single-adapter launches (its chain model table), that is for an
     fp16/bf16 chain in inference (nothing saved for a backward) whose row blocks fit one wave of the
-    device (at most one per SM: the rows between adapters stay in L2) and whose adapters re-read less
-    of their weights per row block than the block's own rows (2 H < 2 BM: H < BM). Elsewhere the model
+    device (at most one per SM: the rows between adapters stay in L2) and whose adapters re-read no
+    more weights per row block than the block's own rows (2·H·D elements of Wd and Wu against BM·D:
+    2·H <= BM, H = 16 at 32-row blocks). Elsewhere the model
     puts the loop ahead: the fused launch serves from L2 what the loop reads from memory, and L2 is
     already busy with the weights; training writes x_1 … x_{K-1} anyway; float32's tf32x3 tiles make
     four adapters' code spill."""
@@ -193,4 +194,4 @@ def fused_chain_pays(x: torch.Tensor, hidden_sizes: Sequence[int], save_inputs: 
         return False
     limits = device_limits(x.device)
     cfg = _forward_config(max(hidden_sizes), x.shape[-1], x.dtype, limits, grid_stride=False)[0]
-    return max(hidden_sizes) < cfg.BM and _cdiv(x.numel() // max(1, x.shape[-1]), cfg.BM) <= limits.sm_count
+    return 2 * max(hidden_sizes) <= cfg.BM and _cdiv(x.numel() // max(1, x.shape[-1]), cfg.BM) <= limits.sm_count
