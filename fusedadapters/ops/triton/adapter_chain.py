@@ -186,10 +186,10 @@ def fused_chain_pays(x: torch.Tensor, hidden_sizes: Sequence[int], save_inputs: 
     fp16/bf16 chain in inference (nothing saved for a backward) whose row blocks fit one wave of the
     device (at most one per SM: the rows between adapters stay in L2) and whose adapters re-read no
     more weights per row block than the block's own rows (2·H·D elements of Wd and Wu against BM·D:
-    2·H <= BM, H = 16 at 32-row blocks). Elsewhere the model
-    puts the loop ahead: the fused launch serves from L2 what the loop reads from memory, and L2 is
-    already busy with the weights; training writes x_1 … x_{K-1} anyway; float32's tf32x3 tiles make
-    four adapters' code spill."""
+    2·H <= BM, H = 16 at 32-row blocks). Elsewhere the model puts the loop ahead (H = 64: the fused
+    launch serves from L2 what the loop reads from memory, and L2 is already busy with the weights),
+    or both within about 12 % either way (H = 256, both bound by the weights' L2 re-reads), which a
+    model does not settle; float32's tf32x3 tiles make four adapters' code spill."""
     if x.dtype == torch.float32 or save_inputs:
         return False
     limits = device_limits(x.device)
