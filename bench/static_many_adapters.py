@@ -13,8 +13,7 @@ blocks, chunks and grids as the launcher makes them on that GPU.
 Grid: pre and post norm; bf16 and fp32; D = 4096; H in {16, 64, 256}; A = 8 adapters over N = 8192
 rows (forward, backward rows and columns passes, the per-adapter gradient sum). The fused chain
 (``ops.triton.adapter_chain``, K = 4 adapters of the point's H and norm) is compiled the same way, with
-and without saved inputs, at N = 4096 and 16384 (its grid differs: one program per row block, or one
-per SM walking them), and modelled with ``bench/static_report.py``'s traffic and time model beside
+and without saved inputs, at N = 4096 and 16384, and modelled with ``bench/static_report.py``'s traffic and time model beside
 the loop it replaces (four single-adapter forwards, ``plan_forward``) and one single-adapter forward:
 the ``chain model`` table (bf16, sm_90). ``--check`` exits 1 when a bf16 launch spills, needs more
 shared memory than a block gets, or fails to compile.

@@ -44,7 +44,7 @@ from torch import Tensor
 from . import reference, reference_multi
 from .adapter_params import AdapterParams
 from .backend import resolve_backend
-from .linear_adapter import _TRITON_MAX_HIDDEN, _check_kernel_inputs, linear_adapter
+from .linear_adapter import _TRITON_MAX_HIDDEN, _check_kernel_inputs, forward_outputs_like, linear_adapter
 
 __all__ = ["adapter_chain"]
 
@@ -139,10 +139,15 @@ def _check(x: Tensor, adapters: List[AdapterParams]) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+def _positions_and_activations(config: str) -> List[Tuple[str, str]]:
+    """``config``'s ``"norm_position:activation"`` entries, one per adapter."""
+    return [tuple(entry.split(":")) for entry in config.split(",")]
+
+
 def _adapters(ln_weights, ln_biases, down_weights, up_weights, config: str, eps, dropout_p) -> List[AdapterParams]:
-    positions, activations = zip(*(entry.split(":") for entry in config.split(",")))
-    return [AdapterParams(*tensors, activation=act, norm_position=pos, eps=e, dropout_p=p) for *tensors, pos, act, e, p
-            in zip(ln_weights, ln_biases, down_weights, up_weights, positions, activations, eps, dropout_p)]
+    options = zip(_positions_and_activations(config), eps, dropout_p)
+    return [AdapterParams(*tensors, activation=act, norm_position=pos, eps=e, dropout_p=p)
+            for *tensors, ((pos, act), e, p) in zip(ln_weights, ln_biases, down_weights, up_weights, options)]
 
 
 @torch.library.custom_op("fusedadapters::adapter_chain_fwd", mutates_args=())
@@ -161,19 +166,10 @@ def _adapter_chain_fwd(
 @_adapter_chain_fwd.register_fake
 def _adapter_chain_fwd_fake(x, ln_weights, ln_biases, down_weights, up_weights, dropout_seeds, scales, config, eps,
                             dropout_p, compute_row_sq, save_inputs):
-    n = x.numel() // x.shape[-1]
-    f32 = dict(dtype=torch.float32)
-    k_count = len(down_weights)
-    pre = [entry.startswith("pre:") for entry in config.split(",")]
-    return (
-        x.new_empty(x.shape),
-        [x.new_empty(x.shape[:-1] if compute_row_sq else (0,), **f32) for _ in range(k_count)],
-        [x.new_empty(x.shape) for _ in range(k_count - 1)] if save_inputs else [],
-        [x.new_empty((n, w.shape[0]), **f32) for w in down_weights],
-        [x.new_empty((2, n), **f32) for _ in range(k_count)],
-        [x.new_empty((n,), **f32) for _ in range(k_count)],
-        [x.new_empty((2, w.shape[0]) if is_pre else (0,), **f32) for w, is_pre in zip(down_weights, pre)],
-    )
+    per_adapter = [forward_outputs_like(x, w.shape[0], (2, w.shape[0]) if pos == "pre" else (0,), compute_row_sq)
+                   for w, (pos, _) in zip(down_weights, _positions_and_activations(config))]
+    outs, row_sqs, hiddens, means, rstds, projs = (list(t) for t in zip(*per_adapter))
+    return outs[-1], row_sqs, outs[:-1] if save_inputs else [], hiddens, means, rstds, projs
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -190,8 +186,7 @@ def _setup_context(ctx, inputs, output) -> None:
     # autograd matches the backward's return against the inputs' structure, where a list holding a None is a leaf
     ctx.no_grads = [[None] * k_count if all(t is not None for t in ts) else None for ts in (seeds, scales)]
     ctx.need = [[t.requires_grad for t in tensors] for tensors in zip(ln_weights, ln_biases, down_weights, up_weights)]
-    ctx.adapters = _adapters([None] * k_count, [None] * k_count, [None] * k_count, [None] * k_count, config, eps,
-                             dropout_p)
+    ctx.options = [(act, pos, p) for (pos, act), p in zip(_positions_and_activations(config), dropout_p)]
     ctx.mark_non_differentiable(*saved_inputs, *hiddens, *means, *rstds, *projs)
     ctx.set_materialize_grads(False)
 
@@ -216,7 +211,7 @@ def _backward(ctx, grad_out, grad_row_sqs, *_unused):
     for k in reversed(range(k_count)):
         if not (need_x_before[k] or any(need[k])):
             break  # neither adapter k nor anything before it needs a gradient
-        p = ctx.adapters[k]
+        activation, norm_position, dropout_p = ctx.options[k]
         grad_sq = grad_row_sqs[k] if grad_row_sqs is not None else None
         if grad is None and grad_sq is None:
             continue  # nothing from adapter k onwards reached the loss
@@ -225,7 +220,7 @@ def _backward(ctx, grad_out, grad_row_sqs, *_unused):
         need_ln = need[k][0] or need[k][1]
         dx, d_ln_w, d_ln_b, d_down, d_up = torch.ops.fusedadapters.linear_adapter_bwd(
             grad, grad_sq, inputs[k], ln_weights[k], ln_biases[k], down_weights[k], up_weights[k], seeds[k],
-            scales[k], hiddens[k], means[k], rstds[k], projs[k], p.activation, p.norm_position, p.dropout_p, True,
+            scales[k], hiddens[k], means[k], rstds[k], projs[k], activation, norm_position, dropout_p, True,
             need_x_before[k], need_ln, need[k][2], need[k][3], "triton",
         )
         for i, g in enumerate((d_ln_w, d_ln_b, d_down, d_up)):

@@ -1,5 +1,5 @@
 """Triton kernels and their launchers, one module per fused op (``linear_adapter``,
-``routed_adapter``; ``adapter_chain`` runs ``linear_adapter`` once per adapter).
+``routed_adapter``, ``adapter_chain``; the last two run the first's kernel code).
 
 Importing a submodule imports ``triton``; ``fusedadapters.ops`` does so only when the triton backend
 runs, so the package itself works without Triton installed.

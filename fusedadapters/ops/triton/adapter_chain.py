@@ -34,7 +34,7 @@ the next one's dout.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -164,18 +164,10 @@ def plan_chain_forward(
     return outputs, launches
 
 
-def adapter_chain_forward(
-    x: torch.Tensor,
-    adapters: Sequence[AdapterParams],
-    dropout_seeds: Sequence[Optional[torch.Tensor]],
-    scales: Sequence[Optional[torch.Tensor]],
-    compute_row_sq: bool,
-    save_inputs: bool,
-    limits: Optional[DeviceLimits] = None,
-):
-    """Run ``plan_chain_forward`` (``limits``: default ``x``'s device) and return its outputs."""
+def adapter_chain_forward(x: torch.Tensor, *args: Any, limits: Optional[DeviceLimits] = None):
+    """Run ``plan_chain_forward`` on its arguments (``limits``: default ``x``'s device) and return its outputs."""
     limits = limits or device_limits(x.device)
-    outputs, launches = plan_chain_forward(x, adapters, dropout_seeds, scales, compute_row_sq, save_inputs, limits)
+    outputs, launches = plan_chain_forward(x, *args, limits)
     _run_or_record(launches, limits)
     return outputs
 
