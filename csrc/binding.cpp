@@ -1,11 +1,19 @@
 // The one file that knows torch: registers the kernels as the `fusedadapters_native` operators
-// (CPU kernels always; CUDA kernels only in a CUDA build, FA_WITH_CUDA), turning tensors into the
+// (CPU kernels always; CUDA kernels in a CUDA build, FA_WITH_CUDA), turning tensors into the
 // pointers, sizes and strides of linear_adapter.h. fusedadapters/ops/native.py loads the library and
 // calls these operators from the `fusedadapters::linear_adapter_fwd/bwd` custom ops.
+//
+// With FA_CUDA_SIM (tests only), the library is `fusedadapters_cudasim` instead and its CPU operators
+// run the CUDA kernels on the CPU simulator of cuda_sim.h, CPU tensors standing in for device memory.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
+
+#if defined(FA_WITH_CUDA) && !defined(FA_CUDA_SIM)
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
 
 #include <optional>
 #include <string>
@@ -116,7 +124,33 @@ void set_inputs(Args& a, const Prepared& p) {
   a.up_weight = ptr<T>(p.up_weight);
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward_cpu(
+enum class Kernels { Cpu, Cuda };
+
+#if defined(FA_WITH_CUDA) || defined(FA_CUDA_SIM)
+// The CUDA kernels on the current stream of x's device, with a workspace of `floats` floats there.
+struct CudaLaunch {
+#if defined(FA_CUDA_SIM)
+  explicit CudaLaunch(const Tensor&) {}
+  void* stream() const { return nullptr; }
+#else
+  explicit CudaLaunch(const Tensor& x) : guard(x.device()) {}
+  void* stream() const { return c10::cuda::getCurrentCUDAStream().stream(); }
+  c10::cuda::CUDAGuard guard;
+#endif
+};
+
+void check_cuda_shape(int64_t h) {
+  TORCH_CHECK(fa::linear_adapter_cuda_supports(h), "the native CUDA kernels hold H × 16 rows of the hidden layer in "
+              "shared memory, which H = ", h, " does not fit; use backend='triton'");
+}
+
+void check_cuda_launch(int error, const char* what) {
+  TORCH_CHECK(error == 0, "the native CUDA ", what, " failed: ", fa::linear_adapter_cuda_error_string(error));
+}
+#endif
+
+template <Kernels K>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward(
     const Tensor& x, const Tensor& ln_weight, const Tensor& ln_bias, const Tensor& down_weight,
     const Tensor& up_weight, const std::optional<Tensor>& dropout_seed, const std::optional<Tensor>& scale,
     c10::string_view activation, c10::string_view norm_position, double eps, double dropout_p, bool residual,
@@ -141,12 +175,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward_cpu(
     a.mean = mut_ptr<float>(mean);
     a.rstd = mut_ptr<float>(rstd);
     a.proj = s.pre_norm ? mut_ptr<float>(proj) : nullptr;
-    fa::linear_adapter_forward_cpu<T>(a, cpu_parallel_for());
+    if constexpr (K == Kernels::Cpu) {
+      fa::linear_adapter_forward_cpu<T>(a, cpu_parallel_for());
+    } else {
+#if defined(FA_WITH_CUDA) || defined(FA_CUDA_SIM)
+      check_cuda_shape(s.h);
+      const CudaLaunch launch(x);
+      Tensor workspace = at::empty({fa::linear_adapter_forward_cuda_workspace(s.n, s.d, s.h)}, f32);
+      check_cuda_launch(fa::linear_adapter_forward_cuda<T>(a, mut_ptr<float>(workspace), launch.stream()), "forward");
+#endif
+    }
   });
   return {out, row_sq, hidden, mean, rstd, proj};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_cpu(
+template <Kernels K>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward(
     const Tensor& grad_out, const std::optional<Tensor>& grad_row_sq, const Tensor& x, const Tensor& ln_weight,
     const Tensor& ln_bias, const Tensor& down_weight, const Tensor& up_weight,
     const std::optional<Tensor>& dropout_seed, const std::optional<Tensor>& scale, const Tensor& hidden,
@@ -184,7 +228,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_cpu(
       a.d_ln_bias = need_dln ? mut_ptr<float>(dlnb) : nullptr;
       a.d_down = need_dwd ? mut_ptr<float>(dwd) : nullptr;
       a.d_up = need_dwu ? mut_ptr<float>(dwu) : nullptr;
-      fa::linear_adapter_backward_cpu<T>(a, cpu_parallel_for());
+      if constexpr (K == Kernels::Cpu) {
+        fa::linear_adapter_backward_cpu<T>(a, cpu_parallel_for());
+      } else {
+#if defined(FA_WITH_CUDA) || defined(FA_CUDA_SIM)
+        check_cuda_shape(s.h);
+        const CudaLaunch launch(x);
+        Tensor workspace = at::empty({fa::linear_adapter_backward_cuda_workspace(s.n, s.d, s.h)}, f32);
+        check_cuda_launch(fa::linear_adapter_backward_cuda<T>(a, mut_ptr<float>(workspace), launch.stream()),
+                          "backward");
+#endif
+      }
     });
   }
   const auto dtype = x.scalar_type();
@@ -193,7 +247,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_cpu(
 
 }  // namespace
 
-TORCH_LIBRARY(fusedadapters_native, m) {
+#if defined(FA_CUDA_SIM)
+#define FA_LIBRARY fusedadapters_cudasim
+#else
+#define FA_LIBRARY fusedadapters_native
+#endif
+// One level of indirection, so that FA_LIBRARY expands before TORCH_LIBRARY pastes it.
+#define FA_TORCH_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+#define FA_TORCH_LIBRARY_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
+
+FA_TORCH_LIBRARY(FA_LIBRARY, m) {
   m.def(
       "linear_adapter_forward(Tensor x, Tensor ln_weight, Tensor ln_bias, Tensor down_weight, Tensor up_weight, "
       "Tensor? dropout_seed, Tensor? scale, str activation, str norm_position, float eps, float dropout_p, "
@@ -207,14 +270,28 @@ TORCH_LIBRARY(fusedadapters_native, m) {
   m.def("devices() -> str[]");
 }
 
-TORCH_LIBRARY_IMPL(fusedadapters_native, CPU, m) {
-  m.impl("linear_adapter_forward", &forward_cpu);
-  m.impl("linear_adapter_backward", &backward_cpu);
+#if defined(FA_CUDA_SIM)
+FA_TORCH_LIBRARY_IMPL(FA_LIBRARY, CPU, m) {
+  m.impl("linear_adapter_forward", &forward<Kernels::Cuda>);
+  m.impl("linear_adapter_backward", &backward<Kernels::Cuda>);
 }
+#else
+FA_TORCH_LIBRARY_IMPL(FA_LIBRARY, CPU, m) {
+  m.impl("linear_adapter_forward", &forward<Kernels::Cpu>);
+  m.impl("linear_adapter_backward", &backward<Kernels::Cpu>);
+}
+#endif
 
-TORCH_LIBRARY_IMPL(fusedadapters_native, CompositeExplicitAutograd, m) {
+#if defined(FA_WITH_CUDA) && !defined(FA_CUDA_SIM)
+FA_TORCH_LIBRARY_IMPL(FA_LIBRARY, CUDA, m) {
+  m.impl("linear_adapter_forward", &forward<Kernels::Cuda>);
+  m.impl("linear_adapter_backward", &backward<Kernels::Cuda>);
+}
+#endif
+
+FA_TORCH_LIBRARY_IMPL(FA_LIBRARY, CompositeExplicitAutograd, m) {
   m.impl("devices", []() -> std::vector<std::string> {
-#if defined(FA_WITH_CUDA)
+#if defined(FA_WITH_CUDA) && !defined(FA_CUDA_SIM)
     return {"cpu", "cuda"};
 #else
     return {"cpu"};

@@ -73,11 +73,23 @@ void linear_adapter_forward_cpu(const ForwardArgs<T>& args, const ParallelFor& p
 template <typename T>
 void linear_adapter_backward_cpu(const BackwardArgs<T>& args, const ParallelFor& parallel_for);
 
-// CUDA decode forward (linear_adapter_decode.cu), for 1 <= N <= kDecodeMaxRows rows: one cooperative
-// launch on `stream` (a cudaStream_t) that spreads D over the whole GPU; `workspace` holds
-// linear_adapter_decode_workspace_floats(N, D, H) floats on the device. Returns a cudaError_t.
-// Not yet run on a GPU and not registered behind the op (no CUDA backward exists yet).
+// CUDA kernels (linear_adapter_cuda.cu, and linear_adapter_decode.cu for N <= kDecodeMaxRows), on
+// `stream` (a cudaStream_t); `workspace` holds the number of floats the *_workspace function gives, on
+// the device. They return a cudaError_t (0 on success; cudaErrorInvalidValue for an H that the shared
+// memory of the row-block kernels cannot hold, see linear_adapter_cuda_supports). The weight gradients
+// are deterministic: the columns pass sums every row in row order. Never run on a GPU yet; CI runs them
+// on the CPU simulator (cuda_sim.h).
 constexpr int64_t kDecodeMaxRows = 64;
+bool linear_adapter_cuda_supports(int64_t h);
+const char* linear_adapter_cuda_error_string(int error);
+int64_t linear_adapter_forward_cuda_workspace(int64_t n, int64_t d, int64_t h);
+template <typename T>
+int linear_adapter_forward_cuda(const ForwardArgs<T>& args, float* workspace, void* stream);
+int64_t linear_adapter_backward_cuda_workspace(int64_t n, int64_t d, int64_t h);
+template <typename T>
+int linear_adapter_backward_cuda(const BackwardArgs<T>& args, float* workspace, void* stream);
+
+// The decode forward alone (one cooperative launch that spreads D over the whole GPU).
 int64_t linear_adapter_decode_workspace_floats(int64_t n, int64_t d, int64_t h);
 template <typename T>
 int linear_adapter_decode_forward_cuda(const ForwardArgs<T>& args, float* workspace, void* stream);

@@ -1,8 +1,8 @@
 // CUDA decode forward of the fused adapter: N <= kDecodeMaxRows rows in one cooperative launch that
 // spreads D over every CTA (a row-block design would leave the GPU idle at N = 1..64).
 //
-// NOT YET RUN ON A GPU, NOT REGISTERED: there is no CUDA backward yet, so the binding does not offer
-// this kernel behind the op; CI compiles it for sm_80 and sm_90 (tests/ops/test_native.py).
+// Never run on a GPU: CI compiles it for sm_80 and sm_90 and runs it on the CPU simulator (cuda_sim.h);
+// linear_adapter_cuda.cu launches it for N <= kDecodeMaxRows.
 //
 // Each CTA owns a slice of D. Phases, separated by grid-wide barriers (cooperative groups):
 //   1. per row n and slice s: pre norm: the slice's statistics of x - c (c = x[n][0]) and the partial
@@ -12,9 +12,7 @@
 //   3. pre norm: y = a Wuᵀ on the slice, then the epilogue; post norm: the slice's statistics of
 //      u - c (c = u[n][0], which every CTA computes the same way), a barrier, then û γ + β and the
 //      epilogue; with row_sq, a last barrier and CTA 0 sums the slices' Σ z² in slice order.
-#include <cooperative_groups.h>
-#include <cuda_runtime.h>
-
+#include "fa_cuda.h"
 #include "linear_adapter.h"
 
 namespace fa {
@@ -46,11 +44,6 @@ struct DecodeWorkspace {
     return w;
   }
 };
-
-__device__ float warp_sum(float v) {
-  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
-}
 
 // Statistics of v(d) - shift over [d0, d1), one warp: exact mean, then M2 (fa_math.h's part_stats,
 // spread over the lanes).
@@ -242,12 +235,8 @@ int64_t linear_adapter_decode_workspace_floats(int64_t n, int64_t d, int64_t h) 
 template <typename T>
 int linear_adapter_decode_forward_cuda(const ForwardArgs<T>& args, float* workspace, void* stream) {
   if (args.shape.n < 1 || args.shape.n > kDecodeMaxRows) return static_cast<int>(cudaErrorInvalidValue);
-  const void* kernel = reinterpret_cast<const void*>(&decode_forward_kernel<T>);
-  const int slices = decode_slices(args.shape.d);
-  ForwardArgs<T> copy = args;
-  void* params[] = {&copy, &workspace};
-  return static_cast<int>(cudaLaunchCooperativeKernel(kernel, dim3(slices), dim3(kThreads), params, 0,
-                                                      static_cast<cudaStream_t>(stream)));
+  return launch_cooperative(&decode_forward_kernel<T>, dim3(decode_slices(args.shape.d)), dim3(kThreads), 0, stream,
+                            args, workspace);
 }
 
 template int linear_adapter_decode_forward_cuda<float>(const ForwardArgs<float>&, float*, void*);

@@ -1,0 +1,87 @@
+// What the CUDA kernels of csrc/ share: the CUDA runtime (or, with FA_CUDA_SIM, the CPU simulator of
+// cuda_sim.h), the launch helpers, dynamic shared memory, and deterministic warp and block sums.
+#pragma once
+
+#include <cstddef>
+#include <utility>
+
+#if defined(FA_CUDA_SIM)
+#include "cuda_sim.h"
+#define FA_DYNAMIC_SHARED(type, name) type* name = ::fa_sim::dynamic_shared<type>()
+#define FA_UNROLL
+#else
+#include <cooperative_groups.h>
+#include <cuda_runtime.h>
+#define FA_DYNAMIC_SHARED(type, name)            \
+  extern __shared__ __align__(16) unsigned char name##_bytes[]; \
+  type* name = reinterpret_cast<type*>(name##_bytes)
+// Loops over a thread's register arrays: unrolled, so that the arrays stay in registers.
+#define FA_UNROLL _Pragma("unroll")
+#endif
+
+namespace fa {
+
+template <typename T>
+struct NoDeduce {
+  using type = T;
+};
+
+// kernel<<<grid, block, shared_bytes, stream>>>(args...); returns a cudaError_t.
+template <typename... Params>
+int launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes, void* stream,
+           typename NoDeduce<Params>::type... args) {
+  if (shared_bytes > 48 * 1024) {
+    const int err = static_cast<int>(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
+                                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                          static_cast<int>(shared_bytes)));
+    if (err != 0) return err;
+  }
+#if defined(FA_CUDA_SIM)
+  (void)stream;
+  return static_cast<int>(fa_sim::launch(false, grid, block, shared_bytes, [=] { kernel(args...); }));
+#else
+  kernel<<<grid, block, shared_bytes, static_cast<cudaStream_t>(stream)>>>(args...);
+  return static_cast<int>(cudaGetLastError());
+#endif
+}
+
+// A cooperative launch (every CTA resident at once, grid-wide barriers allowed).
+template <typename... Params>
+int launch_cooperative(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes, void* stream,
+                       typename NoDeduce<Params>::type... args) {
+#if defined(FA_CUDA_SIM)
+  (void)stream;
+  return static_cast<int>(fa_sim::launch(true, grid, block, shared_bytes, [=] { kernel(args...); }));
+#else
+  void* params[] = {static_cast<void*>(&args)...};
+  return static_cast<int>(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), grid, block, params,
+                                                      shared_bytes, static_cast<cudaStream_t>(stream)));
+#endif
+}
+
+// Σ over the 32 lanes of a warp, the same bits in every lane (a fixed butterfly).
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// Σ over the CTA (blockDim.x a multiple of 32, at most 1024), the same bits in every thread and for
+// every run: warp sums, then the warps' sums added in warp order. `scratch` holds 33 floats of shared
+// memory; every thread of the CTA must call it.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  v = warp_sum(v);
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float total = 0.0f;
+    for (int w = 0; w < warps; ++w) total += scratch[w];
+    scratch[32] = total;
+  }
+  __syncthreads();
+  const float total = scratch[32];
+  __syncthreads();  // scratch is free again when this returns
+  return total;
+}
+
+}  // namespace fa

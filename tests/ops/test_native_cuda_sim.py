@@ -1,0 +1,173 @@
+"""The native backend's CUDA kernels (csrc/*.cu), run on the CPU simulator of ``csrc/cuda_sim.h``.
+
+No GPU is needed: the .cu sources are compiled by the host compiler with ``FA_CUDA_SIM``, together
+with the binding, into the ``fusedadapters_cudasim`` library, whose CPU operators launch the CUDA
+kernels on the simulator (every CUDA thread a fiber, barriers and warp shuffles emulated, the order
+of the threads shuffled between barriers, a barrier that not all threads reach reported as an error).
+The native backend's op then calls that library instead of the CPU kernels, and the parity checks of
+the Triton and native tests run unchanged against the float64 reference. Rows up to 64 go through
+the decode forward (one cooperative launch), more through the row-block forward; the backward is the
+rows pass and the columns pass.
+
+What this cannot check: timing, memory coalescing, races inside one barrier interval (each thread
+runs alone until its next barrier), and code that only the GPU compiler sees (inline PTX, intrinsics).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from fusedadapters.ops import linear_adapter, native, reference
+
+from .test_linear_adapter import check, check_non_contiguous, check_row_sq_alone, make_params, make_x
+
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
+CUDA_SOURCES = sorted(CSRC.glob("*.cu"))
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DECODE_ROWS, BLOCK_ROWS = 19, 83  # the decode forward (N <= 64) and the row-block forward (6 CTAs, the last partial)
+
+pytestmark = pytest.mark.skipif(
+    shutil.which(os.environ.get("CXX", "c++")) is None, reason="needs a C++ compiler to build the simulator library"
+)
+
+
+@pytest.fixture(scope="module")
+def cudasim(tmp_path_factory):
+    """Builds ``fusedadapters_cudasim`` (the binding and every .cu source, for the simulator) and loads it."""
+    from torch.utils import cpp_extension
+
+    build = tmp_path_factory.mktemp("cudasim")
+    wrappers = []
+    for source in CUDA_SOURCES:  # the host compiler takes .cpp files: one wrapper per .cu
+        wrapper = build / f"sim_{source.stem}.cpp"
+        wrapper.write_text(f'#include "{source.name}"\n')
+        wrappers.append(str(wrapper))
+    cpp_extension.load(
+        name="fusedadapters_cudasim",
+        sources=[str(CSRC / "binding.cpp"), *wrappers],
+        extra_cflags=["-O2", "-DFA_CUDA_SIM", "-Wall", "-Werror", "-Wno-unused-function"],
+        extra_include_paths=[str(CSRC)],
+        build_directory=str(build),
+        is_python_module=False,
+        with_cuda=False,
+    )
+    return torch.ops.fusedadapters_cudasim
+
+
+@pytest.fixture(autouse=True)
+def native_runs_the_simulator(cudasim, monkeypatch):
+    """backend='native' on CPU tensors launches the CUDA kernels on the simulator."""
+    monkeypatch.setattr(native, "ensure_loaded", lambda: None)
+    monkeypatch.setattr(native, "supports_device", lambda device: (True, ""))
+    monkeypatch.setattr(native, "linear_adapter_forward", lambda *args: tuple(cudasim.linear_adapter_forward(*args)))
+    monkeypatch.setattr(native, "linear_adapter_backward", lambda *args: tuple(cudasim.linear_adapter_backward(*args)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("norm_position", reference.NORM_POSITIONS)
+@pytest.mark.parametrize("activation", reference.ACTIVATIONS)
+def test_activations(norm_position, activation, dtype):
+    torch.manual_seed(0)
+    x = make_x((BLOCK_ROWS, 37), dtype)
+    check(x, make_params(37, 20, dtype), activation=activation, norm_position=norm_position, backend="native")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("norm_position", reference.NORM_POSITIONS)
+@pytest.mark.parametrize("rows", [1, DECODE_ROWS, 64], ids=lambda n: f"N{n}")
+def test_decode_forward(rows, norm_position, dtype):
+    torch.manual_seed(6)
+    x = make_x((rows, 300), dtype)  # D over the 8 CTAs of the simulated device: 38 columns each, the last 34
+    check(x, make_params(300, 24, dtype), activation="gelu", norm_position=norm_position, backend="native")
+
+
+@pytest.mark.parametrize("norm_position", reference.NORM_POSITIONS)
+@pytest.mark.parametrize("rows", [DECODE_ROWS, BLOCK_ROWS], ids=lambda n: f"N{n}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dtypes_with_dropout_and_scale(dtype, rows, norm_position):
+    torch.manual_seed(1)
+    x = make_x((rows, 100), dtype)
+    check(x, make_params(100, 24, dtype), activation="gelu", norm_position=norm_position, dropout_p=0.25,
+          dropout_seed=torch.tensor([7]), scale=torch.tensor([0.8]), backend="native")
+
+
+@pytest.mark.parametrize("norm_position", reference.NORM_POSITIONS)
+@pytest.mark.parametrize("residual", [True, False], ids=["residual", "no_residual"])
+def test_large_mean(norm_position, residual):
+    torch.manual_seed(2)
+    pre = norm_position == "pre"
+    x = make_x((BLOCK_ROWS, 100), mean=1e3 if pre else 0.0)
+    params = make_params(100, 16, up_mean=0.0 if pre else 10.0)
+    check(x, params, activation="relu" if pre else "swish", norm_position=norm_position, residual=residual,
+          backend="native")
+
+
+@pytest.mark.parametrize(
+    "shape, hidden",
+    [((70, 1), 3), ((2, 40, 300), 40), ((65, 529), 33), ((97, 16), 100)],
+    ids=["D1", "lead-dims-two-chunks", "D529-three-chunks", "H-above-D"],
+)
+@pytest.mark.parametrize("norm_position", reference.NORM_POSITIONS)
+def test_shapes(shape, hidden, norm_position):
+    torch.manual_seed(3)
+    x = make_x(shape)
+    check(x, make_params(shape[-1], hidden), activation="silu", norm_position=norm_position, backend="native")
+
+
+@pytest.mark.parametrize("norm_position", reference.NORM_POSITIONS)
+def test_non_contiguous(norm_position):
+    check_non_contiguous(norm_position, "native")
+
+
+@pytest.mark.parametrize("norm_position", reference.NORM_POSITIONS)
+def test_scale_no_residual(norm_position):
+    torch.manual_seed(5)
+    x = make_x((BLOCK_ROWS, 50))
+    check(x, make_params(50, 10), activation="hardtanh", norm_position=norm_position,
+          scale=torch.tensor([0.37]), residual=False, backend="native")
+
+
+def test_row_sq_alone_reaches_the_loss():
+    check_row_sq_alone("cpu", "native")
+
+
+@pytest.mark.parametrize("norm_position", reference.NORM_POSITIONS)
+def test_results_do_not_depend_on_the_thread_order(norm_position, monkeypatch):
+    """The same bits for every order the simulator runs the threads in (no race across a barrier, and
+    weight gradients summed in a fixed order)."""
+    torch.manual_seed(8)
+    x = make_x((BLOCK_ROWS, 70))
+    params = make_params(70, 12)
+    dout = torch.randn(BLOCK_ROWS, 70)
+
+    def outputs():
+        out, row_sq = linear_adapter(x, *params, return_row_sq=True, norm_position=norm_position, backend="native")
+        grads = torch.autograd.grad((out * dout).sum() + row_sq.sum(), [x, *params])
+        return [out, row_sq, *grads]
+
+    first = outputs()
+    for seed in ("1", "2"):
+        monkeypatch.setenv("FA_SIM_SEED", seed)
+        for a, b in zip(first, outputs()):
+            assert torch.equal(a, b)
+
+
+def test_only_the_needed_gradients():
+    torch.manual_seed(9)
+    x = make_x((BLOCK_ROWS, 40)).detach()
+    params = make_params(40, 8)
+    params[0].requires_grad_(False)
+    params[1].requires_grad_(False)
+    check(x, params, norm_position="pre", backend="native")
+
+
+def test_hidden_too_large_for_shared_memory_is_a_clear_error():
+    x = make_x((4, 8)).detach()
+    params = [p.detach() for p in make_params(8, 4000)]
+    with pytest.raises(RuntimeError, match="H = 4000 does not fit; use backend='triton'"):
+        linear_adapter(x, *params, backend="native")
