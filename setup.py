@@ -9,7 +9,9 @@ A plain ``pip install`` is pure Python and needs no compiler or CUDA toolkit: th
 building) compiles the library into the package as ``fusedadapters/_native*.so``, for those who
 package wheels; the native backend then loads it without compiling. It is built with
 ``$FUSEDADAPTERS_NATIVE_CFLAGS`` (default ``-O3 -ffp-contract=fast -fopenmp-simd``: no ``-march``, so
-the wheel runs on any CPU of its architecture).
+the wheel runs on any CPU of its architecture). With a CUDA build of torch and the CUDA toolkit, the
+CUDA kernels join it, compiled for ``$TORCH_CUDA_ARCH_LIST`` (``FUSEDADAPTERS_NATIVE_CUDA=0`` leaves
+them out).
 """
 
 import os
@@ -36,15 +38,24 @@ class BuildPyWithSources(build_py):
 
 
 def native_extension():
-    """The ahead-of-time build of the native library (CPU kernels; CUDA kernels are not finished)."""
-    from torch.utils.cpp_extension import BuildExtension, CppExtension
+    """The ahead-of-time build of the native library: CPU kernels, and CUDA kernels where torch and the
+    toolkit allow (the same rule as the just-in-time build)."""
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     flags = os.environ.get("FUSEDADAPTERS_NATIVE_CFLAGS", "-O3 -ffp-contract=fast -fopenmp-simd").split()
-    extension = CppExtension(
+    sources = [CSRC / "binding.cpp", CSRC / "linear_adapter_cpu.cpp"]
+    cuda = (torch.version.cuda is not None and CUDA_HOME is not None
+            and os.environ.get("FUSEDADAPTERS_NATIVE_CUDA", "1") != "0")
+    kind, extra = CppExtension, {"cxx": flags}
+    if cuda:
+        sources += sorted(CSRC.glob("*.cu"))
+        kind, extra = CUDAExtension, {"cxx": flags + ["-DFA_WITH_CUDA"], "nvcc": ["-O3", "-DFA_WITH_CUDA"]}
+    extension = kind(
         "fusedadapters._native",
-        sources=[str(p.relative_to(HERE)) for p in (CSRC / "binding.cpp", CSRC / "linear_adapter_cpu.cpp")],
+        sources=[str(p.relative_to(HERE)) for p in sources],
         include_dirs=[str(CSRC)],
-        extra_compile_args=flags,
+        extra_compile_args=extra,
         py_limited_api=False,
     )
     return [extension], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}

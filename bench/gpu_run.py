@@ -194,6 +194,9 @@ PLANS = {
         bench_args=("--device", "cuda"),
         parts=(
             BenchPart("core", n=(65536, 16384, 1024, 16, 1), d=(4096,), h=(64,), dtypes=("bf16",), min_s=45.0),
+            # decode: the native backend's one-launch forward (N <= 64) against Triton's row blocks
+            BenchPart("decode", n=(2, 4, 8, 32, 64), d=(4096,), h=(64,), dtypes=("bf16",), backends=("eager", "fused"),
+                      min_s=30.0),
             BenchPart("chain", sweep="chain", counts=(1, 2, 4, 8), backends=(), min_s=40.0, point_s=10.0,
                       **MANY_ADAPTER_GPU),
             BenchPart("mixed", sweep="mixed", counts=(1, 8, 64, 256), backends=(), min_s=40.0, point_s=15.0,
@@ -1384,7 +1387,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     device_name = torch.cuda.get_device_name(device) if cuda_count else harness._cpu_name()
     out = (args.out or default_out_dir(plan, device_name)).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # The native library (with its CUDA kernels: minutes to build) is built once, into a cache that the
+    # tests, the sanitizer's runs and the benchmark share, outside the results folder.
+    native_cache = tempfile.mkdtemp(prefix="fusedadapters-native-")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", FUSEDADAPTERS_TEST_NATIVE_CACHE=native_cache,
+               FUSEDADAPTERS_CACHE=native_cache)
     ctx = Context(plan=plan, out=out, argv=argv, device=device, cuda_count=cuda_count, clock=clock, env=env)
     log(f"{plan.name} run on {device_name}; writing {out}; budget {clock.budget_s:.0f} s")
 

@@ -1,19 +1,25 @@
 """The ``native`` backend: the compiled kernels of ``csrc/``, loaded as the ``fusedadapters_native`` library.
 
-``csrc/`` holds torch-free C++ kernels for CPU tensors and one binding file that registers them as
-the operators ``torch.ops.fusedadapters_native.linear_adapter_forward/backward``; the custom ops of
+``csrc/`` holds torch-free C++ kernels for CPU tensors, CUDA kernels for CUDA tensors, and one
+binding file that registers them as the operators
+``torch.ops.fusedadapters_native.linear_adapter_forward/backward``; the custom ops of
 ``fusedadapters.ops.linear_adapter`` call them (this module's ``linear_adapter_forward`` and
-``linear_adapter_backward`` take the same arguments as the Triton launchers).
+``linear_adapter_backward`` take the same arguments as the Triton launchers). The CUDA kernels join
+the build when torch is a CUDA build and the CUDA toolkit (nvcc) is found, unless
+``$FUSEDADAPTERS_NATIVE_CUDA=0``; they are compiled for ``$TORCH_CUDA_ARCH_LIST``, or else for the
+GPUs that are visible.
 
 Where the library comes from, first match wins:
 
 1. a library built into the package ahead of time (``fusedadapters/_native*.so``, see setup.py);
 2. the build cache: ``$FUSEDADAPTERS_CACHE/native/<key>/`` (default ``~/.cache/fusedadapters/native/<key>/``),
-   where ``<key>`` names the torch version, CUDA version (or ``cpu``), machine, CPU, Python version and
-   a hash of the sources and compiler flags, so that each combination builds once;
+   where ``<key>`` names the torch version, CUDA version and GPU architectures (or ``cpu``), machine,
+   CPU, Python version and a hash of the sources and compiler flags, so that each combination builds
+   once;
 3. a just-in-time build into that cache through ``torch.utils.cpp_extension`` and ninja, when the
-   native backend is asked for and not built (with a progress message on stderr; two C++ files, seconds
-   to a minute). ``python -m fusedadapters.build`` does the same ahead of time.
+   native backend is asked for and not built (with a progress message on stderr; seconds to a minute
+   for the CPU kernels, a few minutes more with the CUDA kernels). ``python -m fusedadapters.build``
+   does the same ahead of time.
 
 The JIT build compiles for the CPU it runs on (``-march=native``; ``$FUSEDADAPTERS_NATIVE_CFLAGS``
 replaces the flags). The automatic backend choice only looks for a built library, never builds one.
@@ -35,6 +41,7 @@ import torch
 
 __all__ = [
     "CACHE_ENV_VAR",
+    "CUDA_ENV_VAR",
     "NativeBuildError",
     "build",
     "cache_dir",
@@ -43,6 +50,7 @@ __all__ = [
     "linear_adapter_backward",
     "linear_adapter_forward",
     "supports_device",
+    "with_cuda",
 ]
 
 CACHE_ENV_VAR = "FUSEDADAPTERS_CACHE"
@@ -71,10 +79,38 @@ def source_dir() -> Path:
     return installed if installed.is_dir() else _PACKAGE_DIR.parent / "csrc"
 
 
+CUDA_ENV_VAR = "FUSEDADAPTERS_NATIVE_CUDA"
+CUDA_CFLAGS = ["-O3", "-DFA_WITH_CUDA"]
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_toolkit() -> Optional[str]:
+    from torch.utils import cpp_extension
+
+    return cpp_extension.CUDA_HOME
+
+
+def with_cuda() -> bool:
+    """Whether the build compiles the CUDA kernels: a CUDA build of torch, the CUDA toolkit found, and
+    ``$FUSEDADAPTERS_NATIVE_CUDA`` not ``0``."""
+    return (torch.version.cuda is not None and os.environ.get(CUDA_ENV_VAR, "1") != "0"
+            and _cuda_toolkit() is not None)
+
+
+def cuda_arch_tag() -> str:
+    """The GPU architectures a CUDA build compiles for, as they enter the cache key."""
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if not archs and torch.cuda.is_available():
+        archs = ";".join(sorted({"%d.%d" % torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}))
+    return "sm" + "_".join((archs or "all").replace(" ", ";").replace(".", "").replace("+PTX", "ptx").split(";"))
+
+
 def sources() -> List[Path]:
-    """The C++ translation units of the CPU build (CUDA kernels join only in a CUDA build)."""
+    """The translation units of the build: the binding and the CPU kernels, and the CUDA kernels when
+    ``with_cuda()``."""
     src = source_dir()
-    return [src / "binding.cpp", src / "linear_adapter_cpu.cpp"]
+    cuda = sorted(src.glob("*.cu")) if with_cuda() else []
+    return [src / "binding.cpp", src / "linear_adapter_cpu.cpp", *cuda]
 
 
 @functools.lru_cache(maxsize=None)
@@ -88,7 +124,8 @@ def _sources_digest() -> str:
 
 def _source_hash() -> str:
     """A hash of the sources and the compiler flags: changing either builds into a new folder."""
-    return hashlib.sha256((_sources_digest() + " ".join(cflags())).encode()).hexdigest()[:12]
+    flags = " ".join(cflags()) + (" | " + " ".join(CUDA_CFLAGS) if with_cuda() else "")
+    return hashlib.sha256((_sources_digest() + flags).encode()).hexdigest()[:12]
 
 
 @functools.lru_cache(maxsize=None)
@@ -105,13 +142,14 @@ def _cpu_tag() -> str:
 
 
 def cache_key() -> str:
-    """``torch<ver>-<cpu|cu<ver>>-<machine>-<cpu hash>-py<ver>-<source hash>``."""
-    return _cache_key(os.environ.get(CFLAGS_ENV_VAR, ""))
+    """``torch<ver>-<cpu|cu<ver>-sm<archs>>-<machine>-<cpu hash>-py<ver>-<source hash>``."""
+    return _cache_key(os.environ.get(CFLAGS_ENV_VAR, ""), os.environ.get(CUDA_ENV_VAR, ""),
+                      os.environ.get("TORCH_CUDA_ARCH_LIST", ""))
 
 
 @functools.lru_cache(maxsize=None)
-def _cache_key(_cflags_env: str) -> str:
-    device = f"cu{torch.version.cuda}" if torch.version.cuda else "cpu"
+def _cache_key(_cflags_env: str, _cuda_env: str, _arch_env: str) -> str:
+    device = f"cu{torch.version.cuda}-{cuda_arch_tag()}" if with_cuda() else "cpu"
     python = f"py{sys.version_info.major}{sys.version_info.minor}"
     torch_version = torch.__version__.replace("+", "_")
     return f"torch{torch_version}-{device}-{platform.machine()}-{_cpu_tag()}-{python}-{_source_hash()}"
@@ -181,15 +219,17 @@ def build(verbose: bool = False) -> Path:
     target = cache_dir()
     target.mkdir(parents=True, exist_ok=True)
     _is_file.cache_clear()
+    cuda = with_cuda()
     try:
         cpp_extension.load(
             name=LIBRARY_NAME,
             sources=[str(p) for p in sources()],
-            extra_cflags=cflags(),
+            extra_cflags=cflags() + (["-DFA_WITH_CUDA"] if cuda else []),
+            extra_cuda_cflags=CUDA_CFLAGS if cuda else None,
             extra_include_paths=[str(source_dir())],
             build_directory=str(target),
             is_python_module=False,  # a torch library: its operators register themselves when loaded
-            with_cuda=False,  # no CUDA kernel is registered yet (csrc/README.md)
+            with_cuda=cuda,
             verbose=verbose,
         )
     except Exception as error:  # the compiler's output is in the message
@@ -215,8 +255,9 @@ def ensure_loaded() -> None:
         _loaded(library)
         return
     target = cache_dir()
+    what = "CPU and CUDA kernels; a few minutes" if with_cuda() else "CPU kernels; seconds to a minute"
     print(f"fusedadapters: building the native backend into {target} (once per torch, CUDA and "
-          "source version; seconds to a minute) ...", file=sys.stderr, flush=True)
+          f"source version; {what}) ...", file=sys.stderr, flush=True)
     start = time.perf_counter()
     build()
     print(f"fusedadapters: native backend built in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
@@ -227,8 +268,9 @@ def supports_device(device: torch.device) -> Tuple[bool, str]:
     if device.type in _devices:
         return True, ""
     if device.type == "cuda":
-        return False, ("the native backend has no CUDA kernels in this build (the CUDA kernels are not "
-                       "finished; use backend='triton' on CUDA tensors)")
+        return False, (f"the native library at {_loaded_from} was built without its CUDA kernels (they need "
+                       "a CUDA build of torch and the CUDA toolkit's nvcc at build time, and "
+                       f"${CUDA_ENV_VAR} not 0); use backend='triton' on CUDA tensors")
     return False, f"the native backend runs on {list(_devices)} tensors, not {device.type}"
 
 

@@ -242,7 +242,7 @@ def test_a_failed_or_unmeasured_many_adapter_point_is_counted(tmp_path):
 def test_the_full_run_measures_the_many_adapter_sweeps_in_priority_order():
     module = gpu_run()
     full = module.PLANS["full"]
-    assert [p.name for p in full.parts] == ["core", "chain", "mixed", "hidden", "model", "dtypes", "max-autotune"]
+    assert [p.name for p in full.parts] == ["core", "decode", "chain", "mixed", "hidden", "model", "dtypes", "max-autotune"]
     for name, counts in (("chain", (1, 2, 4, 8)), ("mixed", (1, 8, 64, 256))):
         part = next(p for p in full.parts if p.name == name)
         assert (part.sweep, part.counts, part.modes) == (name, counts, ("forward", "full"))
