@@ -860,6 +860,7 @@ def step_bench(args: argparse.Namespace, ctx: "Context") -> Dict[str, Any]:
         bench_module().main(["--merge", *map(str, measured), "--out", str(bench_dir)])
         ctx.bench = json.loads((bench_dir / "results.json").read_text())
         summary["error_points"] = len(ctx.bench["errors"])
+        summary["crossover"] = write_crossover(ctx)
     elif not any(p.get("rows") is not None for p in parts):
         return dict(summary, status=FAILED, reason="no benchmark part produced results")
     problems = bench_problems(parts, ctx.bench)
@@ -869,6 +870,19 @@ def step_bench(args: argparse.Namespace, ctx: "Context") -> Dict[str, Any]:
     if unfinished:
         return dict(summary, status=PARTIAL, reason=f"time budget: parts {unfinished} not (fully) measured")
     return dict(summary, status=OK)
+
+
+def write_crossover(ctx: "Context") -> Dict[str, Any]:
+    """``native_crossover.json``: where native was at least as fast as Triton, per (mode, dtype, D, H), for
+    the automatic backend choice (fusedadapters/ops/crossover.py; commit it into the package to use it)."""
+    from fusedadapters.ops import crossover
+
+    env = ctx.environment or {}
+    table = crossover.from_bench_rows(ctx.bench["rows"], device=env.get("device_name") or str(ctx.device),
+                                      capability=env.get("compute_capability"), source=ctx.out.name)
+    path = ctx.out / "native_crossover.json"
+    harness.write_json(path, table)
+    return {"file": relpath(path, ctx.out), "rules": len(table["rules"])}
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """Which backend runs an op: the ``backend`` argument, else ``$FUSEDADAPTERS_BACKEND``, else automatic.
 
-Automatic: CUDA tensors run on Triton when it imports, for adapters narrower than
-``TRITON_MAX_AUTO_HIDDEN`` (wider ones run on the reference, which measured faster there; the
-``native`` backend has no CUDA kernels yet); CPU tensors of float32, float16 or bfloat16 run
+Automatic: CUDA tensors run on ``native`` where a crossover table measured on a GPU of the same
+kind says it is at least as fast as Triton for the call's shape (``fusedadapters.ops.crossover``; no
+table is shipped yet, so today never), else on Triton when it imports, for adapters narrower than
+``TRITON_MAX_AUTO_HIDDEN`` (wider ones run on the reference, which measured faster there); CPU
+tensors of float32, float16 or bfloat16 run
 on ``native`` when its library is already built (see ``fusedadapters.ops.native``: automatic choice
 never starts a build), anything else on the reference. A backend that cannot run the given tensors
 is an error that says why, never a silent fallback.
@@ -16,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from . import native
+from . import crossover, native
 
 __all__ = ["BACKENDS", "ENV_VAR", "resolve_backend", "triton_available", "triton_interpreter_enabled"]
 
@@ -52,19 +54,32 @@ def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _native_measured_faster(device: torch.device, dtype: torch.dtype, d: int, h: int, rows: int,
+                            training: bool) -> bool:
+    """The crossover table says native, and a library with CUDA kernels is built (never a build here)."""
+    if not crossover.native_wins(device, dtype, d, h, rows, training) or not native.is_built():
+        return False
+    native.ensure_loaded()
+    return native.supports_device(device)[0]
+
+
 def resolve_backend(
     requested: Optional[str],
     device: torch.device,
     source: str = "the backend argument",
     dtype: Optional[torch.dtype] = None,
     hidden: Optional[int] = None,
+    rows: Optional[int] = None,
+    width: Optional[int] = None,
+    training: bool = False,
 ) -> str:
     """The backend name for tensors on ``device``; ``requested`` wins over the environment.
 
     ``source`` says where ``requested`` came from (an argument, an attribute), for the error messages.
     ``dtype`` is the dtype of the op's input: automatic choice picks ``native`` only when it is given.
     ``hidden`` is the adapter's H, where the op has one: automatic choice on CUDA gives adapters wider
-    than ``TRITON_MAX_AUTO_HIDDEN`` to the reference.
+    than ``TRITON_MAX_AUTO_HIDDEN`` to the reference. ``rows`` (N), ``width`` (D) and ``training``
+    (whether the call records gradients) let it consult the native crossover table on CUDA.
     """
     name = requested
     if name is None:
@@ -72,6 +87,9 @@ def resolve_backend(
     name = name.strip().lower()
     if name == "auto":
         if device.type == "cuda":
+            if None not in (rows, width, hidden, dtype) and _native_measured_faster(
+                    device, dtype, width, hidden, rows, training):
+                return "native"
             narrow = hidden is None or hidden <= TRITON_MAX_AUTO_HIDDEN
             return "triton" if triton_available() and narrow else "reference"
         native_fits = device.type == "cpu" and dtype in NATIVE_DTYPES

@@ -64,7 +64,9 @@ def linear_adapter(
     reference.check_options(activation, norm_position, dropout_p)  # one check for every backend
     if dropout_p > 0.0 and dropout_seed is None:
         dropout_seed = reference.draw_dropout_seed(x.device)
-    name = resolve_backend(backend, x.device, dtype=x.dtype, hidden=down_weight.shape[0])
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in (x, ln_weight, ln_bias, down_weight, up_weight))
+    name = resolve_backend(backend, x.device, dtype=x.dtype, hidden=down_weight.shape[0],
+                           rows=x.numel() // max(x.shape[-1], 1), width=x.shape[-1], training=training)
     if name in ("triton", "native"):
         _check_kernel_inputs(
             name, x, ln_weight, ln_bias, down_weight, up_weight, activation, norm_position, dropout_p,
