@@ -7,7 +7,9 @@ On a bare machine with torch and Triton but no network, ``python bench/gpu_run.p
    ``pip install --no-index --no-deps --no-build-isolation -e .`` (PYTHONPATH fallback);
 2. environment: device, driver, CUDA, torch, Triton, Python, git commit and dirty flag, the exact
    command line, the date (``environment.json``, ``nvidia-smi.txt``);
-3. tests: ``python -m pytest`` with a JUnit XML (the whole suite but this script's CPU dry-run test;
+3. native build: ``python -m fusedadapters.build`` (the native library, with its CUDA kernels on a CUDA
+   machine), timed into ``native-build.json``, into a cache that the tests, the sanitizer and the
+   benchmark share; then tests: ``python -m pytest`` with a JUnit XML (the whole suite but this script's CPU dry-run test;
    ``--quick`` a chosen subset), then
    ``compute-sanitizer`` memcheck and racecheck over the ``native`` backend's small-shape tests when
    that backend exists (otherwise the step is skipped with the reason);
@@ -76,6 +78,7 @@ BASELINE_BACKENDS = ("eager", "compile", "compile-max-autotune", "compile-max-au
 AGREEMENT_BAND = (2 / 3, 4 / 3)
 INTERRUPT_GRACE_S = 20.0  # after SIGINT, how long a child gets to write its reports before SIGKILL
 SUMMARY_RESERVE_S = 15.0  # kept back from the steps for merging, the summary and the archive
+NATIVE_BUILD_CAP_S = 300.0  # the native library with its CUDA kernels: compiled once per run
 
 
 # --------------------------------------------------------------------------------------------
@@ -570,6 +573,21 @@ def xdist_dist(workers: int) -> Optional[str]:
     return "worksteal" if (major, minor) >= (3, 2) else None
 
 
+def step_native_build(args: argparse.Namespace, ctx: "Context") -> Dict[str, Any]:
+    """``python -m fusedadapters.build`` into the run's native cache (with the CUDA kernels on a CUDA
+    machine), timed: ``native-build.json``. The tests, the sanitizer and the benchmark then load it."""
+    record_path = ctx.out / "native-build.json"
+    cmd = [sys.executable, "-m", "fusedadapters.build", "--json", str(record_path)]
+    cap = max(min(NATIVE_BUILD_CAP_S, ctx.clock.left() - SUMMARY_RESERVE_S - 60.0), 10.0)
+    proc = run_streamed("native build", cmd, ctx.out / "native-build.log", cap, ctx.env)
+    record: Dict[str, Any] = {"command": shlex.join(cmd), **proc}
+    if proc["returncode"] == 0 and record_path.exists():
+        built = json.loads(record_path.read_text())
+        return dict(record, status=OK, seconds=built["seconds"], cuda_kernels=built.get("cuda_kernels"))
+    reason = f"interrupted at {cap:.0f} s" if proc["interrupted"] else f"exit status {proc['returncode']}"
+    return dict(record, status=FAILED, reason=f"the native build failed ({reason}; native-build.log)")
+
+
 def step_tests(args: argparse.Namespace, ctx: "Context") -> Dict[str, Any]:
     selection = shlex.split(args.tests) if args.tests is not None else list(ctx.plan.tests or ())
     workers = xdist_workers(args, ctx)
@@ -1009,7 +1027,7 @@ def step_predictions(args: argparse.Namespace, ctx: "Context") -> Dict[str, Any]
 # step 6: summary, plots, archive
 # --------------------------------------------------------------------------------------------
 
-STEP_ORDER = ("install", "environment", "tests", "sanitizer", "bench", "predictions")
+STEP_ORDER = ("install", "environment", "native-build", "tests", "sanitizer", "bench", "predictions")
 
 
 def _target_cell(value: Optional[float], threshold: Optional[float], in_scope: bool, percent: bool = False) -> str:
@@ -1356,7 +1374,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-s", type=float, default=None,
                    help="time budget of the whole run (quick 210, full 540, dry run 600); the tests' and the "
                         "sanitizer's shares scale with it")
-    p.add_argument("--skip", default="", help="comma list of steps not to run: tests,sanitizer,bench")
+    p.add_argument("--skip", default="",
+                   help="comma list of steps not to run: native-build,tests,sanitizer,bench")
     p.add_argument("--tests", default=None,
                    help="pytest arguments replacing the mode's selection (one string, shell-split)")
     p.add_argument("--test-workers", type=int, default=None,
@@ -1380,9 +1399,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
-    if skip - {"tests", "sanitizer", "bench"}:
-        parser.error(f"--skip: unknown steps {sorted(skip - {'tests', 'sanitizer', 'bench'})}; "
-                     "expected tests, sanitizer, bench")
+    steps_to_skip = {"native-build", "tests", "sanitizer", "bench"}
+    if skip - steps_to_skip:
+        parser.error(f"--skip: unknown steps {sorted(skip - steps_to_skip)}; expected {', '.join(sorted(steps_to_skip))}")
     plan = PLANS["dry-run" if args.dry_run else "quick" if args.quick else "full"]
     if args.bench_parts is not None:
         unknown = {n.strip() for n in args.bench_parts.split(",") if n.strip()} - {p.name for p in plan.parts}
@@ -1433,9 +1452,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         run_step("install", step_install)
         run_step("environment", step_environment)
         if steps["install"]["status"] == FAILED:
-            for name in ("tests", "sanitizer", "bench"):
+            for name in ("native-build", "tests", "sanitizer", "bench"):
                 steps[name] = {"status": SKIPPED, "reason": "the install step failed"}
         else:
+            run_step("native-build", step_native_build)
             run_step("tests", step_tests)
             run_step("sanitizer", step_sanitizer)
             run_step("bench", step_bench)

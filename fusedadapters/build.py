@@ -36,7 +36,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         record = {
             "library": str(library), "seconds": round(seconds, 2), "cflags": native.cflags(),
-            "torch": torch.__version__, "cuda": torch.version.cuda, "machine": platform.machine(),
+            "torch": torch.__version__, "cuda": torch.version.cuda, "cuda_kernels": native.with_cuda(),
+            "cuda_archs": native.cuda_arch_tag() if native.with_cuda() else None,
+            "sources": [p.name for p in native.sources()], "machine": platform.machine(),
             "processor": _processor_name(), "command": "python -m fusedadapters.build " + " ".join(argv or sys.argv[1:]),
         }
         with open(args.json, "w") as f:

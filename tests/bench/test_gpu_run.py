@@ -25,7 +25,8 @@ from helpers import load_script
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "bench" / "gpu_run.py"
 MODES = ("forward", "backward", "full")
-JSON_FILES = ("run.json", "environment.json", "tests.json", "predictions.json", "bench/results.json",
+JSON_FILES = ("run.json", "environment.json", "native-build.json", "native_crossover.json", "tests.json",
+              "predictions.json", "bench/results.json",
               "bench/parts/core/results.json", "bench/parts/dtypes/results.json", "chain/results.json",
               "mixed/results.json")
 TEXT_FILES = ("summary.md", "command.txt", "install.log", "pytest.log", "junit.xml", "bench/report.md",
@@ -99,8 +100,8 @@ def test_dry_run_passes_and_writes_the_layout(dry_run):
         assert (out / name).read_text().strip(), name
     steps = dry_run["run"]["steps"]
     assert {k: steps[k]["status"] for k in steps} == {
-        "install": "ok", "environment": "ok", "tests": "ok", "sanitizer": "skipped", "bench": "ok",
-        "predictions": "ok"}
+        "install": "ok", "environment": "ok", "native-build": "ok", "tests": "ok", "sanitizer": "skipped",
+        "bench": "ok", "predictions": "ok"}
     assert "CUDA device" in steps["sanitizer"]["reason"]  # skipped, and says why
     # the archive holds the whole folder under its own name
     with tarfile.open(dry_run["archive"]) as tar:
