@@ -355,6 +355,7 @@ class TimingConfig:
     min_reps: int
     max_reps: int
     flush_l2: bool
+    rounds: int = 1
 
 
 def time_mode(
@@ -488,24 +489,37 @@ def run_shape(
     del ref
     harness.free_memory(device)
 
-    # 2. time the backends that passed
-    for name, fn in fns.items():
+    # 2. time the backends that passed: with rounds > 1, each (backend, mode) is timed rounds times for
+    # rep_ms / rounds, the backends taking turns within every round
+    round_tc = dataclasses.replace(tc, rep_ms=tc.rep_ms / tc.rounds)
+    timings: Dict[Tuple[str, str], List[harness.Timing]] = {}
+    failed: Dict[Tuple[str, str], BaseException] = {}
+    for _ in range(tc.rounds):
+        for name, fn in fns.items():
+            for mode in modes:
+                if (name, mode) in failed:
+                    continue
+                try:
+                    timings.setdefault((name, mode), []).append(time_mode(fn, inputs, mode, device, round_tc))
+                except Exception as exc:
+                    failed[(name, mode)] = exc
+                    harness.free_memory(device)
+    for name in fns:
         for mode in modes:
             nbytes = floor_bytes(mode, shape.n, shape.d, shape.h, elem, elem)
-            try:
-                timing = time_mode(fn, inputs, mode, device, tc)
-            except Exception as exc:
+            exc = failed.get((name, mode))
+            if exc is not None:
                 msg = harness.format_error(exc)
                 log(f"  {shape.label()} {name} {mode}: timing failed: {msg}")
                 rows.append(
                     _row(shape, name, mode, status="error", stage="time", error=msg,
                          traceback=harness.format_traceback(exc), max_rel_err=max_errs[name])
                 )
-                harness.free_memory(device)
                 continue
+            timing = harness.combine_rounds(timings[(name, mode)])
             rows.append(
-                _row(shape, name, mode, ms=timing.median_ms, timing=timing.as_dict(), bytes=nbytes,
-                     max_rel_err=max_errs[name])
+                _row(shape, name, mode, ms=timing.median_ms, timing=dict(timing.as_dict(), rounds=tc.rounds),
+                     bytes=nbytes, max_rel_err=max_errs[name])
             )
             log(f"  {shape.label()} {mode:8s} {name:22s} {timing.median_ms:10.4f} ms "
                 f"{harness.gbps(nbytes, timing.median_ms):9.1f} GB/s")
@@ -815,6 +829,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eps", type=float, default=1e-5)
     p.add_argument("--warmup-ms", type=float, default=None, help="warmup budget per point (25 GPU, 2 CPU)")
     p.add_argument("--rep-ms", type=float, default=None, help="timed budget per point (100 GPU, 20 CPU)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="time each point in this many rounds of rep-ms/rounds, the backends taking turns in "
+                        "every round, and report the median of the rounds' medians (steadier comparisons on a "
+                        "shared machine)")
     p.add_argument("--min-reps", type=int, default=5)
     p.add_argument("--max-reps", type=int, default=1000)
     p.add_argument("--no-flush-l2", action="store_true", help="do not flush the L2 cache before each repeat")
@@ -894,6 +912,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         min_reps=args.min_reps,
         max_reps=args.max_reps,
         flush_l2=gpu and not args.no_flush_l2,
+        rounds=max(1, args.rounds),
     )
     cfg = OpConfig(activation=args.activation, norm_position=args.norm_position, residual=not args.no_residual,
                    dropout_p=args.dropout_p, eps=args.eps)

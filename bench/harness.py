@@ -78,6 +78,20 @@ class Timing:
         return dataclasses.asdict(self)
 
 
+def combine_rounds(rounds: Sequence[Timing]) -> Timing:
+    """One Timing from several rounds of the same function (interleaved with other functions' rounds,
+    so that a slow phase of the machine falls on every function): the median of the rounds' medians,
+    the extremes over all, the mean of the means, the repeats and warmups summed."""
+    return Timing(
+        median_ms=statistics.median(t.median_ms for t in rounds),
+        min_ms=min(t.min_ms for t in rounds),
+        max_ms=max(t.max_ms for t in rounds),
+        mean_ms=statistics.fmean(t.mean_ms for t in rounds),
+        reps=sum(t.reps for t in rounds),
+        warmup=sum(t.warmup for t in rounds),
+    )
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for all queued work on ``device`` (a no-op on CPU)."""
     if device.type == "cuda":

@@ -41,7 +41,7 @@ def cpu_run(tmp_path_factory):
     cmd = [
         sys.executable, str(SCRIPT), "--device", "cpu", "--cpu-small", "--out", str(out),
         "--n", ",".join(map(str, N_VALUES)), "--backends", ",".join(REAL_BACKENDS + SELFTEST_BACKENDS),
-        "--rep-ms", "10",
+        "--rep-ms", "10", "--rounds", "2",
     ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -56,7 +56,8 @@ def _rows(results, backend):
 
 def _assert_timed(row):
     assert row["status"] == "ok", row
-    assert row["ms"] > 0 and row["timing"]["reps"] >= 1
+    assert row["ms"] > 0 and row["timing"]["rounds"] == 2
+    assert row["timing"]["reps"] >= 2 * 5  # two interleaved rounds of at least min_reps repeats
     assert row["bytes"] > 0
     assert math.isfinite(row["gbps"]) and row["gbps"] > 0
     assert math.isfinite(row["frac_copy_bw"]) and row["frac_copy_bw"] > 0
@@ -170,3 +171,11 @@ def test_targets_are_marked_met_or_missed():
     assert results["fwd-vs-eager"]["value"] == pytest.approx(4.0) and results["fwd-vs-eager"]["status"] == "met"
     assert results["fwd-vs-compile"]["value"] == pytest.approx(1.2)
     assert results["fwd-vs-compile"]["status"] == "missed"
+
+
+def test_rounds_combine_as_the_median_of_their_medians():
+    import harness
+
+    rounds = [harness.Timing(median_ms=m, min_ms=m - 1, max_ms=m + 1, mean_ms=m, reps=5, warmup=1) for m in (3.0, 1.0, 2.0)]
+    combined = harness.combine_rounds(rounds)
+    assert (combined.median_ms, combined.min_ms, combined.max_ms, combined.reps, combined.warmup) == (2.0, 0.0, 4.0, 15, 3)
