@@ -17,7 +17,7 @@
 //   computed as du (Wu - m) with m_j the mean of Wu's column j (equal, as Σ_d du = 0, and free of the
 //   cancellation that a large mean of Wu would cause),
 //   dh = da act'(h), dx = dh Wd [+ dout]. It writes dh, a = act(h) and (c1, c2) to the workspace.
-// Backward columns pass, one CTA per slice of kColumns columns, over every row in order:
+// Backward columns pass, one CTA per slice of 32 columns (fewer for H above 256), over every row in order:
 //   dWd[:, slice] = Σ_n dhᵀ v (pre: v = x̂ γ + β; post: v = x), dWu[slice, :] = Σ_n gᵀ a (pre: g = dy;
 //   post: g = du), dγ = Σ_n l x̂ and dβ = Σ_n l (pre: l = e; post: l = dy, with û for x̂).
 #include "fa_cuda.h"
@@ -29,7 +29,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kMaxRows = 16;          // rows per CTA of the row-block kernels
 constexpr int kStage = kThreads + 1;  // row stride of a staged chunk (odd: no bank conflicts)
-constexpr int kColumns = 32;          // columns per CTA of the columns pass
+constexpr int kMaxColumns = 32;       // columns per CTA of the columns pass, fewer where H needs the room
 constexpr int kColumnRows = 16;       // rows the columns pass stages at a time
 constexpr int kScratch = 36;          // floats of block_sum's scratch, rounded up to 16 bytes
 constexpr int kRowValues = 6;
@@ -266,7 +266,7 @@ struct BackwardWorkspace {
 };
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) backward_rows_kernel(BackwardArgs<T> a, float* workspace) {
+__global__ void __launch_bounds__(kThreads, 1) backward_rows_kernel(BackwardArgs<T> a, float* workspace) {
   FA_DYNAMIC_SHARED(float, base);
   const AdapterShape& s = a.shape;
   const int64_t n_rows = s.n, d = s.d, h = s.h, r0 = static_cast<int64_t>(blockIdx.x) * kMaxRows;
@@ -398,45 +398,51 @@ __global__ void __launch_bounds__(kThreads) backward_rows_kernel(BackwardArgs<T>
   }
 }
 
-// Shared memory of the columns pass: accumulators of dWd and dWu (H × kColumns each), rows staged
-// from the workspace (dh and a, kColumnRows × H each), per (row, column) values (v, g, l, x̂:
-// kColumnRows × kColumns each) and the per-row values (kRowValues × kColumnRows).
+// Shared memory of the columns pass, for `cols` columns per CTA: accumulators of dWd and dWu (H × cols
+// each), rows staged from the workspace (dh and a, kColumnRows × H each), per (row, column) values
+// (v, g, l, x̂: kColumnRows × cols each) and the per-row values (kRowValues × kColumnRows).
 struct ColumnsShared {
   float *acc_down, *acc_up, *dh, *act, *v, *g, *l, *x_hat, *row;
 
-  static size_t bytes(int64_t h) {
-    return sizeof(float) * static_cast<size_t>(2 * h * kColumns + 2 * kColumnRows * h + 4 * kColumnRows * kColumns +
+  static size_t bytes(int64_t h, int64_t cols) {
+    return sizeof(float) * static_cast<size_t>(2 * h * cols + 2 * kColumnRows * h + 4 * kColumnRows * cols +
                                                kRowValues * kColumnRows);
   }
-  __device__ static ColumnsShared carve(float* base, int64_t h) {
+  // The most columns per CTA (32, 16 or 8) whose shared memory fits; 0 when none does.
+  static int columns(int64_t h) {
+    for (int cols = kMaxColumns; cols >= 8; cols /= 2)
+      if (bytes(h, cols) <= kSharedLimit) return cols;
+    return 0;
+  }
+  __device__ static ColumnsShared carve(float* base, int64_t h, int cols) {
     ColumnsShared m;
     m.acc_down = base;
-    m.acc_up = m.acc_down + h * kColumns;
-    m.dh = m.acc_up + h * kColumns;
+    m.acc_up = m.acc_down + h * cols;
+    m.dh = m.acc_up + h * cols;
     m.act = m.dh + kColumnRows * h;
     m.v = m.act + kColumnRows * h;
-    m.g = m.v + kColumnRows * kColumns;
-    m.l = m.g + kColumnRows * kColumns;
-    m.x_hat = m.l + kColumnRows * kColumns;
-    m.row = m.x_hat + kColumnRows * kColumns;
+    m.g = m.v + kColumnRows * cols;
+    m.l = m.g + kColumnRows * cols;
+    m.x_hat = m.l + kColumnRows * cols;
+    m.row = m.x_hat + kColumnRows * cols;
     return m;
   }
   __device__ float& value(RowValue k, int i) const { return row[k * kColumnRows + i]; }
 };
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) backward_columns_kernel(BackwardArgs<T> a, const float* workspace) {
+__global__ void __launch_bounds__(kThreads, 1) backward_columns_kernel(BackwardArgs<T> a, const float* workspace, int cols) {
   FA_DYNAMIC_SHARED(float, base);
   const AdapterShape& s = a.shape;
-  const int64_t n_rows = s.n, d = s.d, h = s.h, c0 = static_cast<int64_t>(blockIdx.x) * kColumns;
-  const int width = static_cast<int>(d - c0 < kColumns ? d - c0 : kColumns);
-  const ColumnsShared m = ColumnsShared::carve(base, h);
+  const int64_t n_rows = s.n, d = s.d, h = s.h, c0 = static_cast<int64_t>(blockIdx.x) * cols;
+  const int width = static_cast<int>(d - c0 < cols ? d - c0 : cols);
+  const ColumnsShared m = ColumnsShared::carve(base, h, cols);
   const BackwardWorkspace w = BackwardWorkspace::carve(const_cast<float*>(workspace), n_rows, h);
   const DropScale ds = drop_scale_of(s);
   const float inv_d = 1.0f / static_cast<float>(d);
   const bool need_y = a.grad_row_sq != nullptr || !s.pre_norm, need_e = s.pre_norm && a.d_ln_weight != nullptr;
 
-  for (int64_t p = thread(); p < h * kColumns; p += kThreads) m.acc_down[p] = m.acc_up[p] = 0.0f;
+  for (int64_t p = thread(); p < h * cols; p += kThreads) m.acc_down[p] = m.acc_up[p] = 0.0f;
   float d_gamma = 0.0f, d_beta = 0.0f;  // of column c0 + thread()
   for (int64_t r0 = 0; r0 < n_rows; r0 += kColumnRows) {
     const int rows = static_cast<int>(n_rows - r0 < kColumnRows ? n_rows - r0 : kColumnRows);
@@ -455,8 +461,8 @@ __global__ void __launch_bounds__(kThreads) backward_columns_kernel(BackwardArgs
       m.value(kC2, i) = w.c12[(r0 + i) * 2 + 1];
     }
     __syncthreads();
-    for (int p = thread(); p < kColumnRows * kColumns; p += kThreads) {
-      const int i = p / kColumns, cc = p % kColumns;
+    for (int p = thread(); p < kColumnRows * cols; p += kThreads) {
+      const int i = p / cols, cc = p % cols;
       const int64_t c = c0 + cc, n = r0 + i;
       float v = 0.0f, g = 0.0f, l = 0.0f, x_hat = 0.0f;
       if (i < rows && cc < width) {
@@ -491,28 +497,28 @@ __global__ void __launch_bounds__(kThreads) backward_columns_kernel(BackwardArgs
       m.x_hat[p] = x_hat;
     }
     __syncthreads();
-    for (int64_t p = thread(); p < h * kColumns; p += kThreads) {
-      const int64_t j = p / kColumns;
-      const int cc = static_cast<int>(p % kColumns);
+    for (int64_t p = thread(); p < h * cols; p += kThreads) {
+      const int64_t j = p / cols;
+      const int cc = static_cast<int>(p % cols);
       float down = 0.0f, up = 0.0f;
       for (int i = 0; i < rows; ++i) {
-        down += m.dh[i * h + j] * m.v[i * kColumns + cc];
-        up += m.g[i * kColumns + cc] * m.act[i * h + j];
+        down += m.dh[i * h + j] * m.v[i * cols + cc];
+        up += m.g[i * cols + cc] * m.act[i * h + j];
       }
       m.acc_down[p] += down;
       m.acc_up[p] += up;
     }
-    if (thread() < kColumns) {
+    if (thread() < cols) {
       for (int i = 0; i < rows; ++i) {
-        d_gamma += m.l[i * kColumns + thread()] * m.x_hat[i * kColumns + thread()];
-        d_beta += m.l[i * kColumns + thread()];
+        d_gamma += m.l[i * cols + thread()] * m.x_hat[i * cols + thread()];
+        d_beta += m.l[i * cols + thread()];
       }
     }
     __syncthreads();
   }
-  for (int64_t p = thread(); p < h * kColumns; p += kThreads) {
-    const int64_t j = p / kColumns;
-    const int cc = static_cast<int>(p % kColumns);
+  for (int64_t p = thread(); p < h * cols; p += kThreads) {
+    const int64_t j = p / cols;
+    const int cc = static_cast<int>(p % cols);
     if (cc >= width) continue;
     if (a.d_down) a.d_down[j * d + c0 + cc] = m.acc_down[p];
     if (a.d_up) a.d_up[(c0 + cc) * h + j] = m.acc_up[p];
@@ -532,7 +538,7 @@ const char* linear_adapter_cuda_error_string(int error) {
 }
 
 bool linear_adapter_cuda_supports(int64_t h) {
-  return RowsShared::bytes(h) <= kSharedLimit && ColumnsShared::bytes(h) <= kSharedLimit;
+  return RowsShared::bytes(h) <= kSharedLimit && ColumnsShared::columns(h) > 0;
 }
 
 int64_t linear_adapter_forward_cuda_workspace(int64_t n, int64_t d, int64_t h) {
@@ -567,9 +573,10 @@ int linear_adapter_backward_cuda(const BackwardArgs<T>& args, float* workspace, 
     if (err != 0) return err;
   }
   if (args.d_down == nullptr && args.d_up == nullptr && args.d_ln_weight == nullptr) return 0;
-  const auto slices = static_cast<unsigned>((s.d + kColumns - 1) / kColumns);
-  return launch(&backward_columns_kernel<T>, dim3(slices), dim3(kThreads), ColumnsShared::bytes(s.h), stream, args,
-                static_cast<const float*>(workspace));
+  const int cols = ColumnsShared::columns(s.h);
+  const auto slices = static_cast<unsigned>((s.d + cols - 1) / cols);
+  return launch(&backward_columns_kernel<T>, dim3(slices), dim3(kThreads), ColumnsShared::bytes(s.h, cols), stream,
+                args, static_cast<const float*>(workspace), cols);
 }
 
 #define FA_INSTANTIATE(T)                                                                      \

@@ -109,8 +109,8 @@ def test_large_mean(norm_position, residual):
 
 @pytest.mark.parametrize(
     "shape, hidden",
-    [((70, 1), 3), ((2, 40, 300), 40), ((65, 529), 33), ((97, 16), 100)],
-    ids=["D1", "lead-dims-two-chunks", "D529-three-chunks", "H-above-D"],
+    [((70, 1), 3), ((2, 40, 300), 40), ((65, 529), 33), ((97, 16), 100), ((70, 40), 300), ((66, 8), 749)],
+    ids=["D1", "lead-dims-two-chunks", "D529-three-chunks", "H-above-D", "H300-16-columns", "H749-widest"],
 )
 @pytest.mark.parametrize("norm_position", reference.NORM_POSITIONS)
 def test_shapes(shape, hidden, norm_position):
@@ -168,6 +168,6 @@ def test_only_the_needed_gradients():
 
 def test_hidden_too_large_for_shared_memory_is_a_clear_error():
     x = make_x((4, 8)).detach()
-    params = [p.detach() for p in make_params(8, 4000)]
-    with pytest.raises(RuntimeError, match="H = 4000 does not fit; use backend='triton'"):
+    params = [p.detach() for p in make_params(8, 750)]  # 749 is the widest (test_shapes)
+    with pytest.raises(RuntimeError, match="H = 750 does not fit; use backend='triton'"):
         linear_adapter(x, *params, backend="native")
