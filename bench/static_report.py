@@ -770,8 +770,9 @@ def cuda_kernel_records(archs: Sequence[str], csrc: Path = REPO / "csrc") -> Tup
 
 
 def _is_half_cuda_kernel(record: Dict[str, Any]) -> bool:
-    name = record.get("demangled", "")
-    return "bfloat16" in name or "__half" in name or "half" in name.split("(")[0].lower()
+    """A kernel of a 16-bit storage type: its demangled name (template arguments included) names one."""
+    name = record.get("demangled", "").lower()
+    return "bfloat16" in name or "half" in name
 
 
 def check_failures(launches: List[Dict[str, Any]], cuda: List[Dict[str, Any]] = ()) -> List[str]:

@@ -127,7 +127,7 @@ void set_inputs(Args& a, const Prepared& p) {
 enum class Kernels { Cpu, Cuda };
 
 #if defined(FA_WITH_CUDA) || defined(FA_CUDA_SIM)
-// The CUDA kernels on the current stream of x's device, with a workspace of `floats` floats there.
+// Where the CUDA kernels run: x's device (made current while this lives) and its current stream.
 struct CudaLaunch {
 #if defined(FA_CUDA_SIM)
   explicit CudaLaunch(const Tensor&) {}
@@ -271,16 +271,15 @@ FA_TORCH_LIBRARY(FA_LIBRARY, m) {
 }
 
 #if defined(FA_CUDA_SIM)
-FA_TORCH_LIBRARY_IMPL(FA_LIBRARY, CPU, m) {
-  m.impl("linear_adapter_forward", &forward<Kernels::Cuda>);
-  m.impl("linear_adapter_backward", &backward<Kernels::Cuda>);
-}
+constexpr Kernels kCpuTensorKernels = Kernels::Cuda;  // on the simulator, CPU tensors stand in for device memory
 #else
-FA_TORCH_LIBRARY_IMPL(FA_LIBRARY, CPU, m) {
-  m.impl("linear_adapter_forward", &forward<Kernels::Cpu>);
-  m.impl("linear_adapter_backward", &backward<Kernels::Cpu>);
-}
+constexpr Kernels kCpuTensorKernels = Kernels::Cpu;
 #endif
+
+FA_TORCH_LIBRARY_IMPL(FA_LIBRARY, CPU, m) {
+  m.impl("linear_adapter_forward", &forward<kCpuTensorKernels>);
+  m.impl("linear_adapter_backward", &backward<kCpuTensorKernels>);
+}
 
 #if defined(FA_WITH_CUDA) && !defined(FA_CUDA_SIM)
 FA_TORCH_LIBRARY_IMPL(FA_LIBRARY, CUDA, m) {

@@ -348,3 +348,12 @@ def test_refuses_to_run_under_the_interpreter(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "unset TRITON_INTERPRET" in proc.stdout
     assert not (tmp_path / "report.json").exists()
+
+
+def test_half_cuda_kernels_are_known_by_their_template_arguments():
+    """The spill check covers the 16-bit CUDA kernels, anonymous namespace and all."""
+    script = _load_script()
+    name = "void fa::(anonymous namespace)::forward_rows_kernel<{}>(fa::ForwardArgs<{}>)"
+    assert script._is_half_cuda_kernel({"demangled": name.format("fa::BFloat16", "fa::BFloat16")})
+    assert script._is_half_cuda_kernel({"demangled": name.format("fa::Half", "fa::Half")})
+    assert not script._is_half_cuda_kernel({"demangled": name.format("float", "float")})
