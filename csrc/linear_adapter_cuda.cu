@@ -52,6 +52,16 @@ __device__ __forceinline__ uint32_t row_hash_of(const AdapterShape& s, int64_t n
   return s.dropout_p > 0.0f ? dropout_row_hash(*s.seed, n) : 0u;
 }
 
+// Consecutive pieces of a shared-memory buffer: next(count) is the next `count` floats.
+struct Carve {
+  float* at;
+  __device__ float* operator()(int64_t count) {
+    float* piece = at;
+    at += count;
+    return piece;
+  }
+};
+
 // Shared memory of the row-block kernels: block_sum's scratch, three H × R buffers (index j R + i),
 // a staged chunk (R × kStage), the per-row values (kRowValues × R) and post norm's column means (H).
 struct RowsShared {
@@ -62,14 +72,15 @@ struct RowsShared {
            static_cast<size_t>(kScratch + 3 * h * kMaxRows + kMaxRows * kStage + kRowValues * kMaxRows + h);
   }
   __device__ static RowsShared carve(float* base, int64_t h) {
+    Carve next{base};
     RowsShared m;
-    m.scratch = base;
-    m.act = m.scratch + kScratch;
-    m.grad = m.act + h * kMaxRows;
-    m.acc = m.grad + h * kMaxRows;
-    m.stage = m.acc + h * kMaxRows;
-    m.row = m.stage + kMaxRows * kStage;
-    m.center = m.row + kRowValues * kMaxRows;
+    m.scratch = next(kScratch);
+    m.act = next(h * kMaxRows);
+    m.grad = next(h * kMaxRows);
+    m.acc = next(h * kMaxRows);
+    m.stage = next(kMaxRows * kStage);
+    m.row = next(kRowValues * kMaxRows);
+    m.center = next(h);
     return m;
   }
   __device__ float& value(RowValue k, int i) const { return row[k * kMaxRows + i]; }
@@ -415,16 +426,17 @@ struct ColumnsShared {
     return 0;
   }
   __device__ static ColumnsShared carve(float* base, int64_t h, int cols) {
+    Carve next{base};
     ColumnsShared m;
-    m.acc_down = base;
-    m.acc_up = m.acc_down + h * cols;
-    m.dh = m.acc_up + h * cols;
-    m.act = m.dh + kColumnRows * h;
-    m.v = m.act + kColumnRows * h;
-    m.g = m.v + kColumnRows * cols;
-    m.l = m.g + kColumnRows * cols;
-    m.x_hat = m.l + kColumnRows * cols;
-    m.row = m.x_hat + kColumnRows * cols;
+    m.acc_down = next(h * cols);
+    m.acc_up = next(h * cols);
+    m.dh = next(kColumnRows * h);
+    m.act = next(kColumnRows * h);
+    m.v = next(kColumnRows * cols);
+    m.g = next(kColumnRows * cols);
+    m.l = next(kColumnRows * cols);
+    m.x_hat = next(kColumnRows * cols);
+    m.row = next(kRowValues * kColumnRows);
     return m;
   }
   __device__ float& value(RowValue k, int i) const { return row[k * kColumnRows + i]; }

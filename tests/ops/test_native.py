@@ -153,25 +153,34 @@ def test_activation_kinks(activation):
     check(x, params, activation=activation, norm_position="post", backend="native")
 
 
+def check_dropout_and_scale(shape, dtype, norm_position):
+    """Parity with dropout and a scale (shared with the simulator's tests of the CUDA kernels)."""
+    torch.manual_seed(1)
+    x = make_x(shape, dtype)
+    check(x, make_params(shape[-1], 24, dtype), activation="gelu", norm_position=norm_position, dropout_p=0.25,
+          dropout_seed=torch.tensor([7]), scale=torch.tensor([0.8]), backend="native")
+
+
+def check_large_mean(rows, norm_position, residual):
+    """Statistics of a row whose mean is large next to its spread (x for pre norm, u for post)."""
+    torch.manual_seed(2)
+    pre = norm_position == "pre"
+    x = make_x((rows, 100), mean=1e3 if pre else 0.0)
+    params = make_params(100, 16, up_mean=0.0 if pre else 10.0)
+    check(x, params, activation="relu" if pre else "swish", norm_position=norm_position, residual=residual,
+          backend="native")
+
+
 @pytest.mark.parametrize("norm_position", reference.NORM_POSITIONS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_dtypes_with_dropout_and_scale(norm_position, dtype):
-    torch.manual_seed(1)
-    x = make_x((2, 35, 100), dtype)
-    check(x, make_params(100, 24, dtype), activation="gelu", norm_position=norm_position, dropout_p=0.25,
-          dropout_seed=torch.tensor([7]), scale=torch.tensor([0.8]), backend="native")
+    check_dropout_and_scale((2, 35, 100), dtype, norm_position)
 
 
 @pytest.mark.parametrize("norm_position", reference.NORM_POSITIONS)
 @pytest.mark.parametrize("residual", [True, False], ids=["residual", "no_residual"])
 def test_large_mean(norm_position, residual):
-    """Statistics of a row whose mean is large next to its spread (x for pre norm, u for post)."""
-    torch.manual_seed(2)
-    pre = norm_position == "pre"
-    x = make_x((21, 100), mean=1e3 if pre else 0.0)
-    params = make_params(100, 16, up_mean=0.0 if pre else 10.0)
-    check(x, params, activation="relu" if pre else "swish", norm_position=norm_position, residual=residual,
-          backend="native")
+    check_large_mean(21, norm_position, residual)
 
 
 @pytest.mark.parametrize(

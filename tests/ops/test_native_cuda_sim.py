@@ -25,6 +25,7 @@ import torch
 from fusedadapters.ops import linear_adapter, native, reference
 
 from .test_linear_adapter import check, check_non_contiguous, check_row_sq_alone, make_params, make_x
+from .test_native import check_dropout_and_scale, check_large_mean
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 CUDA_SOURCES = sorted(CSRC.glob("*.cu"))
@@ -90,21 +91,13 @@ def test_decode_forward(rows, norm_position, dtype):
 @pytest.mark.parametrize("rows", [DECODE_ROWS, BLOCK_ROWS], ids=lambda n: f"N{n}")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_dtypes_with_dropout_and_scale(dtype, rows, norm_position):
-    torch.manual_seed(1)
-    x = make_x((rows, 100), dtype)
-    check(x, make_params(100, 24, dtype), activation="gelu", norm_position=norm_position, dropout_p=0.25,
-          dropout_seed=torch.tensor([7]), scale=torch.tensor([0.8]), backend="native")
+    check_dropout_and_scale((rows, 100), dtype, norm_position)
 
 
 @pytest.mark.parametrize("norm_position", reference.NORM_POSITIONS)
 @pytest.mark.parametrize("residual", [True, False], ids=["residual", "no_residual"])
 def test_large_mean(norm_position, residual):
-    torch.manual_seed(2)
-    pre = norm_position == "pre"
-    x = make_x((BLOCK_ROWS, 100), mean=1e3 if pre else 0.0)
-    params = make_params(100, 16, up_mean=0.0 if pre else 10.0)
-    check(x, params, activation="relu" if pre else "swish", norm_position=norm_position, residual=residual,
-          backend="native")
+    check_large_mean(BLOCK_ROWS, norm_position, residual)
 
 
 @pytest.mark.parametrize(
