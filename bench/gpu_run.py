@@ -27,7 +27,7 @@ Everything goes to ``bench/results/<YYYY-MM-DD>-<gpu>/`` (``--out`` to choose). 
 when a step failed (a test failed or did not finish, the sanitizer found an error, a real backend
 failed a benchmark point, the install failed), and everything measured is still written.
 
-A time budget (``--budget-s``; 210 s with ``--quick``, 540 s for the full run) is shared by the steps:
+A time budget (``--budget-s``; 270 s with ``--quick``, 540 s for the full run) is shared by the steps:
 each step gets what is left, a test run still going at its share is interrupted (SIGINT, so pytest
 writes its report), and benchmark parts, run in the order of their priority, that no longer fit are
 recorded as skipped.
@@ -147,6 +147,7 @@ QUICK_TESTS = (
     "tests/ops/test_linear_adapter.py::test_non_contiguous",
     "tests/ops/test_linear_adapter.py::test_only_some_inputs_need_grad",
     "tests/test_fused_linear_adapter.py",
+    "tests/ops/test_native.py::test_cuda_small_shapes",  # the native CUDA kernels, never run before a GPU loan
 )
 DRY_RUN_TESTS = ("tests/ops/test_linear_adapter.py::test_dtypes", "tests/test_adapter_modules.py")
 # The whole suite (testpaths) but two files that are CPU-only by construction and that CI runs: this
@@ -184,7 +185,9 @@ PLANS = {
         predict_min_elems=0,
     ),
     "quick": Plan(
-        name="quick", budget_s=210.0, tests=QUICK_TESTS, tests_cap_s=70.0, sanitizer_cap_s=30.0,
+        # 210 s measured before the native build (with its CUDA kernels) joined; 60 s more for it is a
+        # guess until a GPU run times it (native-build.json)
+        name="quick", budget_s=270.0, tests=QUICK_TESTS, tests_cap_s=70.0, sanitizer_cap_s=30.0,
         bench_args=("--device", "cuda"),
         # about 15 s of start-up, 26-30 s for the first shape (with the native backend's build), less for the
         # others; the benchmark starts the second shape only when the first one's time still fits its budget,
