@@ -4,13 +4,17 @@
 // header instead of the CUDA runtime) becomes plain C++: every CUDA thread of a launch is a fiber
 // (ucontext) on the calling thread, and the builtins the kernels use are defined here:
 //   threadIdx, blockIdx, blockDim, gridDim; __syncthreads(); __syncwarp(); __shfl_xor_sync and
-//   __shfl_sync (full warps); cooperative_groups::this_grid().sync(); atomicAdd; dynamic shared memory
-//   (FA_DYNAMIC_SHARED in fa_cuda.h: one buffer per CTA, filled with NaN at the launch so that a read
-//   before a write shows); fa::launch and fa::launch_cooperative (fa_cuda.h).
-// A plain launch runs its CTAs one after another; a cooperative launch runs all of them at once, as
-// the hardware must. Between two barriers, the fibers of a launch run one at a time, each until its
-// next barrier, in an order shuffled at every round ($FA_SIM_SEED seeds it): a value read before the
-// barrier that should have published it comes out wrong in some order. A barrier that not every
+//   __shfl_sync (full warps); cooperative_groups::this_grid().sync(); thread-block clusters
+//   (cooperative_groups::this_cluster(): sync, block_rank, num_blocks, map_shared_rank); atomicAdd;
+//   dynamic shared memory (FA_DYNAMIC_SHARED in fa_cuda.h: one buffer per CTA, filled with NaN at the
+//   launch so that a read before a write shows); fa::launch, fa::launch_cooperative and
+//   fa::launch_cluster (fa_cuda.h).
+// A plain launch runs its CTAs one after another, a cluster launch one cluster after another (its
+// CTAs together); a cooperative launch runs all of them at once, as the hardware must. The fibers of
+// the CTAs in flight run in rounds: each runs until its next barrier, in an order shuffled at every
+// round ($FA_SIM_SEED seeds it), and with several CTAs in flight every other round holds one of them
+// back, so that CTAs drift apart. A value read before the barrier that should have published it (a
+// __syncthreads, a cluster or grid sync) then comes out wrong in some order. A barrier that not every
 // thread of its scope reaches (a divergent __syncthreads, a grid sync in a plain launch) is reported
 // as a deadlock: the launch returns cudaErrorLaunchFailure with the reason in fa_sim::last_error().
 // Not simulated: static __shared__ arrays (not defined here, so they do not compile), memory spaces
@@ -44,8 +48,15 @@ struct dim3 {
 
 using cudaStream_t = void*;
 enum cudaError_t : int { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorLaunchFailure = 719 };
-enum cudaDeviceAttr : int { cudaDevAttrMultiProcessorCount = 16, cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
-enum cudaFuncAttribute : int { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+enum cudaDeviceAttr : int {
+  cudaDevAttrMultiProcessorCount = 16,
+  cudaDevAttrComputeCapabilityMajor = 75,
+  cudaDevAttrMaxSharedMemoryPerBlockOptin = 97
+};
+enum cudaFuncAttribute : int {
+  cudaFuncAttributeMaxDynamicSharedMemorySize = 8,
+  cudaFuncAttributeNonPortableClusterSizeAllowed = 11
+};
 
 namespace fa_sim {
 
@@ -79,6 +90,7 @@ struct Launch {
   std::vector<std::vector<unsigned char>> shared;  // per CTA in flight
   std::vector<uint64_t> exchange;                   // one slot per thread in flight, for the shuffles
   bool cooperative = false;
+  int cluster = 1;  // CTAs per thread-block cluster (they run together; 1: no cluster)
   ucontext_t scheduler;
   Fiber* current = nullptr;
   uint64_t progress = 0;
@@ -144,8 +156,10 @@ inline bool run_blocks(Launch& L, int64_t first_block, int64_t blocks, size_t sh
   L.fibers.resize(static_cast<size_t>(total));
   L.block_barriers.assign(static_cast<size_t>(blocks), Barrier{static_cast<int>(threads), 0, 0});
   L.warp_barriers.assign(static_cast<size_t>(warps_per_block * blocks), Barrier{});
-  // A grid sync in a plain launch never completes: reported as a deadlock.
-  L.grid_barrier = Barrier{L.cooperative ? static_cast<int>(total) : std::numeric_limits<int>::max(), 0, 0};
+  // The barrier of the CTAs in flight: the grid of a cooperative launch, or one cluster. A grid sync in
+  // a plain launch (or a cluster sync without a cluster) never completes: reported as a deadlock.
+  const bool group = L.cooperative || L.cluster > 1;
+  L.grid_barrier = Barrier{group ? static_cast<int>(total) : std::numeric_limits<int>::max(), 0, 0};
   L.exchange.assign(static_cast<size_t>(warps_per_block * blocks * kWarpSize), 0);
   L.shared.resize(static_cast<size_t>(blocks));
   const float nan = std::numeric_limits<float>::quiet_NaN();
@@ -177,23 +191,28 @@ inline bool run_blocks(Launch& L, int64_t first_block, int64_t blocks, size_t sh
   for (size_t i = 0; i < order.size(); ++i) order[i] = i;
   for (;;) {
     std::shuffle(order.begin(), order.end(), rng);
+    // With several CTAs in flight, every other round leaves one of them out, so that CTAs drift apart:
+    // a CTA that reads another's memory without the barrier that should order it then reads too early.
+    const int64_t held_back = blocks > 1 && rng() % 2 ? static_cast<int64_t>(rng() % blocks) : -1;
     const uint64_t before = L.progress;
     bool alive = false;
     for (size_t i : order) {
       Fiber& f = L.fibers[i];
       if (f.done) continue;
       alive = true;
+      if (f.block_slot == held_back) continue;
       L.current = &f;
       swapcontext(&L.scheduler, &f.context);
     }
     if (!alive) return true;
-    if (L.progress == before) return false;
+    if (L.progress == before && held_back < 0) return false;
   }
 }
 
 // One launch of `body` over grid × block, run to completion before it returns (like a launch
-// followed by a stream synchronisation).
-inline cudaError_t launch(bool cooperative, dim3 grid, dim3 block, size_t shared_bytes, std::function<void()> body) {
+// followed by a stream synchronisation); `cluster` CTAs per thread-block cluster (along x).
+inline cudaError_t launch(bool cooperative, dim3 grid, dim3 block, size_t shared_bytes, std::function<void()> body,
+                          int cluster = 1) {
   error_message.clear();
   const int64_t blocks = static_cast<int64_t>(grid.x) * grid.y * grid.z;
   const int64_t threads = static_cast<int64_t>(block.x) * block.y * block.z;
@@ -205,11 +224,16 @@ inline cudaError_t launch(bool cooperative, dim3 grid, dim3 block, size_t shared
     error_message = "a cooperative launch larger than the simulated device can hold";
     return cudaErrorInvalidValue;
   }
+  if (cluster < 1 || cluster > 16 || grid.x % static_cast<unsigned>(cluster) != 0) {
+    error_message = "a cluster size that does not divide the grid, or above 16";
+    return cudaErrorInvalidValue;
+  }
   Launch L;
   L.grid = grid;
   L.block = block;
   L.body = std::move(body);
   L.cooperative = cooperative;
+  L.cluster = cluster;
   const char* seed = std::getenv("FA_SIM_SEED");
   std::mt19937 rng(seed ? static_cast<unsigned>(std::strtoul(seed, nullptr, 10)) : 0u);
   Launch* outer = active;
@@ -217,8 +241,8 @@ inline cudaError_t launch(bool cooperative, dim3 grid, dim3 block, size_t shared
   bool ok = true;
   if (cooperative) {
     ok = run_blocks(L, 0, blocks, shared_bytes, rng);
-  } else {
-    for (int64_t b = 0; b < blocks && ok; ++b) ok = run_blocks(L, b, 1, shared_bytes, rng);
+  } else {  // one CTA, or one cluster, at a time
+    for (int64_t b = 0; b < blocks && ok; b += cluster) ok = run_blocks(L, b, cluster, shared_bytes, rng);
   }
   active = outer;
   if (!ok) {
@@ -270,14 +294,39 @@ struct grid_group {
   void sync() const { ::fa_sim::sync_grid(); }
 };
 inline grid_group this_grid() { return {}; }
+
+// The CTAs of one cluster are the CTAs in flight: rank = the slot in flight, and another rank's shared
+// memory is its buffer at the same offset.
+struct cluster_group {
+  void sync() const { ::fa_sim::sync_grid(); }
+  unsigned block_rank() const { return static_cast<unsigned>(::fa_sim::current().block_slot); }
+  unsigned num_blocks() const { return static_cast<unsigned>(::fa_sim::active->cluster); }
+  template <typename T>
+  T* map_shared_rank(T* address, unsigned rank) const {
+    auto& shared = ::fa_sim::active->shared;
+    const auto offset = reinterpret_cast<unsigned char*>(address) - shared[::fa_sim::current().block_slot].data();
+    return reinterpret_cast<T*>(shared[rank].data() + offset);
+  }
+};
+inline cluster_group this_cluster() { return {}; }
 }  // namespace cooperative_groups
 
 inline cudaError_t cudaGetDevice(int* device) {
   *device = 0;
   return cudaSuccess;
 }
+// The simulated device: kSimulatedSMs SMs, sm_90's shared memory, compute capability $FA_SIM_CC_MAJOR
+// (default 9: thread-block clusters).
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
-  *value = attr == cudaDevAttrMultiProcessorCount ? fa_sim::kSimulatedSMs : fa_sim::kMaxSharedBytes;
+  switch (attr) {
+    case cudaDevAttrMultiProcessorCount: *value = fa_sim::kSimulatedSMs; break;
+    case cudaDevAttrComputeCapabilityMajor: {
+      const char* major = std::getenv("FA_SIM_CC_MAJOR");
+      *value = major ? std::atoi(major) : 9;
+      break;
+    }
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = fa_sim::kMaxSharedBytes; break;
+  }
   return cudaSuccess;
 }
 inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, const void*, int, size_t) {

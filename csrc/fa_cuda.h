@@ -59,6 +59,42 @@ int launch_cooperative(void (*kernel)(Params...), dim3 grid, dim3 block, size_t 
 #endif
 }
 
+// A launch in thread-block clusters of `cluster` CTAs along x (sm_90; above 8 non-portable sizes are
+// allowed first).
+template <typename... Params>
+int launch_cluster(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes, void* stream, int cluster,
+                   typename NoDeduce<Params>::type... args) {
+  if (shared_bytes > 48 * 1024) {
+    const int err = static_cast<int>(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
+                                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                          static_cast<int>(shared_bytes)));
+    if (err != 0) return err;
+  }
+#if defined(FA_CUDA_SIM)
+  (void)stream;
+  return static_cast<int>(fa_sim::launch(false, grid, block, shared_bytes, [=] { kernel(args...); }, cluster));
+#else
+  if (cluster > 8) {
+    const int err = static_cast<int>(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
+                                                          cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+    if (err != 0) return err;
+  }
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = shared_bytes;
+  config.stream = static_cast<cudaStream_t>(stream);
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeClusterDimension;
+  attribute[0].val.clusterDim.x = static_cast<unsigned>(cluster);
+  attribute[0].val.clusterDim.y = 1;
+  attribute[0].val.clusterDim.z = 1;
+  config.attrs = attribute;
+  config.numAttrs = 1;
+  return static_cast<int>(cudaLaunchKernelEx(&config, kernel, args...));
+#endif
+}
+
 // Σ over the 32 lanes of a warp, the same bits in every lane (a fixed butterfly).
 __device__ __forceinline__ float warp_sum(float v) {
   for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);

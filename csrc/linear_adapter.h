@@ -73,7 +73,8 @@ void linear_adapter_forward_cpu(const ForwardArgs<T>& args, const ParallelFor& p
 template <typename T>
 void linear_adapter_backward_cpu(const BackwardArgs<T>& args, const ParallelFor& parallel_for);
 
-// CUDA kernels (linear_adapter_cuda.cu, and linear_adapter_decode.cu for N <= kDecodeMaxRows), on
+// CUDA kernels (linear_adapter_cuda.cu; linear_adapter_decode.cu for N <= kDecodeMaxRows;
+// linear_adapter_cluster.cu for larger N on compute capability 9 or more, where it fits), on
 // `stream` (a cudaStream_t); `workspace` holds the number of floats the *_workspace function gives, on
 // the device. They return a cudaError_t (0 on success; cudaErrorInvalidValue for an H that the shared
 // memory of the row-block kernels cannot hold, see linear_adapter_cuda_supports). The weight gradients
@@ -88,6 +89,19 @@ int linear_adapter_forward_cuda(const ForwardArgs<T>& args, float* workspace, vo
 int64_t linear_adapter_backward_cuda_workspace(int64_t n, int64_t d, int64_t h);
 template <typename T>
 int linear_adapter_backward_cuda(const BackwardArgs<T>& args, float* workspace, void* stream);
+
+// The single-read forward for sm_90 alone (linear_adapter_cluster.cu): a cluster of `cluster` CTAs
+// shares each block of rows, CTA r holding columns [r width, (r + 1) width); `cluster` is 0 when no
+// cluster size up to 16 fits a CTA's share in shared memory.
+struct ClusterPlan {
+  int cluster;
+  int64_t width;
+  size_t shared_bytes;
+};
+template <typename T>
+ClusterPlan linear_adapter_cluster_forward_plan(int64_t d, int64_t h);
+template <typename T>
+int linear_adapter_cluster_forward_cuda(const ForwardArgs<T>& args, const ClusterPlan& plan, void* stream);
 
 // The decode forward alone (one cooperative launch that spreads D over the whole GPU).
 int64_t linear_adapter_decode_workspace_floats(int64_t n, int64_t d, int64_t h);

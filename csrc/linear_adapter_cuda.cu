@@ -1,6 +1,7 @@
-// CUDA kernels of the fused adapter for any N (the decode forward, N <= kDecodeMaxRows, is in
-// linear_adapter_decode.cu): a row-block forward, and a backward in two launches, a rows pass and a
-// columns pass, with the weight gradients summed in a fixed order (deterministic, no atomics).
+// CUDA kernels of the fused adapter for any N: a row-block forward (on devices before sm_90, or where
+// the cluster forward of linear_adapter_cluster.cu does not fit; N <= kDecodeMaxRows goes to the decode
+// forward of linear_adapter_decode.cu), and a backward in two launches, a rows pass and a columns
+// pass, with the weight gradients summed in a fixed order (deterministic, no atomics).
 //
 // Never run on a GPU: CI compiles this file for sm_80 and sm_90 and runs it on the CPU simulator
 // (cuda_sim.h). A first design, for correctness: float FMAs, weights read through L1/L2, no tensor
@@ -563,6 +564,13 @@ int linear_adapter_forward_cuda(const ForwardArgs<T>& args, float* workspace, vo
   if (s.n == 0) return 0;
   if (!linear_adapter_cuda_supports(s.h)) return kUnsupported;
   if (s.n <= kDecodeMaxRows) return linear_adapter_decode_forward_cuda(args, workspace, stream);
+  int device = 0, major = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (major >= 9) {
+    const ClusterPlan plan = linear_adapter_cluster_forward_plan<T>(s.d, s.h);
+    if (plan.cluster > 0) return linear_adapter_cluster_forward_cuda(args, plan, stream);
+  }
   if (s.pre_norm) {
     const int err = launch(&proj_kernel<T>, dim3(static_cast<unsigned>(s.h)), dim3(kThreads),
                            sizeof(float) * kScratch, stream, args);

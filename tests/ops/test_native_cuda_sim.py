@@ -6,8 +6,9 @@ kernels on the simulator (every CUDA thread a fiber, barriers and warp shuffles 
 of the threads shuffled between barriers, a barrier that not all threads reach reported as an error).
 The native backend's op then calls that library instead of the CPU kernels, and the parity checks of
 the Triton and native tests run unchanged against the float64 reference. Rows up to 64 go through
-the decode forward (one cooperative launch), more through the row-block forward; the backward is the
-rows pass and the columns pass.
+the decode forward (one cooperative launch), more through the cluster forward on the simulated sm_90
+(thread-block clusters, distributed shared memory) or the row-block forward on a simulated sm_80
+(the ``arch`` fixture); the backward is the rows pass and the columns pass.
 
 What this cannot check: timing, memory coalescing, races inside one barrier interval (each thread
 runs alone until its next barrier), and code that only the GPU compiler sees (inline PTX, intrinsics).
@@ -69,10 +70,18 @@ def native_runs_the_simulator(cudasim, monkeypatch):
     monkeypatch.setattr(native, "linear_adapter_backward", lambda *args: tuple(cudasim.linear_adapter_backward(*args)))
 
 
+@pytest.fixture(params=["sm_90", "sm_80"])
+def arch(request, monkeypatch):
+    """The simulated device's architecture: sm_90 runs the cluster forward for N > 64, sm_80 the
+    row-block forward."""
+    monkeypatch.setenv("FA_SIM_CC_MAJOR", request.param[3])
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("norm_position", reference.NORM_POSITIONS)
 @pytest.mark.parametrize("activation", reference.ACTIVATIONS)
-def test_activations(norm_position, activation, dtype):
+def test_activations(norm_position, activation, dtype, arch):
     torch.manual_seed(0)
     x = make_x((BLOCK_ROWS, 37), dtype)
     check(x, make_params(37, 20, dtype), activation=activation, norm_position=norm_position, backend="native")
@@ -90,23 +99,25 @@ def test_decode_forward(rows, norm_position, dtype):
 @pytest.mark.parametrize("norm_position", reference.NORM_POSITIONS)
 @pytest.mark.parametrize("rows", [DECODE_ROWS, BLOCK_ROWS], ids=lambda n: f"N{n}")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_dtypes_with_dropout_and_scale(dtype, rows, norm_position):
+def test_dtypes_with_dropout_and_scale(dtype, rows, norm_position, arch):
     check_dropout_and_scale((rows, 100), dtype, norm_position)
 
 
 @pytest.mark.parametrize("norm_position", reference.NORM_POSITIONS)
 @pytest.mark.parametrize("residual", [True, False], ids=["residual", "no_residual"])
-def test_large_mean(norm_position, residual):
+def test_large_mean(norm_position, residual, arch):
     check_large_mean(BLOCK_ROWS, norm_position, residual)
 
 
 @pytest.mark.parametrize(
     "shape, hidden",
-    [((70, 1), 3), ((2, 40, 300), 40), ((65, 529), 33), ((97, 16), 100), ((70, 40), 300), ((66, 8), 749)],
-    ids=["D1", "lead-dims-two-chunks", "D529-three-chunks", "H-above-D", "H300-16-columns", "H749-widest"],
+    [((70, 1), 3), ((2, 40, 300), 40), ((65, 529), 33), ((97, 16), 100), ((70, 40), 300), ((66, 8), 749),
+     ((200, 4100), 64)],
+    ids=["D1", "lead-dims-two-chunks", "D529-three-chunks", "H-above-D", "H300-16-columns", "H749-widest",
+         "D4100-clusters-of-16"],
 )
 @pytest.mark.parametrize("norm_position", reference.NORM_POSITIONS)
-def test_shapes(shape, hidden, norm_position):
+def test_shapes(shape, hidden, norm_position, arch):
     torch.manual_seed(3)
     x = make_x(shape)
     check(x, make_params(shape[-1], hidden), activation="silu", norm_position=norm_position, backend="native")
