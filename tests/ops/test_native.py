@@ -216,6 +216,11 @@ def test_row_sq_alone_reaches_the_loss():
 
 
 def test_empty_input():
+    check_empty_input()
+
+
+def check_empty_input():
+    """No rows: empty outputs and dx, zero weight gradients (shared with the simulator's tests)."""
     x = make_x((0, 24))
     params = make_params(24, 8)
     out, row_sq = linear_adapter(x, *params, return_row_sq=True, backend="native")

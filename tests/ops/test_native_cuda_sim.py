@@ -26,7 +26,7 @@ import torch
 from fusedadapters.ops import linear_adapter, native, reference
 
 from .test_linear_adapter import check, check_non_contiguous, check_row_sq_alone, make_params, make_x
-from .test_native import check_dropout_and_scale, check_large_mean
+from .test_native import check_dropout_and_scale, check_empty_input, check_large_mean
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 CUDA_SOURCES = sorted(CSRC.glob("*.cu"))
@@ -138,6 +138,10 @@ def test_scale_no_residual(norm_position):
 
 def test_row_sq_alone_reaches_the_loss():
     check_row_sq_alone("cpu", "native")
+
+
+def test_empty_input():
+    check_empty_input()  # the forward launches nothing; the columns pass writes zero weight gradients
 
 
 @pytest.mark.parametrize("norm_position", reference.NORM_POSITIONS)
