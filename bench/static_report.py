@@ -988,7 +988,9 @@ def render_markdown(report: Dict[str, Any]) -> str:
                  f"{r.get('spill_stores', '–')}/{r.get('spill_loads', '–')}", _kb(r.get("static_shared")),
                  r["status"] if r["status"] == "ok" else "error"] for r in report["cuda_kernels"]]
         lines += [harness.markdown_table(["source", "arch", "kernel", "regs", "spills", "static smem KB", "status"],
-                                         rows), ""]
+                                         rows), "",
+                  "Shared memory sized at launch (`extern __shared__`) is not in this table: ptxas sees only static "
+                  "arrays. The launchers size it from the shape (csrc/README.md).", ""]
     lines += ["## Check", ""]
     lines += ["Passed: no spill in any bf16/fp16 launch, every launch within the shared memory of a block, every "
               "launch compiled."] if not report["check_failures"] else [f"- {f}" for f in report["check_failures"]]
