@@ -26,16 +26,21 @@ struct NoDeduce {
   using type = T;
 };
 
+// Above 48 KB of dynamic shared memory a kernel must opt in; returns a cudaError_t.
+template <typename Kernel>
+int allow_shared_memory(Kernel kernel, size_t shared_bytes) {
+  if (shared_bytes <= 48 * 1024) return 0;
+  return static_cast<int>(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
+                                               cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               static_cast<int>(shared_bytes)));
+}
+
 // kernel<<<grid, block, shared_bytes, stream>>>(args...); returns a cudaError_t.
 template <typename... Params>
 int launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes, void* stream,
            typename NoDeduce<Params>::type... args) {
-  if (shared_bytes > 48 * 1024) {
-    const int err = static_cast<int>(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
-                                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                          static_cast<int>(shared_bytes)));
-    if (err != 0) return err;
-  }
+  const int err = allow_shared_memory(kernel, shared_bytes);
+  if (err != 0) return err;
 #if defined(FA_CUDA_SIM)
   (void)stream;
   return static_cast<int>(fa_sim::launch(false, grid, block, shared_bytes, [=] { kernel(args...); }));
@@ -64,20 +69,16 @@ int launch_cooperative(void (*kernel)(Params...), dim3 grid, dim3 block, size_t 
 template <typename... Params>
 int launch_cluster(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes, void* stream, int cluster,
                    typename NoDeduce<Params>::type... args) {
-  if (shared_bytes > 48 * 1024) {
-    const int err = static_cast<int>(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
-                                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                          static_cast<int>(shared_bytes)));
-    if (err != 0) return err;
-  }
+  const int err = allow_shared_memory(kernel, shared_bytes);
+  if (err != 0) return err;
 #if defined(FA_CUDA_SIM)
   (void)stream;
   return static_cast<int>(fa_sim::launch(false, grid, block, shared_bytes, [=] { kernel(args...); }, cluster));
 #else
   if (cluster > 8) {
-    const int err = static_cast<int>(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
-                                                          cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
-    if (err != 0) return err;
+    const int allowed = static_cast<int>(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
+                                                              cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+    if (allowed != 0) return allowed;
   }
   cudaLaunchConfig_t config = {};
   config.gridDim = grid;

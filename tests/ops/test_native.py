@@ -205,8 +205,13 @@ def test_non_contiguous(norm_position):
 
 @pytest.mark.parametrize("norm_position", reference.NORM_POSITIONS)
 def test_scale_no_residual(norm_position):
+    check_scale_no_residual(33, norm_position)
+
+
+def check_scale_no_residual(rows, norm_position):
+    """A scale and no residual (shared with the simulator's tests)."""
     torch.manual_seed(5)
-    x = make_x((33, 50))
+    x = make_x((rows, 50))
     check(x, make_params(50, 10), activation="hardtanh", norm_position=norm_position,
           scale=torch.tensor([0.37]), residual=False, backend="native")
 

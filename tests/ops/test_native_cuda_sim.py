@@ -26,7 +26,8 @@ import torch
 from fusedadapters.ops import linear_adapter, native, reference
 
 from .test_linear_adapter import check, check_non_contiguous, check_row_sq_alone, make_params, make_x
-from .test_native import check_dropout_and_scale, check_empty_input, check_large_mean
+from .test_native import (check_dropout_and_scale, check_empty_input, check_large_mean,
+                          check_scale_no_residual)
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 CUDA_SOURCES = sorted(CSRC.glob("*.cu"))
@@ -130,10 +131,7 @@ def test_non_contiguous(norm_position):
 
 @pytest.mark.parametrize("norm_position", reference.NORM_POSITIONS)
 def test_scale_no_residual(norm_position):
-    torch.manual_seed(5)
-    x = make_x((BLOCK_ROWS, 50))
-    check(x, make_params(50, 10), activation="hardtanh", norm_position=norm_position,
-          scale=torch.tensor([0.37]), residual=False, backend="native")
+    check_scale_no_residual(BLOCK_ROWS, norm_position)
 
 
 def test_row_sq_alone_reaches_the_loss():
