@@ -139,12 +139,15 @@ struct CudaLaunch {
 #endif
 };
 
-void check_cuda_shape(int64_t h) {
+// Runs launch(workspace, stream) for the kernels of `what` on x's device, with `workspace_floats`
+// floats of workspace from torch's allocator; a failed launch is an error that names it.
+template <typename Launch>
+void run_cuda(const Tensor& x, int64_t h, int64_t workspace_floats, const char* what, Launch&& launch) {
   TORCH_CHECK(fa::linear_adapter_cuda_supports(h), "the native CUDA kernels hold H × 16 rows of the hidden layer in "
               "shared memory, which H = ", h, " does not fit; use backend='triton'");
-}
-
-void check_cuda_launch(int error, const char* what) {
+  const CudaLaunch where(x);
+  Tensor workspace = at::empty({workspace_floats}, x.options().dtype(at::kFloat));
+  const int error = launch(mut_ptr<float>(workspace), where.stream());
   TORCH_CHECK(error == 0, "the native CUDA ", what, " failed: ", fa::linear_adapter_cuda_error_string(error));
 }
 #endif
@@ -179,10 +182,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward(
       fa::linear_adapter_forward_cpu<T>(a, cpu_parallel_for());
     } else {
 #if defined(FA_WITH_CUDA) || defined(FA_CUDA_SIM)
-      check_cuda_shape(s.h);
-      const CudaLaunch launch(x);
-      Tensor workspace = at::empty({fa::linear_adapter_forward_cuda_workspace(s.n, s.d, s.h)}, f32);
-      check_cuda_launch(fa::linear_adapter_forward_cuda<T>(a, mut_ptr<float>(workspace), launch.stream()), "forward");
+      run_cuda(x, s.h, fa::linear_adapter_forward_cuda_workspace(s.n, s.d, s.h), "forward",
+               [&](float* workspace, void* stream) { return fa::linear_adapter_forward_cuda<T>(a, workspace, stream); });
 #endif
     }
   });
@@ -232,11 +233,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward(
         fa::linear_adapter_backward_cpu<T>(a, cpu_parallel_for());
       } else {
 #if defined(FA_WITH_CUDA) || defined(FA_CUDA_SIM)
-        check_cuda_shape(s.h);
-        const CudaLaunch launch(x);
-        Tensor workspace = at::empty({fa::linear_adapter_backward_cuda_workspace(s.n, s.d, s.h)}, f32);
-        check_cuda_launch(fa::linear_adapter_backward_cuda<T>(a, mut_ptr<float>(workspace), launch.stream()),
-                          "backward");
+        run_cuda(x, s.h, fa::linear_adapter_backward_cuda_workspace(s.n, s.d, s.h), "backward",
+                 [&](float* workspace, void* stream) { return fa::linear_adapter_backward_cuda<T>(a, workspace, stream); });
 #endif
       }
     });

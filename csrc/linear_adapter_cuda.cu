@@ -87,14 +87,16 @@ struct RowsShared {
   __device__ float& value(RowValue k, int i) const { return row[k * kMaxRows + i]; }
 };
 
-// y[i] = Σ_j act[j R + i] W[c][j] for the rows i < rows (W: D × H, act in shared memory).
+// y[i] = Σ_j v[j R + i] W(c, j) for the rows i < rows (v: H × R in shared memory), with
+// W(c, j) = w[c col_stride + j row_stride]: Wu (D × H) is (h, 1), Wd (H × D) is (1, d).
 template <typename T>
-__device__ __forceinline__ void times_up(const float* act, const T* w, int64_t h, int64_t c, int rows, float* y) {
+__device__ __forceinline__ void times_weight(const float* v, const T* w, int64_t col_stride, int64_t row_stride,
+                                             int64_t h, int64_t c, int rows, float* y) {
   FA_UNROLL for (int i = 0; i < kMaxRows; ++i) y[i] = 0.0f;
   for (int64_t j = 0; j < h; ++j) {
-    const float wj = load(w, c * h + j);
+    const float wj = load(w, c * col_stride + j * row_stride);
     FA_UNROLL for (int i = 0; i < kMaxRows; ++i)
-      if (i < rows) y[i] += act[j * kMaxRows + i] * wj;
+      if (i < rows) y[i] += v[j * kMaxRows + i] * wj;
   }
 }
 
@@ -109,18 +111,6 @@ __device__ void up_column_means(const T* w, int64_t d, int64_t h, float* center)
     center[j] = sum / static_cast<float>(d);
   }
   __syncthreads();
-}
-
-// e[i] = Σ_j v[j R + i] Wd[j][c] (Wd: H × D).
-template <typename T>
-__device__ __forceinline__ void times_down(const float* v, const T* wd, int64_t h, int64_t d, int64_t c, int rows,
-                                          float* e) {
-  FA_UNROLL for (int i = 0; i < kMaxRows; ++i) e[i] = 0.0f;
-  for (int64_t j = 0; j < h; ++j) {
-    const float wj = load(wd, j * d + c);
-    FA_UNROLL for (int i = 0; i < kMaxRows; ++i)
-      if (i < rows) e[i] += v[j * kMaxRows + i] * wj;
-  }
 }
 
 // acc[j R + i] += Σ_cc stage[i][cc] (W(c0 + cc, j) - center[j]) over a staged chunk of `width` columns,
@@ -228,7 +218,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_rows_kernel(ForwardArgs<T
   float y[kMaxRows];
   if (!s.pre_norm) {  // statistics of u = a Wuᵀ, shifted by u[n][0]
     if (thread() == 0) {
-      times_up(m.act, a.up_weight, h, 0, rows, y);
+      times_weight(m.act, a.up_weight, h, 1, h, 0, rows, y);
       FA_UNROLL for (int i = 0; i < kMaxRows && i < rows; ++i) m.value(kShift, i) = y[i];
     }
     __syncthreads();
@@ -249,7 +239,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_rows_kernel(ForwardArgs<T
   float sq[kMaxRows];
   FA_UNROLL for (int i = 0; i < kMaxRows; ++i) sq[i] = 0.0f;
   for (int64_t c = thread(); c < d; c += kThreads) {
-    times_up(m.act, a.up_weight, h, c, rows, y);
+    times_weight(m.act, a.up_weight, h, 1, h, c, rows, y);
     FA_UNROLL for (int i = 0; i < kMaxRows && i < rows; ++i) {
       float yv = y[i];
       if (!s.pre_norm)
@@ -311,7 +301,7 @@ __global__ void __launch_bounds__(kThreads, 1) backward_rows_kernel(BackwardArgs
   // dy of row i at column c, from y (post norm: û, returned through u_hat).
   float y[kMaxRows];
   auto output_grads = [&](int64_t c, float* dy, float* u_hat) {
-    times_up(m.act, a.up_weight, h, c, rows, y);
+    times_weight(m.act, a.up_weight, h, 1, h, c, rows, y);
     FA_UNROLL for (int i = 0; i < kMaxRows && i < rows; ++i) {
       float yv = y[i];
       if (!s.pre_norm) {
@@ -396,7 +386,7 @@ __global__ void __launch_bounds__(kThreads, 1) backward_rows_kernel(BackwardArgs
   if (a.dx == nullptr) return;
   float e[kMaxRows];
   for (int64_t c = thread(); c < d; c += kThreads) {
-    times_down(m.acc, a.down_weight, h, d, c, rows, e);
+    times_weight(m.acc, a.down_weight, 1, d, h, c, rows, e);  // e = dh Wd
     FA_UNROLL for (int i = 0; i < kMaxRows && i < rows; ++i) {
       float dx = e[i];
       if (s.pre_norm) {

@@ -58,7 +58,7 @@ def linear_adapter(
     none is given), ``scale`` a one-element tensor or None for 1 (it gets no gradient on the triton
     backend). ``out`` has the shape and dtype of ``x``; ``row_sq`` has shape ``x.shape[:-1]``, float32.
     The triton and native backends take float32, float16 and bfloat16 with every tensor in ``x``'s
-    dtype (and Triton ``H <= 1024``).
+    dtype (and Triton ``H <= 1024``, the native CUDA kernels ``H <= 749``).
     """
     _check_shapes(x, ln_weight, ln_bias, down_weight, up_weight)
     reference.check_options(activation, norm_position, dropout_p)  # one check for every backend

@@ -18,8 +18,8 @@ Where the library comes from, first match wins:
    once;
 3. a just-in-time build into that cache through ``torch.utils.cpp_extension`` and ninja, when the
    native backend is asked for and not built (with a progress message on stderr; seconds to a minute
-   for the CPU kernels, a few minutes more with the CUDA kernels). ``python -m fusedadapters.build``
-   does the same ahead of time.
+   for the CPU kernels; the build with the CUDA kernels has not been timed yet). ``python -m
+   fusedadapters.build`` does the same ahead of time.
 
 The JIT build compiles for the CPU it runs on (``-march=native``; ``$FUSEDADAPTERS_NATIVE_CFLAGS``
 replaces the flags). The automatic backend choice only looks for a built library, never builds one.
@@ -255,7 +255,7 @@ def ensure_loaded() -> None:
         _loaded(library)
         return
     target = cache_dir()
-    what = "CPU and CUDA kernels; a few minutes" if with_cuda() else "CPU kernels; seconds to a minute"
+    what = "CPU and CUDA kernels; it can take minutes" if with_cuda() else "CPU kernels; seconds to a minute"
     print(f"fusedadapters: building the native backend into {target} (once per torch, CUDA and "
           f"source version; {what}) ...", file=sys.stderr, flush=True)
     start = time.perf_counter()
