@@ -5,6 +5,9 @@ the CPU under ``TRITON_INTERPRET=1`` (set by conftest.py when there is no CUDA).
 """
 
 
+import os
+import time
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -18,6 +21,7 @@ from fusedadapters.ops.backend import triton_available, triton_interpreter_enabl
 from helpers import randomize_
 
 D, H = 24, 6
+DDP_TIMEOUT_S = 300  # each run takes seconds; a hung worker fails the test instead of stalling CI
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_triton = pytest.mark.skipif(
     not triton_available() or (DEVICE == "cpu" and not triton_interpreter_enabled()),
@@ -158,19 +162,21 @@ def test_cuda_graph_capture_and_replay(backend):
 def _ddp_worker(rank, world, store, backend, x, path):
     # A file store: no TCP port to pick and race for.
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        model = model_with_adapters(backend).cpu()
-        for block in model:
-            for adapter in block.adapter_layer.values():
-                adapter.backend = backend
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
-        shard = x.chunk(world)[rank]
-        ddp(shard).square().mean().backward()
-        if rank == 0:
-            torch.save(grads(model), path)
-        dist.barrier()  # no rank tears the group down while the other still talks to it
-    finally:
-        dist.destroy_process_group()
+    model = model_with_adapters(backend).cpu()
+    for block in model:
+        for adapter in block.adapter_layer.values():
+            adapter.backend = backend
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    shard = x.chunk(world)[rank]
+    ddp(shard).square().mean().backward()
+    if rank == 0:
+        torch.save(grads(model), path)
+    dist.barrier()  # neither rank leaves while the other still talks to it
+    # Leave without tearing the group down. The gloo group's destructor joins its worker thread while
+    # holding the GIL, and that thread may still be freeing a finished collective that holds a Python
+    # object (the context that autograd's backward stashes in thread-local state), which needs the
+    # GIL: a teardown that deadlocks now and then (seen with torch 2.13).
+    os._exit(0)
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="gloo DDP test runs the CPU path; the CUDA path is covered above")
@@ -178,7 +184,14 @@ def _ddp_worker(rank, world, store, backend, x, path):
 def test_ddp_two_processes_gloo_matches_one_process(backend, tmp_path):
     x = torch.randn(8, D)
     path = tmp_path / "ddp_grads.pt"
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "store"), backend, x, str(path)), nprocs=2, join=True)
+    workers = mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "store"), backend, x, str(path)),
+                                 nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + DDP_TIMEOUT_S
+    while not workers.join(timeout=1):  # raises if a worker failed
+        if time.monotonic() > deadline:
+            for process in workers.processes:
+                process.kill()
+            pytest.fail(f"the DDP workers did not finish within {DDP_TIMEOUT_S} s")
     ddp_grads = torch.load(path)
     model = model_with_adapters(backend)
     model(x).square().mean().backward()
