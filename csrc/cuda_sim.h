@@ -18,7 +18,9 @@
 // thread of its scope reaches (a divergent __syncthreads, a grid sync in a plain launch) is reported
 // as a deadlock: the launch returns cudaErrorLaunchFailure with the reason in fa_sim::last_error().
 // Not simulated: static __shared__ arrays (not defined here, so they do not compile), memory spaces
-// (every pointer is host memory), warp-synchronous code without __syncwarp, timing, the tensor cores.
+// (every pointer is host memory), warp-synchronous code without __syncwarp, timing. The tensor cores
+// (fa::WarpTile in fa_cuda.h) are emulated in float, with their operand alignment checked: a
+// misaligned operand fails the launch with cudaErrorMisalignedAddress.
 #pragma once
 
 #include <ucontext.h>
@@ -47,7 +49,12 @@ struct dim3 {
 };
 
 using cudaStream_t = void*;
-enum cudaError_t : int { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorLaunchFailure = 719 };
+enum cudaError_t : int {
+  cudaSuccess = 0,
+  cudaErrorInvalidValue = 1,
+  cudaErrorMisalignedAddress = 716,
+  cudaErrorLaunchFailure = 719
+};
 enum cudaDeviceAttr : int {
   cudaDevAttrMultiProcessorCount = 16,
   cudaDevAttrComputeCapabilityMajor = 75,
@@ -94,6 +101,7 @@ struct Launch {
   ucontext_t scheduler;
   Fiber* current = nullptr;
   uint64_t progress = 0;
+  std::string fault;  // the first misuse a kernel made (the launch then fails with it)
 };
 
 inline thread_local Launch* active = nullptr;
@@ -122,6 +130,17 @@ inline void wait(Barrier& b) {
 inline void sync_block() { wait(active->block_barriers[current().block_slot]); }
 inline void sync_warp() { wait(active->warp_barriers[current().warp]); }
 inline void sync_grid() { wait(active->grid_barrier); }
+
+// A tensor-core tile operand (fa::WarpTile): 32-byte aligned (in shared memory: from the CTA's
+// base), with a leading dimension that is a multiple of `multiple` elements.
+inline void check_tile_operand(const void* pointer, int64_t ld, int64_t multiple) {
+  const auto& shared = active->shared[current().block_slot];
+  const auto address = reinterpret_cast<uintptr_t>(pointer), base = reinterpret_cast<uintptr_t>(shared.data());
+  const uintptr_t offset = address >= base && address < base + shared.size() ? address - base : address;
+  if ((offset % 32 != 0 || ld % multiple != 0) && active->fault.empty())
+    active->fault = "a tensor-core tile operand that is not 32-byte aligned, or whose leading dimension is not a "
+                    "multiple of " + std::to_string(multiple) + " elements";
+}
 
 template <typename V>
 V shuffle(V value, int source_lane) {
@@ -248,6 +267,10 @@ inline cudaError_t launch(bool cooperative, dim3 grid, dim3 block, size_t shared
   if (!ok) {
     error_message = "deadlock: a barrier that not every thread of its scope reaches";
     return cudaErrorLaunchFailure;
+  }
+  if (!L.fault.empty()) {
+    error_message = L.fault;
+    return cudaErrorMisalignedAddress;
   }
   return cudaSuccess;
 }

@@ -96,4 +96,12 @@ FA_HD FA_INLINE BFloat16 from_float<BFloat16>(float v) {
   return BFloat16{float_to_bf16(v)};
 }
 
+// v rounded to T and back (the identity for float). The CUDA kernels round the activations a to T
+// before the up-projection, as the tensor cores need and as the Triton kernels do, in the forward and
+// in the backward alike, so that both take the same u = a Wuᵀ.
+template <typename T>
+FA_HD FA_INLINE float round_to(float v) {
+  return to_float(from_float<T>(v));
+}
+
 }  // namespace fa

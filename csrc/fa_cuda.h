@@ -5,15 +5,20 @@
 #include <cstddef>
 #include <utility>
 
+#include "fa_common.h"
+
 #if defined(FA_CUDA_SIM)
 #include "cuda_sim.h"
 #define FA_DYNAMIC_SHARED(type, name) type* name = ::fa_sim::dynamic_shared<type>()
 #define FA_UNROLL
 #else
 #include <cooperative_groups.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
-#define FA_DYNAMIC_SHARED(type, name)            \
-  extern __shared__ __align__(16) unsigned char name##_bytes[]; \
+#include <mma.h>
+#define FA_DYNAMIC_SHARED(type, name)                            \
+  extern __shared__ __align__(128) unsigned char name##_bytes[]; \
   type* name = reinterpret_cast<type*>(name##_bytes)
 // Loops over a thread's register arrays: unrolled, so that the arrays stay in registers.
 #define FA_UNROLL _Pragma("unroll")
@@ -120,5 +125,76 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
   __syncthreads();  // scratch is free again when this returns
   return total;
 }
+
+// One warp's 16×16 float tile on the tensor cores: C += A B for a 16×16 A (row-major) and a 16×16 B
+// (column-major), both of a 16-bit type (Half or BFloat16) in shared memory, products exact and sums
+// in float. Every lane of the warp calls each member together (wmma's rules): operands 32-byte
+// aligned, leading dimensions a multiple of 8 elements (of 4 for the float store).
+#if defined(FA_CUDA_SIM)
+template <typename T>
+class WarpTile {  // the simulator: lane 0 holds the tile and does the work; the warp meets around it
+ public:
+  void zero() {
+    for (float& v : acc_) v = 0.0f;
+  }
+  void multiply_add(const T* a, int64_t lda, const T* b, int64_t ldb) {
+    fa_sim::check_tile_operand(a, lda, 8);
+    fa_sim::check_tile_operand(b, ldb, 8);
+    fa_sim::sync_warp();
+    if (fa_sim::current().lane == 0) {
+      for (int i = 0; i < 16; ++i)
+        for (int j = 0; j < 16; ++j) {
+          float sum = acc_[i * 16 + j];
+          for (int k = 0; k < 16; ++k) sum += to_float(a[i * lda + k]) * to_float(b[j * ldb + k]);
+          acc_[i * 16 + j] = sum;
+        }
+    }
+    fa_sim::sync_warp();
+  }
+  void store(float* c, int64_t ldc) const {
+    fa_sim::check_tile_operand(c, ldc, 4);
+    fa_sim::sync_warp();
+    if (fa_sim::current().lane == 0)
+      for (int i = 0; i < 16; ++i)
+        for (int j = 0; j < 16; ++j) c[i * ldc + j] = acc_[i * 16 + j];
+    fa_sim::sync_warp();
+  }
+
+ private:
+  float acc_[256];
+};
+#else
+template <typename T>
+struct WmmaElement;
+template <>
+struct WmmaElement<Half> {
+  using type = __half;
+};
+template <>
+struct WmmaElement<BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+template <typename T>
+class WarpTile {
+  using E = typename WmmaElement<T>::type;
+
+ public:
+  __device__ void zero() { nvcuda::wmma::fill_fragment(acc_, 0.0f); }
+  __device__ void multiply_add(const T* a, int64_t lda, const T* b, int64_t ldb) {
+    nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, E, nvcuda::wmma::row_major> fa;
+    nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, E, nvcuda::wmma::col_major> fb;
+    nvcuda::wmma::load_matrix_sync(fa, reinterpret_cast<const E*>(a), static_cast<unsigned>(lda));
+    nvcuda::wmma::load_matrix_sync(fb, reinterpret_cast<const E*>(b), static_cast<unsigned>(ldb));
+    nvcuda::wmma::mma_sync(acc_, fa, fb, acc_);
+  }
+  __device__ void store(float* c, int64_t ldc) const {
+    nvcuda::wmma::store_matrix_sync(c, acc_, static_cast<unsigned>(ldc), nvcuda::wmma::mem_row_major);
+  }
+
+ private:
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc_;
+};
+#endif
 
 }  // namespace fa

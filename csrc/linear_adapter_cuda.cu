@@ -206,7 +206,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_rows_kernel(ForwardArgs<T
     float hv = m.acc[j * kMaxRows + i];
     if (s.pre_norm) hv = m.value(kRstd, i) * (hv - m.value(kMeanC, i) * a.proj[j]) + a.proj[h + j];
     a.hidden[(r0 + i) * h + j] = hv;
-    m.act[j * kMaxRows + i] = activate(s.activation, hv);
+    m.act[j * kMaxRows + i] = round_to<T>(activate(s.activation, hv));
   }
   if (s.pre_norm && thread() < rows) {
     a.mean[r0 + thread()] = m.value(kShift, thread());
@@ -291,7 +291,7 @@ __global__ void __launch_bounds__(kThreads, 1) backward_rows_kernel(BackwardArgs
     const int64_t j = p / kMaxRows;
     const int i = static_cast<int>(p % kMaxRows);
     const float hv = i < rows ? a.hidden[(r0 + i) * h + j] : 0.0f;
-    m.act[p] = activate(s.activation, hv);
+    m.act[p] = round_to<T>(activate(s.activation, hv));
     m.grad[p] = activate_grad(s.activation, hv);
     m.acc[p] = 0.0f;
   }

@@ -150,7 +150,7 @@ __global__ void __launch_bounds__(kThreads) decode_forward_kernel(ForwardArgs<T>
       }
     }
     a.hidden[n * h + j] = hv;
-    w.act[n * h + j] = activate(s.activation, hv);
+    w.act[n * h + j] = round_to<T>(activate(s.activation, hv));
   }
   grid.sync();
 

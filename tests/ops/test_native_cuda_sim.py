@@ -79,13 +79,36 @@ def arch(request, monkeypatch):
     return request.param
 
 
+KINKS = {"relu": (0.0,), "hardtanh": (-1.0, 1.0)}  # where the activation's derivative jumps
+
+
+def rows_away_from_kinks(rows, d, params, activation, norm_position, dtype, margin=0.05):
+    """x of ``rows`` rows whose hidden values h (float64) all lie more than ``margin`` from the
+    activation's kinks. In 16 bits the dots' operands are rounded (T(x - c), Wg = T(Wd γ), T(a), as in
+    the Triton kernels), which moves h by about 1e-2 here: an h nearer a kink than that takes the
+    derivative from its other side, a discrete error that no rounding tolerance covers."""
+    kinks = KINKS.get(activation, ()) if dtype != torch.float32 else ()
+    x = make_x((4 * rows, d), dtype).detach()
+    if kinks:
+        ln_weight, ln_bias, down_weight, _ = (p.detach().double() for p in params)
+        v = x.double()
+        if norm_position == "pre":
+            v = torch.nn.functional.layer_norm(v, (d,), ln_weight, ln_bias, eps=1e-5)
+        h = v @ down_weight.T
+        near = torch.stack([(h - k).abs() < margin for k in kinks]).any(0).any(1)
+        x = x[~near]
+    assert len(x) >= rows, "too few rows away from the kinks: draw more"
+    return x[:rows].clone().requires_grad_()
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("norm_position", reference.NORM_POSITIONS)
 @pytest.mark.parametrize("activation", reference.ACTIVATIONS)
 def test_activations(norm_position, activation, dtype, arch):
     torch.manual_seed(0)
-    x = make_x((BLOCK_ROWS, 37), dtype)
-    check(x, make_params(37, 20, dtype), activation=activation, norm_position=norm_position, backend="native")
+    params = make_params(37, 20, dtype)
+    x = rows_away_from_kinks(BLOCK_ROWS, 37, params, activation, norm_position, dtype)
+    check(x, params, activation=activation, norm_position=norm_position, backend="native")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -122,6 +145,23 @@ def test_shapes(shape, hidden, norm_position, arch):
     torch.manual_seed(3)
     x = make_x(shape)
     check(x, make_params(shape[-1], hidden), activation="silu", norm_position=norm_position, backend="native")
+
+
+@pytest.mark.parametrize(
+    "d, hidden",
+    [(37, 3), (300, 24), (529, 33), (100, 300), (4100, 64), (70, 749)],
+    ids=["H3-one-tile", "H24-warps-share-K", "D529-odd-slices", "H300-a-tile-per-warp", "D4100-clusters-of-16",
+         "H749-widest"],
+)
+@pytest.mark.parametrize("norm_position", reference.NORM_POSITIONS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_tensor_core_shapes(dtype, norm_position, d, hidden):
+    """16-bit on the simulated sm_90: both projections of the cluster forward on the (emulated) tensor
+    cores, with W and H padded to tiles: H below one tile, H tiles fewer than the warps (K shared out),
+    more H tiles than warps, slices not a multiple of 16 wide, clusters of 16, the widest H."""
+    torch.manual_seed(4)
+    x = make_x((BLOCK_ROWS, d), dtype)
+    check(x, make_params(d, hidden, dtype), activation="silu", norm_position=norm_position, backend="native")
 
 
 @pytest.mark.parametrize("norm_position", reference.NORM_POSITIONS)
