@@ -19,8 +19,9 @@
 // as a deadlock: the launch returns cudaErrorLaunchFailure with the reason in fa_sim::last_error().
 // Not simulated: static __shared__ arrays (not defined here, so they do not compile), memory spaces
 // (every pointer is host memory), warp-synchronous code without __syncwarp, timing. The tensor cores
-// (fa::WarpTile in fa_cuda.h) are emulated in float, with their operand alignment checked: a
-// misaligned operand fails the launch with cudaErrorMisalignedAddress.
+// (fa::WarpTile in fa_cuda.h) are emulated in float. The alignment of tile operands and of 16-byte
+// accesses (fa::load16, fa::store16) is checked: a misaligned one fails the launch with
+// cudaErrorMisalignedAddress.
 #pragma once
 
 #include <ucontext.h>
@@ -131,15 +132,29 @@ inline void sync_block() { wait(active->block_barriers[current().block_slot]); }
 inline void sync_warp() { wait(active->warp_barriers[current().warp]); }
 inline void sync_grid() { wait(active->grid_barrier); }
 
-// A tensor-core tile operand (fa::WarpTile): 32-byte aligned (in shared memory: from the CTA's
-// base), with a leading dimension that is a multiple of `multiple` elements.
-inline void check_tile_operand(const void* pointer, int64_t ld, int64_t multiple) {
+inline void fault(const std::string& what) {
+  if (active->fault.empty()) active->fault = what;
+}
+
+// Whether `pointer` is `bytes`-aligned (in shared memory: from the CTA's base, as on the device).
+inline bool aligned(const void* pointer, uintptr_t bytes) {
   const auto& shared = active->shared[current().block_slot];
   const auto address = reinterpret_cast<uintptr_t>(pointer), base = reinterpret_cast<uintptr_t>(shared.data());
   const uintptr_t offset = address >= base && address < base + shared.size() ? address - base : address;
-  if ((offset % 32 != 0 || ld % multiple != 0) && active->fault.empty())
-    active->fault = "a tensor-core tile operand that is not 32-byte aligned, or whose leading dimension is not a "
-                    "multiple of " + std::to_string(multiple) + " elements";
+  return offset % bytes == 0;
+}
+
+// A tensor-core tile operand (fa::WarpTile): 32-byte aligned, with a leading dimension that is a
+// multiple of `multiple` elements.
+inline void check_tile_operand(const void* pointer, int64_t ld, int64_t multiple) {
+  if (!aligned(pointer, 32) || ld % multiple != 0)
+    fault("a tensor-core tile operand that is not 32-byte aligned, or whose leading dimension is not a multiple of " +
+          std::to_string(multiple) + " elements");
+}
+
+// A 16-byte access (fa::load16, fa::store16).
+inline void check_vector_access(const void* pointer) {
+  if (!aligned(pointer, 16)) fault("a 16-byte access at an address that is not 16-byte aligned");
 }
 
 template <typename V>

@@ -126,6 +126,26 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
   return total;
 }
 
+// 16 bytes moved in one access (128-bit loads and stores); the address must be 16-byte aligned.
+struct alignas(16) Vec16 {
+  uint32_t word[4];
+};
+#if defined(FA_CUDA_SIM)
+inline Vec16 load16(const void* address) {  // a misaligned access fails the launch, and goes on here
+  fa_sim::check_vector_access(address);
+  Vec16 value;
+  std::memcpy(&value, address, sizeof(value));
+  return value;
+}
+inline void store16(void* address, Vec16 value) {
+  fa_sim::check_vector_access(address);
+  std::memcpy(address, &value, sizeof(value));
+}
+#else
+__device__ __forceinline__ Vec16 load16(const void* address) { return *reinterpret_cast<const Vec16*>(address); }
+__device__ __forceinline__ void store16(void* address, Vec16 value) { *reinterpret_cast<Vec16*>(address) = value; }
+#endif
+
 // One warp's 16×16 float tile on the tensor cores: C += A B for a 16×16 A (row-major) and a 16×16 B
 // (column-major), both of a 16-bit type (Half or BFloat16) in shared memory, products exact and sums
 // in float. Every lane of the warp calls each member together (wmma's rules): operands 32-byte

@@ -5,13 +5,15 @@
 // Never run on a GPU: CI compiles it for sm_90 and runs it on the CPU simulator (cuda_sim.h). It reads
 // x once and the weights once per cluster. For 16-bit types both projections run on the tensor cores
 // (WarpTile: bf16/fp16 operands, float sums), as the Triton kernels' dots do; float32 uses float FMAs.
-// No TMA yet.
+// No TMA yet: x moves through registers.
 //
-// CTA r of a cluster owns the columns [r W, (r + 1) W) of D (W = ceil(D / C)) and keeps its slices of
-// Wd (H × W), Wu (W × H), γ and β in shared memory for the whole launch; for the tensor cores, W and H
-// are padded to multiples of 16 with zeros, and for pre norm the Wd slice holds Wg = Wd ∘ γ rounded to
+// CTA r of a cluster owns the columns [r W, (r + 1) W) of D (W = ceil(D / C), for the tensor cores
+// rounded up to a multiple of 16) and keeps its slices of Wd (H × W), Wu (W × H), γ and β in shared
+// memory for the whole launch; for the tensor cores, W and H are padded to multiples of 16 with zeros, and for pre norm the Wd slice holds Wg = Wd ∘ γ rounded to
 // T. The clusters take row blocks of kRows rows in turn (persistent). Per row block, every CTA:
-//   1. loads its slice of x (kRows × W) into shared memory: x is read from memory once;
+//   1. loads its slice of x (kRows × W) into shared memory: x is read from memory once. In 16 bits,
+//      with aligned rows and D a multiple of 8, in 16-byte chunks, and the next block's chunks are
+//      loaded into registers while this block computes (cluster_forward_vectorized);
 //   2. pre norm: the slice's statistics of x - c (c = x[n][0], two exact passes: mean m_r, M2) and
 //      the partial products A_r = Σ_slice (x - c) γ Wdᵀ (tensor cores: T(x - c - m_r) Wgᵀ + m_r G_r,
 //      the operand centred on the slice's mean so that its rounding stays small, G_r = Σ_slice Wg);
@@ -47,6 +49,8 @@ constexpr int kRows = 16;            // rows per block: one tensor-core tile
 constexpr int kTile = 16;            // the tensor cores' tile edge
 constexpr int kMaxCluster = 16;      // CTAs per cluster at most (above 8: a non-portable size)
 constexpr int kScratch = 36;
+constexpr int kVector = 8;           // 16-bit elements per 16-byte access
+constexpr int kMaxChunks = 8;        // 16-byte chunks of a row block's x slice per thread (W <= 1024)
 constexpr size_t kSharedLimit = 227 * 1024;  // sm_90's opt-in limit per CTA
 
 template <typename T>
@@ -182,8 +186,17 @@ __device__ void tile_products(const T* a, int64_t lda, const T* b, int64_t ldb, 
 
 #endif  // FA_CLUSTERS
 
+// The 16-byte path for x and out (16-bit T): rows 16-byte aligned with unit column stride, D a
+// multiple of kVector (so every slice, W a multiple of 16, ends on a whole chunk), W <= 1024.
 template <typename T>
-__global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ForwardArgs<T> a, int64_t w) {
+bool cluster_forward_vectorized(const ForwardArgs<T>& a, int64_t w) {
+  const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % sizeof(Vec16) == 0; };
+  return kTensorCores<T> && a.x_stride_col == 1 && a.x_stride_row % kVector == 0 && a.shape.d % kVector == 0 &&
+         aligned(a.x) && aligned(a.out) && w <= static_cast<int64_t>(kThreads) * kMaxChunks * kVector / kRows;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ForwardArgs<T> a, int64_t w, bool vectorized) {
 #if defined(FA_CLUSTERS)
   constexpr bool tc = kTensorCores<T>;
   FA_DYNAMIC_SHARED(unsigned char, base);
@@ -242,14 +255,37 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ForwardArg
   }
 
   const DropScale ds = make_drop_scale(s.dropout_p, s.scale ? *s.scale : 1.0f);
-  const int64_t blocks = (n_rows + kRows - 1) / kRows;
-  for (int64_t blk = blockIdx.x / size; blk < blocks; blk += gridDim.x / size) {
+  const int64_t blocks = (n_rows + kRows - 1) / kRows, stride = gridDim.x / size;
+  vectorized = tc && vectorized;
+  // The 16-byte path holds the next block's x slice in registers, loaded while this block computes.
+  const int64_t chunks_per_row = ldw / kVector;
+  Vec16 staged[kMaxChunks];
+  auto fetch = [&](int64_t blk) {
+    const int64_t r0 = blk * kRows;
+    FA_UNROLL for (int k = 0; k < kMaxChunks; ++k) {
+      const int64_t q = tid + static_cast<int64_t>(k) * kThreads;
+      const int64_t i = q / chunks_per_row, cc = q % chunks_per_row * kVector;
+      staged[k] = Vec16{{0u, 0u, 0u, 0u}};
+      if (blk < blocks && i < kRows && r0 + i < n_rows && cc < width)
+        staged[k] = load16(a.x + (r0 + i) * a.x_stride_row + c0 + cc);
+    }
+  };
+  if (vectorized) fetch(blockIdx.x / size);
+  for (int64_t blk = blockIdx.x / size; blk < blocks; blk += stride) {
     const int64_t r0 = blk * kRows;
     const int rows = static_cast<int>(n_rows - r0 < kRows ? n_rows - r0 : kRows);
     // 1. x's slice, read once (zeros past the rows and the slice: the tensor cores' padding).
-    for (int64_t p = tid; p < kRows * ldw; p += kThreads) {
-      const int64_t i = p / ldw, cc = p % ldw;
-      m.xs[p] = i < rows && cc < width ? a.x[(r0 + i) * a.x_stride_row + (c0 + cc) * a.x_stride_col] : zero;
+    if (vectorized) {
+      FA_UNROLL for (int k = 0; k < kMaxChunks; ++k) {
+        const int64_t q = tid + static_cast<int64_t>(k) * kThreads;
+        if (q < kRows * chunks_per_row) store16(m.xs + q * kVector, staged[k]);
+      }
+      fetch(blk + stride);
+    } else {
+      for (int64_t p = tid; p < kRows * ldw; p += kThreads) {
+        const int64_t i = p / ldw, cc = p % ldw;
+        m.xs[p] = i < rows && cc < width ? a.x[(r0 + i) * a.x_stride_row + (c0 + cc) * a.x_stride_col] : zero;
+      }
     }
     if (tid < rows) m.row[tid] = s.pre_norm ? to_float(a.x[(r0 + tid) * a.x_stride_row]) : 0.0f;  // c = x[n][0]
     __syncthreads();
@@ -351,13 +387,24 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ForwardArg
     }
     for (int i = warp; i < rows; i += kWarps) {  // the epilogue, one warp per row
       const uint32_t row_hash = ds.has_dropout ? dropout_row_hash(*s.seed, r0 + i) : 0u;
-      float sq = 0.0f;
-      for (int64_t cc = lane; cc < width; cc += 32) {
+      auto out_value = [&](int64_t cc, float& sq) {
         float y = m.ys[i * ldw + cc];
         if (!s.pre_norm) y = ((y - m.row[i]) - m.row[kRows + i]) * m.row[2 * kRows + i] * m.gamma[cc] + m.beta[cc];
         const float z = y * ds.factor(row_hash, c0 + cc);
         sq += z * z;
-        a.out[(r0 + i) * d + c0 + cc] = from_float<T>(output_value(to_float(m.xs[i * ldw + cc]), z, s.residual));
+        return from_float<T>(output_value(to_float(m.xs[i * ldw + cc]), z, s.residual));
+      };
+      float sq = 0.0f;
+      if (vectorized) {  // kVector columns per lane, one 16-byte store
+        for (int64_t cc = lane * kVector; cc < width; cc += 32 * kVector) {
+          T chunk[kVector];
+          FA_UNROLL for (int e = 0; e < kVector; ++e) chunk[e] = out_value(cc + e, sq);
+          Vec16 bits;
+          memcpy(&bits, chunk, sizeof(bits));
+          store16(a.out + (r0 + i) * d + c0 + cc, bits);
+        }
+      } else {
+        for (int64_t cc = lane; cc < width; cc += 32) a.out[(r0 + i) * d + c0 + cc] = out_value(cc, sq);
       }
       sq = warp_sum(sq);
       if (lane == 0) m.sq[i] = sq;
@@ -375,6 +422,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ForwardArg
 #else
   (void)a;
   (void)w;
+  (void)vectorized;
 #endif
 }
 
@@ -383,7 +431,7 @@ __global__ void __launch_bounds__(kThreads, 1) cluster_forward_kernel(ForwardArg
 template <typename T>
 ClusterPlan linear_adapter_cluster_forward_plan(int64_t d, int64_t h) {
   for (int cluster = 2; cluster <= kMaxCluster; cluster *= 2) {
-    const int64_t w = (d + cluster - 1) / cluster;
+    const int64_t w = ClusterShared<T>::padded((d + cluster - 1) / cluster);
     const size_t bytes = ClusterShared<T>::bytes(h, w);
     if (bytes <= kSharedLimit) return ClusterPlan{cluster, w, bytes};
   }
@@ -399,7 +447,8 @@ int linear_adapter_cluster_forward_cuda(const ForwardArgs<T>& args, const Cluste
   int64_t clusters = sms / plan.cluster > 0 ? sms / plan.cluster : 1;
   clusters = clusters < blocks ? clusters : blocks;
   return launch_cluster(&cluster_forward_kernel<T>, dim3(static_cast<unsigned>(clusters * plan.cluster)),
-                        dim3(kThreads), plan.shared_bytes, stream, plan.cluster, args, plan.width);
+                        dim3(kThreads), plan.shared_bytes, stream, plan.cluster, args, plan.width,
+                        cluster_forward_vectorized(args, plan.width));
 }
 
 #define FA_INSTANTIATE(T)                                                                          \

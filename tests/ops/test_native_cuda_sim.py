@@ -79,14 +79,15 @@ def arch(request, monkeypatch):
     return request.param
 
 
-KINKS = {"relu": (0.0,), "hardtanh": (-1.0, 1.0)}  # where the activation's derivative jumps
+KINKS = {"relu": (0.0,), "hardtanh": (-1.0, 1.0), "selu": (0.0,)}  # where the activation's derivative jumps
 
 
 def rows_away_from_kinks(rows, d, params, activation, norm_position, dtype, margin=0.05):
     """x of ``rows`` rows whose hidden values h (float64) all lie more than ``margin`` from the
     activation's kinks. In 16 bits the dots' operands are rounded (T(x - c), Wg = T(Wd γ), T(a), as in
     the Triton kernels), which moves h by about 1e-2 here: an h nearer a kink than that takes the
-    derivative from its other side, a discrete error that no rounding tolerance covers."""
+    derivative from its other side (selu's jumps at 0, from λα to λ), a discrete error that no rounding
+    tolerance covers."""
     kinks = KINKS.get(activation, ()) if dtype != torch.float32 else ()
     x = make_x((4 * rows, d), dtype).detach()
     if kinks:
@@ -149,19 +150,38 @@ def test_shapes(shape, hidden, norm_position, arch):
 
 @pytest.mark.parametrize(
     "d, hidden",
-    [(37, 3), (300, 24), (529, 33), (100, 300), (4100, 64), (70, 749)],
+    [(37, 3), (300, 24), (529, 33), (100, 300), (4100, 64), (70, 749), (1024, 64), (4096, 64)],
     ids=["H3-one-tile", "H24-warps-share-K", "D529-odd-slices", "H300-a-tile-per-warp", "D4100-clusters-of-16",
-         "H749-widest"],
+         "H749-widest", "D1024-16-byte-path", "D4096-16-byte-path-clusters-of-8"],
 )
 @pytest.mark.parametrize("norm_position", reference.NORM_POSITIONS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_tensor_core_shapes(dtype, norm_position, d, hidden):
     """16-bit on the simulated sm_90: both projections of the cluster forward on the (emulated) tensor
     cores, with W and H padded to tiles: H below one tile, H tiles fewer than the warps (K shared out),
-    more H tiles than warps, slices not a multiple of 16 wide, clusters of 16, the widest H."""
+    more H tiles than warps, slices not a multiple of 16 wide, clusters of 16, the widest H, and D a
+    multiple of 8: x and out in 16-byte chunks, the next row block's x loaded while one computes (83
+    rows: 6 row blocks over 2 clusters of 2, or over 1 cluster of 8)."""
     torch.manual_seed(4)
     x = make_x((BLOCK_ROWS, d), dtype)
     check(x, make_params(d, hidden, dtype), activation="silu", norm_position=norm_position, backend="native")
+
+
+@pytest.mark.parametrize("layout", ["offset-by-one", "row-stride-1028", "column-stride-2", "row-stride-1032"])
+def test_16_byte_path_needs_aligned_rows(layout):
+    """x whose rows are not 16-byte aligned, or not contiguous, takes the element-wise path (a 16-byte
+    access at a misaligned address fails the simulated launch); aligned rows with a padded stride take
+    the 16-byte path."""
+    torch.manual_seed(8)
+    d, rows = 1024, BLOCK_ROWS
+    if layout == "offset-by-one":
+        x = make_x((rows * d + 1,), torch.bfloat16).detach()[1:].view(rows, d)
+    elif layout.startswith("row-stride-"):
+        x = make_x((rows, int(layout.split("-")[-1])), torch.bfloat16).detach()[:, :d]
+    else:
+        x = make_x((rows, 2 * d), torch.bfloat16).detach()[:, ::2]
+    check(x.requires_grad_(), make_params(d, 64, torch.bfloat16), activation="gelu", norm_position="pre",
+          backend="native")
 
 
 @pytest.mark.parametrize("norm_position", reference.NORM_POSITIONS)
