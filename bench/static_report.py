@@ -70,7 +70,10 @@ conflicts, the local-memory traffic of spills, tensor-core throughput (far from 
 intensities), the weight-gradient reduction done by PyTorch after the backward kernels.
 
 CUDA backend: every ``csrc/*.cu`` (if any) is compiled with ``nvcc -cubin -Xptxas -v`` for sm_90a and
-sm_80, and the registers, spills and shared memory of each kernel are reported.
+sm_80, and the registers, spills and shared memory of each kernel are reported. The cluster forward
+(sm_90) also gets its plan per (dtype, D, H), from the launcher's own C++ run on the host, and a time
+from nominal rates (``cluster_forward_model``: memory against tensor-core or FMA products; an upper
+bound on its fraction of the floor, barriers and distributed shared memory not modelled).
 
 ``--check`` exits 1, with the reasons, on a spill in any bf16/fp16 launch (or a CUDA kernel whose name
 says bf16/half), on a launch whose shared memory exceeds what the target gives a block, and on a launch
@@ -152,6 +155,8 @@ class GpuModel:
     l2_gbps: float
     clock_ghz: float
     l2_size: int  # bytes
+    tensor_macs_per_clock: int = 0  # dense fp16/bf16 multiply-adds per clock per SM, nominal
+    fma_per_clock: int = 0  # float32 FMAs per clock per SM
     registers_per_sm: int = 65536
     max_warps_per_sm: int = 64
     max_blocks_per_sm: int = 32
@@ -178,9 +183,11 @@ class GpuModel:
 
 GPU_MODELS = {
     "sm_90": GpuModel("sm_90", 90, "H100 SXM", kernels.H100, shared_memory_per_sm=228 * 1024,
-                      hbm_gbps=3000.0, l2_gbps=7500.0, clock_ghz=1.755, l2_size=50 << 20),
+                      hbm_gbps=3000.0, l2_gbps=7500.0, clock_ghz=1.755, l2_size=50 << 20,
+                      tensor_macs_per_clock=2048, fma_per_clock=128),
     "sm_80": GpuModel("sm_80", 80, "A100 SXM 80GB", kernels.A100, shared_memory_per_sm=164 * 1024,
-                      hbm_gbps=1750.0, l2_gbps=4375.0, clock_ghz=1.41, l2_size=40 << 20),
+                      hbm_gbps=1750.0, l2_gbps=4375.0, clock_ghz=1.41, l2_size=40 << 20,
+                      tensor_macs_per_clock=1024, fma_per_clock=64),
 }
 
 
@@ -764,6 +771,97 @@ def cuda_kernel_records(archs: Sequence[str], csrc: Path = REPO / "csrc") -> Tup
     return records, None
 
 
+CLUSTER_ROWS = 16  # rows per block of the cluster forward (kRows in csrc/linear_adapter_cluster.cu)
+_CLUSTER_TYPES = {"bf16": "fa::BFloat16", "fp16": "fa::Half", "fp32": "float"}
+_CLUSTER_PLAN_DRIVER = """\
+#include "linear_adapter_cluster.cu"
+#include <cstdio>
+#include <cstring>
+// Reads lines "dtype D H", prints "cluster width shared_bytes" from the launcher's own plan.
+int main() {
+  char dtype[8];
+  long long d, h;
+  while (std::scanf("%7s %lld %lld", dtype, &d, &h) == 3) {
+    fa::ClusterPlan p{};
+""" + "".join(f"""    if (!std::strcmp(dtype, "{name}")) p = fa::linear_adapter_cluster_forward_plan<{cpp}>(d, h);
+""" for name, cpp in _CLUSTER_TYPES.items()) + """\
+    std::printf("%d %lld %zu\\n", p.cluster, static_cast<long long>(p.width), p.shared_bytes);
+  }
+}
+"""
+
+
+def cluster_forward_plans(shapes: Sequence[Tuple[str, int, int]], csrc: Path = REPO / "csrc"
+                          ) -> Tuple[Dict[Tuple[str, int, int], Dict[str, int]], Optional[str]]:
+    """The cluster forward's plan (CTAs per cluster, slice width, shared memory per CTA) for each
+    (dtype, D, H), from ``linear_adapter_cluster_forward_plan`` itself: a host program built with the
+    host compiler against the simulator (no GPU, no nvcc). ``(plans, reason)``, the reason for an empty
+    result."""
+    cxx = shutil.which(os.environ.get("CXX", "c++"))
+    if cxx is None:
+        return {}, "no C++ compiler"
+    with tempfile.TemporaryDirectory() as tmp:
+        driver, program = Path(tmp) / "cluster_plans.cpp", Path(tmp) / "cluster_plans"
+        driver.write_text(_CLUSTER_PLAN_DRIVER)
+        build = subprocess.run([cxx, "-std=c++20", "-O1", "-DFA_CUDA_SIM", f"-I{csrc}", str(driver), "-o", str(program)],
+                               capture_output=True, text=True, timeout=600)
+        if build.returncode != 0:
+            return {}, f"the plan program did not build: {build.stderr[-500:]}"
+        run = subprocess.run([str(program)], input="".join(f"{t} {d} {h}\n" for t, d, h in shapes),
+                             capture_output=True, text=True, timeout=60, check=True)
+    plans = {}
+    for shape, line in zip(shapes, run.stdout.splitlines()):
+        cluster, width, shared_bytes = (int(v) for v in line.split())
+        plans[shape] = dict(cluster=cluster, width=width, shared_bytes=shared_bytes)
+    return plans, None
+
+
+def cluster_forward_model(plan: Dict[str, int], dtype: str, d: int, h: int, n: int, gpu: GpuModel) -> Dict[str, Any]:
+    """The cluster forward's time from nominal rates: the larger of streaming x and out once (and each
+    cluster's weight slices once) at the copy bandwidth, and the products of every round of row blocks
+    (one block per cluster at a time; tensor cores in 16 bits with W and H padded to 16, float FMAs in
+    float32), plus a launch. Not modelled: its cluster barriers, the exchange over distributed shared
+    memory, and how far wmma falls short of the nominal rate: an optimistic bound."""
+    if plan["cluster"] == 0:
+        return dict(fits=False, predicted_us=None, fraction_of_floor=None, bound="no cluster fits")
+    item = DTYPES[dtype].itemsize
+    cluster, width = plan["cluster"], plan["width"]
+    clusters = max(1, gpu.sm_count // cluster)
+    rounds = math.ceil(math.ceil(n / CLUSTER_ROWS) / clusters)
+    tensor = dtype in HALF_DTYPES
+    padded_h = math.ceil(h / 16) * 16 if tensor else h
+    rate = gpu.tensor_macs_per_clock if tensor else gpu.fma_per_clock
+    floor_us = 2 * n * d * item / (gpu.hbm_gbps * 1e3)
+    terms_us = {
+        "memory": floor_us + clusters * cluster * 2 * h * width * item / (gpu.hbm_gbps * 1e3),
+        "tensor cores" if tensor else "FMAs": rounds * 2 * CLUSTER_ROWS * width * padded_h / (rate * gpu.clock_ghz * 1e3),
+    }
+    bound = max(terms_us, key=lambda k: terms_us[k])
+    predicted = terms_us[bound] + gpu.launch_us
+    return dict(fits=True, clusters=clusters, rounds=rounds, memory_us=terms_us["memory"],
+                products_us=terms_us["tensor cores" if tensor else "FMAs"], bound=bound, floor_us=floor_us,
+                predicted_us=predicted, fraction_of_floor=floor_us / predicted)
+
+
+def cluster_forward_records(grid: Dict[str, Sequence[Any]]) -> Tuple[List[Dict[str, Any]], Optional[str]]:
+    """The cluster forward's plan and model at every (dtype, D, H) of the grid, on sm_90 (the only
+    architecture that runs it), N = ELEMENTS_PER_POINT / D."""
+    if "sm_90" not in grid["arch"] or "forward" not in grid["direction"]:
+        return [], "the grid has no sm_90 forward"
+    shapes = [(t, d, h) for t, d, h in itertools.product(grid["dtype"], grid["D"], grid["H"])]
+    plans, reason = cluster_forward_plans(shapes)
+    if reason:
+        return [], reason
+    gpu = GPU_MODELS["sm_90"]
+    records = []
+    for dtype, d, h in shapes:
+        n = ELEMENTS_PER_POINT // d
+        plan = plans[(dtype, d, h)]
+        records.append(dict(dtype=dtype, D=d, H=h, N=n, arch="sm_90", **plan,
+                            **cluster_forward_model(plan, dtype, d, h, n, gpu)))
+    return records, None
+
+
 # ----------------------------------------------------------------------------------------------
 # The check
 # ----------------------------------------------------------------------------------------------
@@ -852,6 +950,7 @@ def build_report(grid: Dict[str, Sequence[Any]], jobs: int, log=print) -> Dict[s
         launch_records.extend(records)
         predictions.append(prediction_record(point, records, refused))
     cuda, cuda_skipped = cuda_kernel_records(grid["arch"])
+    cluster, cluster_skipped = cluster_forward_records(grid)
     return dict(
         model={arch: GPU_MODELS[arch].describe() for arch in grid["arch"]},
         grid={k: list(v) for k, v in grid.items()},
@@ -861,6 +960,8 @@ def build_report(grid: Dict[str, Sequence[Any]], jobs: int, log=print) -> Dict[s
         predictions=predictions,
         cuda_kernels=cuda,
         cuda_skipped=cuda_skipped,
+        cluster_forward=cluster,
+        cluster_forward_skipped=cluster_skipped,
     )
 
 
@@ -990,7 +1091,22 @@ def render_markdown(report: Dict[str, Any]) -> str:
         lines += [harness.markdown_table(["source", "arch", "kernel", "regs", "spills", "static smem KB", "status"],
                                          rows), "",
                   "Shared memory sized at launch (`extern __shared__`) is not in this table: ptxas sees only static "
-                  "arrays. The launchers size it from the shape (csrc/README.md).", ""]
+                  "arrays. The launchers size it from the shape (csrc/README.md); the cluster forward's is below.", ""]
+    lines += ["### The cluster forward (sm_90): plan and model", ""]
+    if report.get("cluster_forward_skipped") or "cluster_forward" not in report:
+        lines += [f"Skipped: {report.get('cluster_forward_skipped', 'not in this report')}.", ""]
+    else:
+        lines += ["The launcher's own plan (`linear_adapter_cluster_forward_plan`, run on the host) and a time from "
+                  "nominal rates: the larger of the memory term (x and out once, the weight slices once per "
+                  "cluster) and the products (per round of one row block per cluster, tensor cores in 16 bits, "
+                  "FMAs in float32), plus a launch. Its cluster barriers, the exchange over distributed shared "
+                  "memory and wmma's shortfall from the nominal rate are not modelled: the fraction is an upper "
+                  "bound. Where no cluster fits, the row-block forward runs.", ""]
+        rows = [[r["dtype"], r["D"], r["H"], r["N"], r["cluster"] or "–", r["width"] or "–", _kb(r["shared_bytes"]),
+                 fmt(r.get("memory_us")), fmt(r.get("products_us")), r["bound"], fmt(r["predicted_us"]),
+                 _pct(r["fraction_of_floor"])] for r in report["cluster_forward"]]
+        lines += [harness.markdown_table(["dtype", "D", "H", "N", "CTAs per cluster", "W", "smem KB per CTA",
+                                          "memory µs", "products µs", "bound", "predicted µs", "of floor"], rows), ""]
     lines += ["## Check", ""]
     lines += ["Passed: no spill in any bf16/fp16 launch, every launch within the shared memory of a block, every "
               "launch compiled."] if not report["check_failures"] else [f"- {f}" for f in report["check_failures"]]

@@ -357,3 +357,45 @@ def test_half_cuda_kernels_are_known_by_their_template_arguments():
     assert script._is_half_cuda_kernel({"demangled": name.format("fa::BFloat16", "fa::BFloat16")})
     assert script._is_half_cuda_kernel({"demangled": name.format("fa::Half", "fa::Half")})
     assert not script._is_half_cuda_kernel({"demangled": name.format("float", "float")})
+
+
+def test_cluster_forward_plans_come_from_the_launcher():
+    """The plan is the launcher's own (built for the host against the simulator): the smallest cluster
+    whose share fits sm_90's 227 KB per CTA, the slice rounded to 16 columns for the tensor cores."""
+    script = _load_script()
+    shapes = [("bf16", 4096, 64), ("fp32", 4096, 64), ("bf16", 4100, 64), ("bf16", 1 << 20, 64)]
+    plans, reason = script.cluster_forward_plans(shapes)
+    if reason == "no C++ compiler":
+        pytest.skip(reason)
+    assert reason is None
+    cluster_and_width = {shape: (plans[shape]["cluster"], plans[shape]["width"]) for shape in shapes}
+    assert cluster_and_width[("bf16", 4096, 64)] == (8, 512)
+    assert cluster_and_width[("fp32", 4096, 64)] == (16, 256)  # float weights: twice the bytes
+    assert cluster_and_width[("bf16", 4100, 64)] == (8, 528)  # ceil(4100 / 8) = 513, rounded to 16
+    for shape in shapes[:3]:
+        assert 0 < plans[shape]["shared_bytes"] <= 227 * 1024
+    assert plans[("bf16", 1 << 20, 64)] == dict(cluster=0, width=0, shared_bytes=0)  # the row-block forward's
+
+
+def test_cluster_forward_model_terms():
+    script = _load_script()
+    gpu = script.GPU_MODELS["sm_90"]
+    n = (1 << 26) // 4096
+    bf16 = script.cluster_forward_model(dict(cluster=8, width=512, shared_bytes=1), "bf16", 4096, 64, n, gpu)
+    assert bf16["bound"] == "memory" and 0.5 < bf16["fraction_of_floor"] < 1
+    assert bf16["rounds"] == 1024 // 16 and bf16["clusters"] == 16
+    # float32 on FMAs: 128 rounds of 16 x 256 x 64 x 2 multiply-adds at 128 per clock outlast the memory.
+    fp32 = script.cluster_forward_model(dict(cluster=16, width=256, shared_bytes=1), "fp32", 4096, 64, n, gpu)
+    assert fp32["bound"] == "FMAs" and fp32["products_us"] > fp32["memory_us"]
+    assert fp32["products_us"] == pytest.approx(128 * 2 * 16 * 256 * 64 / (128 * gpu.clock_ghz * 1e3))
+    none = script.cluster_forward_model(dict(cluster=0, width=0, shared_bytes=0), "bf16", 1 << 20, 64, 64, gpu)
+    assert none["fits"] is False and none["predicted_us"] is None
+
+
+def test_report_has_the_cluster_forward_model(quick_run):
+    _, report, markdown, _ = quick_run
+    shapes = {(r["dtype"], r["D"], r["H"]) for r in report["cluster_forward"]}
+    assert shapes == set(itertools.product(QUICK["dtype"], QUICK["D"], QUICK["H"]))
+    for r in report["cluster_forward"]:
+        assert r["cluster"] > 0 and 0 < r["fraction_of_floor"] <= 1
+    assert "### The cluster forward (sm_90): plan and model" in markdown

@@ -471,7 +471,7 @@ def test_binding_cuda_half_compiles_against_torch(tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-CUDA_ROWS = [1, 16, 64, 65, 1000]  # the decode forward up to 64 rows, then the row-block forward
+CUDA_ROWS = [1, 16, 64, 65, 1000]  # the decode forward up to 64 rows, then the cluster forward (sm_90) or row-block
 
 
 @needs_cuda
@@ -483,6 +483,18 @@ def test_cuda_small_shapes(rows, norm_position, dtype):
     x = make_x((rows, 129), dtype, "cuda")
     check(x, make_params(129, 24, dtype, "cuda"), activation="gelu", norm_position=norm_position, dropout_p=0.1,
           dropout_seed=torch.tensor([5], device="cuda"), scale=torch.tensor([0.7], device="cuda"), backend="native")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("norm_position", reference.NORM_POSITIONS)
+@pytest.mark.parametrize("rows", [65, 1000], ids=lambda n: f"N{n}")
+def test_cuda_small_16_byte_path(rows, norm_position, dtype):
+    """D a multiple of 8 and aligned rows: on sm_90 the cluster forward moves x and out in 16-byte
+    chunks (D = 129 above takes the element-wise path)."""
+    torch.manual_seed(24)
+    x = make_x((rows, 136), dtype, "cuda")
+    check(x, make_params(136, 40, dtype, "cuda"), activation="silu", norm_position=norm_position, backend="native")
 
 
 @needs_cuda
