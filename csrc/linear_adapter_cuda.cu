@@ -5,7 +5,8 @@
 //
 // Never run on a GPU: CI compiles this file for sm_80 and sm_90 and runs it on the CPU simulator
 // (cuda_sim.h). A first design, for correctness: float FMAs, weights read through L1/L2, no tensor
-// cores and no thread-block cluster (the single-read forward is still to come).
+// cores and no thread-block cluster (those are the single-read forward's, linear_adapter_cluster.cu).
+// The activations are rounded to T before the up-projection (round_to), as in every CUDA forward.
 //
 // Forward, one CTA per block of R <= kMaxRows rows; the d loops give one column to each thread:
 //   pre norm: row statistics of x - c (c = x[n][0]; exact mean, then M2), A = Σ_d (x - c) γ Wdᵀ over
